@@ -1,0 +1,76 @@
+"""Build choices for setup.py, kept apart so they can be tested without building anything.
+
+Environment switches:
+  FLASH_ATTN2_CUDA_ARCHS  compute capabilities to build machine code for, e.g. "80;90" (the default)
+  FLASH_ATTN2_HEAD_DIMS   kernel head dims to build, e.g. "64,128" (default: all; for fast iteration and CI)
+  CUTLASS_DIR             a CUTLASS checkout (its include/ is used), overriding the lookup below
+  NVCC_THREADS            threads per nvcc process (default 2: each handles one arch)
+  MAX_JOBS                parallel compile jobs (read by torch's ninja build)
+"""
+
+import os
+from pathlib import Path
+
+from generate_instantiations import DTYPES, HEAD_DIMS, KERNELS, OUT_DIR, source_name
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ARCHS = "80;90"
+
+
+def cuda_archs(env=os.environ):
+    """'80;90' -> ['80', '90']; sm_80 machine code does not run on sm_90, so both are the default."""
+    text = env.get("FLASH_ATTN2_CUDA_ARCHS", DEFAULT_ARCHS)
+    archs = [a.strip() for a in text.replace(",", ";").split(";") if a.strip()]
+    for arch in archs:
+        if not (arch.isdigit() and int(arch) >= 80):
+            raise ValueError(f"FLASH_ATTN2_CUDA_ARCHS: {arch!r} is not a compute capability >= 80 (e.g. '80;90')")
+    if not archs:
+        raise ValueError("FLASH_ATTN2_CUDA_ARCHS is empty; give e.g. '80;90'")
+    return archs
+
+
+def gencode_flags(archs):
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+def head_dims(env=os.environ):
+    """The kernel head dims to build: all of HEAD_DIMS unless FLASH_ATTN2_HEAD_DIMS names a subset."""
+    text = env.get("FLASH_ATTN2_HEAD_DIMS", "").strip()
+    if not text:
+        return HEAD_DIMS
+    dims = sorted({int(d) for d in text.replace(";", ",").split(",") if d.strip()})
+    unknown = [d for d in dims if d not in HEAD_DIMS]
+    if unknown or not dims:
+        raise ValueError(f"FLASH_ATTN2_HEAD_DIMS: {unknown or text!r} not among the kernel head dims {HEAD_DIMS}")
+    return tuple(dims)
+
+
+def cutlass_include(env=os.environ, root=ROOT):
+    """CUTLASS headers: $CUTLASS_DIR, else a third_party/cutlass checkout, else the nvidia-cutlass package."""
+    if env.get("CUTLASS_DIR"):
+        include = Path(env["CUTLASS_DIR"]) / "include"
+        if not (include / "cute" / "tensor.hpp").exists():
+            raise RuntimeError(f"CUTLASS_DIR={env['CUTLASS_DIR']} has no include/cute/tensor.hpp")
+        return include
+    checkout = root / "third_party" / "cutlass" / "include"
+    if (checkout / "cute" / "tensor.hpp").exists():
+        return checkout
+    try:
+        import cutlass_library
+    except ImportError:
+        cutlass_library = None
+    if cutlass_library is not None:
+        include = Path(cutlass_library.__file__).parent / "source" / "include"
+        if (include / "cute" / "tensor.hpp").exists():
+            return include
+    raise RuntimeError(
+        "CUTLASS headers not found. Either `pip install nvidia-cutlass`, or "
+        "`git submodule update --init third_party/cutlass`, or set CUTLASS_DIR to a CUTLASS checkout.")
+
+
+def kernel_sources(dims):
+    return [OUT_DIR / source_name(kernel, d, dtype) for kernel in KERNELS for d in dims for dtype in DTYPES]
+
+
+def nvcc_threads(env=os.environ):
+    return int(env.get("NVCC_THREADS", "2"))

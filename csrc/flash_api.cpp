@@ -1,0 +1,168 @@
+// The binding: the only file that knows torch. Checks tensors, fills the params structs, picks the
+// kernel for the head dim and dtype, and launches it on the current stream of the inputs' device.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cutlass/numeric_types.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "instantiations/kernels.h"
+
+namespace {
+
+constexpr int kBuiltHeadDims[] = {FLASH_ATTN2_BUILT_HEAD_DIMS};
+
+constexpr bool is_built(int head_dim) {
+  for (int d : kBuiltHeadDims) {
+    if (d == head_dim) { return true; }
+  }
+  return false;
+}
+
+template <size_t I, class F>
+bool try_kernel(int head_dim, F &f) {
+  constexpr int kHeadDim = flash::kKernelHeadDims[I];
+  if constexpr (is_built(kHeadDim)) {
+    if (head_dim <= kHeadDim) {
+      f(std::integral_constant<int, kHeadDim>{});
+      return true;
+    }
+  }
+  return false;
+}
+
+// Calls f(integral_constant<kHeadDim>) for the smallest built kernel head dim >= head_dim.
+template <class F, size_t... I>
+bool dispatch_head_dim(int head_dim, F &&f, std::index_sequence<I...>) {
+  return (try_kernel<I>(head_dim, f) || ...);
+}
+
+template <class F>
+bool dispatch_head_dim(int head_dim, F &&f) {
+  return dispatch_head_dim(head_dim, f, std::make_index_sequence<std::size(flash::kKernelHeadDims)>{});
+}
+
+template <class F>
+void dispatch_dtype(at::ScalarType dtype, F &&f) {
+  if (dtype == at::kHalf) {
+    f(cutlass::half_t{});
+  } else {
+    f(cutlass::bfloat16_t{});
+  }
+}
+
+std::vector<int> built_head_dims() { return {std::begin(kBuiltHeadDims), std::end(kBuiltHeadDims)}; }
+
+// (batch, seqlen, heads, head_dim) with a contiguous last dim, fp16/bf16, on a CUDA device.
+void check_bshd(at::Tensor const &t, char const *name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
+                   " must be float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D (batch, seqlen, heads, head_dim), got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dim (stride 1), got stride ",
+                    t.stride(-1));
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+}
+
+void check_same(at::Tensor const &t, char const *name, at::Tensor const &q) {
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ",
+                   q.scalar_type(), ": they must match");
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
+}
+
+void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v) {
+  check_bshd(q, "q");
+  check_bshd(k, "k");
+  check_bshd(v, "v");
+  check_same(k, "k", q);
+  check_same(v, "v", q);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k has batch ", k.size(0), " but q has batch ", q.size(0));
+  TORCH_CHECK_VALUE(k.size(3) == q.size(3), "k has head_dim ", k.size(3), " but q has head_dim ", q.size(3));
+  int64_t const head_dim = q.size(3);
+  TORCH_CHECK_VALUE(head_dim > 0 && head_dim <= 256 && head_dim % 8 == 0, "q: head_dim must be a multiple of 8 in "
+                    "[8, 256] at this level (flash_attn_func pads other head dims), got ", head_dim);
+  TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "q has ", q.size(2),
+                    " heads, which must be a multiple of the heads of k and v (", k.size(2), ")");
+  TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(2) <= 65535, "q: batch and heads must each be at most 65535");
+
+  p.q_ptr = q.data_ptr();
+  p.k_ptr = k.data_ptr();
+  p.v_ptr = v.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.batch = q.size(0), p.heads = q.size(2), p.heads_kv = k.size(2);
+  p.seqlen_q = q.size(1), p.seqlen_k = k.size(1);
+  p.head_dim = head_dim;
+}
+
+void check_out(at::Tensor const &t, char const *name, at::Tensor const &like) {
+  check_same(t, name, like);
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dim");
+}
+
+void check_lse(at::Tensor const &lse, at::Tensor const &q) {
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) &&
+                        lse.size(2) == q.size(1) && lse.is_contiguous(),
+                    "lse must be a contiguous (batch, heads, seqlen_q) tensor, got ", lse.sizes());
+}
+
+void set_softmax(flash::AttnParams &p, double softmax_scale, bool causal) {
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  p.softmax_scale = float(softmax_scale);
+  p.softmax_scale_log2 = float(softmax_scale * M_LOG2E);
+  p.is_causal = causal;
+}
+
+template <class Launch>
+void launch(flash::AttnParams const &p, at::ScalarType dtype, Launch &&run) {
+  bool const found = dispatch_head_dim(p.head_dim, [&](auto head_dim) {
+    dispatch_dtype(dtype, [&](auto element) {
+      C10_CUDA_CHECK((run(head_dim, element)));
+    });
+  });
+  TORCH_CHECK_VALUE(found, "no kernel built for head_dim ", p.head_dim, "; this build has ",
+                    c10::IntArrayRef(std::vector<int64_t>(std::begin(kBuiltHeadDims), std::end(kBuiltHeadDims))),
+                    " (rebuild with FLASH_ATTN2_HEAD_DIMS)");
+}
+
+// out <- softmax(q·kᵀ·scale)·v and lse <- logsumexp(q·kᵀ·scale) per query row; returns nothing.
+void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
+         double softmax_scale, bool causal) {
+  flash::FwdParams p{};
+  set_qkv(p, q, k, v);
+  set_softmax(p, softmax_scale, causal);
+  check_out(out, "out", q);
+  check_lse(lse, q);
+  if (q.numel() == 0) { return; }
+  if (p.seqlen_k == 0) {  // no keys at all: every row sees nothing
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return;
+  }
+  p.o_ptr = out.data_ptr();
+  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  p.lse_ptr = lse.data_ptr<float>();
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
+    return flash::run_fwd<decltype(head_dim)::value, decltype(element)>(p, stream);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "flash_attn2 CUDA kernels (use flash_attn2.flash_attn_func)";
+  m.def("fwd", &fwd, "Attention forward into out and lse", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("softmax_scale"), py::arg("causal"));
+  m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
+}

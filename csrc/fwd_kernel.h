@@ -1,0 +1,150 @@
+// The forward kernel (FlashAttention-2, Algorithm 1): one thread block per (query block, batch, head);
+// K and V blocks stream through shared memory while the warps, each owning a slice of the query rows,
+// run Q·Kᵀ, the online softmax and P·V on tensor cores.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "epilogue.h"
+#include "flash.h"
+#include "mask.h"
+#include "softmax.h"
+#include "utils.h"
+
+namespace flash {
+
+using namespace cute;
+
+template <class Traits, bool Causal>
+__global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant__ const FwdParams params) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
+  using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
+  using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
+
+  // Scheduler: the query blocks with the most keys (causal) start first, so the grid's tail is short.
+  int const m_block = gridDim.x - 1 - blockIdx.x;
+  int const batch = blockIdx.y, head = blockIdx.z;
+  int const tid = threadIdx.x;
+
+  Mask<kBlockM, kBlockN, Causal> const mask{params.seqlen_q, params.seqlen_k};
+  int const n_block_end = mask.n_block_end(m_block);
+  int const q_rows_left = params.seqlen_q - m_block * kBlockM;
+
+  Tensor mQ = make_tensor(make_gmem_ptr(static_cast<Element const *>(params.q_ptr) +
+                                        batch * params.q_batch_stride + head * params.q_head_stride),
+                          make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.q_row_stride, _1{}));
+  Tensor mK = make_tensor(make_gmem_ptr(static_cast<Element const *>(params.k_ptr) + batch * params.k_batch_stride +
+                                        params.kv_head(head) * params.k_head_stride),
+                          make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.k_row_stride, _1{}));
+  Tensor mV = make_tensor(make_gmem_ptr(static_cast<Element const *>(params.v_ptr) + batch * params.v_batch_stride +
+                                        params.kv_head(head) * params.v_head_stride),
+                          make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.v_row_stride, _1{}));
+  Tensor mO = make_tensor(make_gmem_ptr(static_cast<Element *>(params.o_ptr) + batch * params.o_batch_stride +
+                                        head * params.o_head_stride),
+                          make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.o_row_stride, _1{}));
+  Tensor mLSE = make_tensor(make_gmem_ptr(params.lse_ptr + (index_t(batch) * params.heads + head) * params.seqlen_q),
+                            make_shape(params.seqlen_q));
+  Tensor gQ = local_tile(mQ, TileQ{}, make_coord(m_block, 0));     // (kBlockM, kHeadDim)
+  Tensor gK = local_tile(mK, TileKV{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)
+  Tensor gV = local_tile(mV, TileKV{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)
+  Tensor gO = local_tile(mO, TileQ{}, make_coord(m_block, 0));     // (kBlockM, kHeadDim)
+  Tensor gLSE = local_tile(mLSE, Shape<Int<kBlockM>>{}, make_coord(m_block));  // (kBlockM)
+
+  extern __shared__ char smem[];
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});  // (kHeadDim, kBlockN)
+
+  typename Traits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor acc_o = partition_fragment_C(tiled_mma, TileQ{});  // (MMA, MMA_M, MMA_K)
+
+  if (n_block_end <= 0) {  // Causal, seqlen_q > seqlen_k: no row here sees a key. O = 0, LSE = +inf.
+    clear(acc_o);
+    store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
+    Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});
+    fill(lse, INFINITY);
+    store_row_values(tiled_mma, lse, gLSE, TileQ{}, q_rows_left);
+    return;
+  }
+
+  // Global -> shared copies and the (row, col) each one covers, for bounds.
+  typename Traits::GmemTiledCopyLoad gmem_copy;
+  auto gmem_thr_copy = gmem_copy.get_thread_slice(tid);
+  Tensor tQgQ = gmem_thr_copy.partition_S(gQ);  // (CPY, CPY_M, CPY_K)
+  Tensor tQsQ = gmem_thr_copy.partition_D(sQ);
+  Tensor tKgK = gmem_thr_copy.partition_S(gK);  // (CPY, CPY_N, CPY_K, n)
+  Tensor tKsK = gmem_thr_copy.partition_D(sK);
+  Tensor tVgV = gmem_thr_copy.partition_S(gV);
+  Tensor tVsV = gmem_thr_copy.partition_D(sV);
+  Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(TileQ{}));
+  Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(TileKV{}));
+
+  // Shared -> register operands, read with ldmatrix.
+  Tensor tSrQ = make_tensor<Element>(partition_shape_A(tiled_mma, TileQ{}));  // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = make_tensor<Element>(partition_shape_B(tiled_mma, TileKV{}));
+  Tensor tOrVt = make_tensor<Element>(partition_shape_B(tiled_mma, Shape<Int<kHeadDim>, Int<kBlockN>>{}));
+  auto smem_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+  Tensor tSsQ = smem_copy_q.get_thread_slice(tid).partition_S(sQ);
+  Tensor tSsK = smem_copy_k.get_thread_slice(tid).partition_S(sK);
+  Tensor tOsVt = smem_copy_v.get_thread_slice(tid).partition_S(sVt);
+
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(TileS{}));  // (row, col) of each score
+
+  // Prologue: Q and the first K block. Key blocks are visited from the last down, so the ragged and
+  // diagonal blocks, the only ones that need masking, come first.
+  int n_block = n_block_end - 1;
+  load_tile<true>(gmem_copy, tQgQ, tQsQ, tQcQ, q_rows_left, params.head_dim);
+  load_tile<true>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, params.seqlen_k - n_block * kBlockN,
+                  params.head_dim);
+  cp_async_fence();
+
+  clear(acc_o);
+  OnlineSoftmax<2 * decltype(size<1>(acc_o))::value> softmax;  // two rows per 16-row MMA tile
+
+  auto step = [&](int n_block, auto is_first, auto is_masked) __attribute__((always_inline)) {
+    constexpr bool kFirst = decltype(is_first)::value;
+    Tensor acc_s = partition_fragment_C(tiled_mma, TileS{});  // (MMA, MMA_M, MMA_N)
+    clear(acc_s);
+    cp_async_wait<0>();
+    __syncthreads();  // K[n_block] has landed, and every warp is done with V[n_block + 1]
+    // V streams in while Q·Kᵀ runs. Only the first block visited can be the ragged last one.
+    load_tile<kFirst>(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, params.seqlen_k - n_block * kBlockN,
+                      params.head_dim);
+    cp_async_fence();
+
+    gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_q, smem_copy_k);
+    mask.template apply<decltype(is_masked)::value>(acc_s, tScS, m_block, n_block);
+
+    cp_async_wait<0>();
+    __syncthreads();  // V[n_block] has landed, and every warp is done with K[n_block]
+    if (n_block > 0) {  // the next K streams in while the softmax and P·V run
+      load_tile<false>(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, kBlockN, params.head_dim);
+      cp_async_fence();
+    }
+
+    softmax.template update<kFirst>(acc_s, acc_o, params.softmax_scale_log2);
+    Tensor rP = convert_type<Element>(acc_s);
+    Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // P as the A operand, in place
+    gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, smem_copy_v);
+  };
+
+  int const n_block_first_masked = mask.n_block_first_masked(m_block);
+  step(n_block, cute::true_type{}, cute::true_type{});
+  for (--n_block; n_block >= n_block_first_masked; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
+  for (; n_block >= 0; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
+
+  // Epilogue: normalise once, then O through shared memory (Q's buffer) and the LSE from registers.
+  Tensor lse = softmax.finalize(acc_o, params.softmax_scale);
+  store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
+  store_row_values(tiled_mma, lse, gLSE, TileQ{}, q_rows_left);
+}
+
+}  // namespace flash

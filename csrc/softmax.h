@@ -1,0 +1,74 @@
+// Online softmax over key blocks (FlashAttention-2): a running row max and row sum per query row,
+// kept in registers; the output is normalised once, after the last block.
+#pragma once
+
+#include <cmath>
+
+#include <cute/tensor.hpp>
+
+#include "utils.h"
+
+namespace flash {
+
+using namespace cute;
+
+// kRows: accumulator rows this thread holds (2 per 16-row MMA tile).
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];
+  float row_sum[kRows];  // this thread's columns only; the quad's partial sums are added in finalize()
+
+  // Folds one block of raw scores (hidden ones already -inf) into the running max and sum, turns the
+  // scores into unnormalised probabilities in place, and rescales the output accumulator to the new max.
+  template <bool First, class Scores, class AccO>
+  CUTE_DEVICE void update(Scores &acc_s, AccO &acc_o, float scale_log2) {
+    Tensor s = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // (rows, cols)
+    Tensor o = make_tensor(acc_o.data(), rows_cols(acc_o.layout()));  // (rows, head_dim)
+    static_assert(decltype(size<0>(s))::value == kRows);
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float const prev_max = First ? -INFINITY : row_max[r];
+      float max = prev_max;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) { max = fmaxf(max, s(r, c)); }
+      max = quad_allreduce(max, [](float a, float b) { return fmaxf(a, b); });
+      row_max[r] = max;
+      // A row that has seen only hidden scores keeps max = -inf: subtract 0 so exp2 gives 0, not NaN.
+      float const max_scaled = max == -INFINITY ? 0.f : max * scale_log2;
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) {
+        s(r, c) = exp2_approx(s(r, c) * scale_log2 - max_scaled);  // the scale folded into one FMA
+        sum += s(r, c);
+      }
+      if constexpr (First) {
+        row_sum[r] = sum;
+      } else {
+        float const correction = exp2_approx(prev_max * scale_log2 - max_scaled);
+        row_sum[r] = row_sum[r] * correction + sum;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(o); ++c) { o(r, c) *= correction; }
+      }
+    }
+  }
+
+  // Divides the output rows by their sums; returns the natural-log LSE per row: +inf where the row saw
+  // no key (so the backward's exp(S - LSE) gives 0 there), the output row then being 0.
+  template <class AccO>
+  CUTE_DEVICE auto finalize(AccO &acc_o, float scale) {
+    Tensor o = make_tensor(acc_o.data(), rows_cols(acc_o.layout()));
+    Tensor lse = make_tensor<float>(Int<kRows>{});
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float const sum = quad_allreduce(row_sum[r], [](float a, float b) { return a + b; });
+      bool const empty = sum == 0.f;
+      lse(r) = empty ? INFINITY : row_max[r] * scale + logf(sum);
+      float const inv_sum = empty ? 0.f : 1.f / sum;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(o); ++c) { o(r, c) *= inv_sum; }
+    }
+    return lse;
+  }
+};
+
+}  // namespace flash

@@ -1,0 +1,49 @@
+"""Builds flash_attn2._C. `pip install --no-build-isolation .`; switches in csrc/build_config.py."""
+
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "csrc"))
+import build_config  # noqa: E402
+import generate_instantiations  # noqa: E402
+
+
+def extension():
+    from torch.utils.cpp_extension import CUDAExtension
+
+    archs = build_config.cuda_archs()
+    dims = build_config.head_dims()
+    generate_instantiations.write_all()
+    built = f"-DFLASH_ATTN2_BUILT_HEAD_DIMS={','.join(map(str, dims))}"
+    sources = [ROOT / "csrc" / "flash_api.cpp", *build_config.kernel_sources(dims)]
+    return CUDAExtension(
+        name="flash_attn2._C",
+        sources=[str(s.relative_to(ROOT)) for s in sources],
+        include_dirs=[str(ROOT / "csrc"), str(build_config.cutlass_include())],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17", built],
+            "nvcc": ["-O3", "-std=c++17", built, "--expt-relaxed-constexpr", "-lineinfo",
+                     f"--threads={build_config.nvcc_threads()}", *build_config.gencode_flags(archs)],
+        },
+    )
+
+
+def cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="flash_attn2",
+    version="0.1.0",
+    description="Exact attention for PyTorch: FlashAttention-2 written on CUTLASS/CuTe",
+    packages=find_packages(include=["flash_attn2", "flash_attn2.*"]),
+    ext_modules=[extension()],
+    cmdclass=cmdclass(),
+    python_requires=">=3.9",
+    install_requires=["torch", "packaging"],
+)
