@@ -25,7 +25,8 @@ def extension():
         include_dirs=[str(ROOT / "csrc"), str(build_config.cutlass_include())],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17", built],
-            "nvcc": ["-O3", "-std=c++17", built, "--expt-relaxed-constexpr", "-lineinfo",
+            # Only the binding needs the list (nvcc would split a -D value at its commas).
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
                      f"--threads={build_config.nvcc_threads()}", *build_config.gencode_flags(archs)],
         },
     )
