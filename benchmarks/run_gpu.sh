@@ -25,7 +25,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   fi
 fi
 
-python3 -m pytest tests -q ${PYTEST_ARGS:-} 2>&1 | tee "$LOG/tests.log" | tail -25
+python3 -m pytest tests ${PYTEST_ARGS:--q} 2>&1 | tee "$LOG/tests.log" | tail -25
 tests=$(grep -E "passed|failed|error" "$LOG/tests.log" | tail -1)
 
 python3 benchmarks/bench_fwd.py --json "$LOG/bench_fwd.json" --markdown "$LOG/bench_fwd.md" ${BENCH_ARGS:-} \

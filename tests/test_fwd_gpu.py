@@ -1,0 +1,160 @@
+"""The forward kernel against the float32 reference, on the GPU (skipped without one)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import check_close, random_qkv, requires_ext, requires_gpu, skip_unless_built
+from flash_attn2 import flash_attn_func
+from flash_attn2.interface import _fwd
+from flash_attn2.reference import attention_ref
+
+pytestmark = [requires_gpu, requires_ext]
+
+NAN, INF = float("nan"), float("inf")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Every kernel head dim, and two others: 40 runs in the 64 kernel, 59 is zero-padded to 64 first.
+HEAD_DIMS = [32, 64, 96, 128, 192, 256, 40, 59]
+SEQLENS = [(1, 1), (1, 239), (113, 203), (128, 217), (217, 128), (256, 512), (1023, 1024),
+           (2048, 2048)]
+LARGE_SEQLENS = [(3, 5), (64, 64), (511, 1537), (1537, 511), (1, 4096), (4096, 4096)]
+BATCH_HEADS = [(2, 4)]  # (batch, heads_q)
+LARGE_BATCH_HEADS = [(1, 8), (3, 12)]
+# heads_kv from heads_q: a kv head per query head, one per pair of query heads, one for all.
+KV_HEADS = {"mha": lambda heads_q: heads_q, "gqa": lambda heads_q: heads_q // 2,
+            "mqa": lambda heads_q: 1}
+
+
+def pytest_generate_tests(metafunc):
+    large = metafunc.config.getoption("--large-grid")
+    if "seqlens" in metafunc.fixturenames:
+        seqlens = SEQLENS + (LARGE_SEQLENS if large else [])
+        metafunc.parametrize("seqlens", seqlens, ids=lambda s: "%dx%d" % s)
+    if "batch_heads" in metafunc.fixturenames:
+        batch_heads = BATCH_HEADS + (LARGE_BATCH_HEADS if large else [])
+        metafunc.parametrize("batch_heads", batch_heads, ids=lambda bh: "b%dh%d" % bh)
+
+
+def forward_into_nan(q, k, v, softmax_scale, causal):
+    """Runs _fwd into NaN-filled out and lse, so that any element it leaves unwritten fails."""
+    head_dim = q.shape[-1]
+    q, k, v = (F.pad(t, (0, -head_dim % 8)) for t in (q, k, v))  # zeros, as flash_attn_func pads
+    batch, seqlen_q, heads_q, _ = q.shape
+    out = torch.full_like(q, NAN)
+    lse = torch.full((batch, heads_q, seqlen_q), NAN, dtype=torch.float32, device=q.device)
+    _fwd(q, k, v, out, lse, softmax_scale, causal)
+    assert (out[..., head_dim:] == 0).all(), "padding columns of out must be 0 (v is 0 there)"
+    return out[..., :head_dim], lse
+
+
+def check_fwd(out, lse, q, k, v, softmax_scale, causal):
+    """out and lse against the fp32 reference by the 2x rule; rows that see no key: 0 and +inf."""
+    out_ref, lse_ref = attention_ref(q, k, v, softmax_scale, causal)
+    out_pt, lse_pt = attention_ref(q, k, v, softmax_scale, causal, compute_dtype=q.dtype)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == lse_ref.shape
+    no_key = torch.isinf(lse_ref)  # (batch, heads_q, seqlen_q)
+    assert (out.transpose(1, 2)[no_key] == 0).all(), "rows that see no key must give out 0"
+    assert (lse[no_key] == INF).all(), "rows that see no key must give lse +inf"
+    check_close(out, out_ref, out_pt, "out")
+    check_close(lse[~no_key], lse_ref[~no_key], lse_pt[~no_key], "lse")
+
+
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
+def test_fwd(dtype, head_dim, causal, kv_heads, seqlens, batch_heads):
+    skip_unless_built(head_dim)
+    (seqlen_q, seqlen_k), (batch, heads_q) = seqlens, batch_heads
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, heads_q, KV_HEADS[kv_heads](heads_q), head_dim,
+                         dtype=dtype, device="cuda")
+    softmax_scale = 1 / math.sqrt(head_dim)
+    out, lse = forward_into_nan(q, k, v, softmax_scale, causal)
+    check_fwd(out, lse, q, k, v, softmax_scale, causal)
+
+
+@pytest.mark.parametrize("softmax_scale", [None, 0.3])
+@pytest.mark.parametrize("head_dim", [40, 59, 128])
+def test_flash_attn_func(head_dim, softmax_scale):
+    # The public entry: padding of odd head dims, the default scale 1/sqrt(real head_dim), and
+    # return_attn_probs giving (out, lse, None).
+    skip_unless_built(head_dim)
+    q, k, v = random_qkv(2, 150, 100, 6, 2, head_dim, dtype=torch.bfloat16, device="cuda")
+    out, lse, probs = flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=True,
+                                      return_attn_probs=True)
+    assert probs is None
+    check_fwd(out, lse, q, k, v, softmax_scale or 1 / math.sqrt(head_dim), causal=True)
+    assert torch.equal(flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=True), out)
+
+
+@pytest.mark.parametrize("head_dim", [59, 64])
+@pytest.mark.parametrize("layout", ["packed-qkv", "heads-first"])
+def test_non_contiguous_inputs(layout, head_dim):
+    skip_unless_built(head_dim)
+    batch, seqlen, heads = 2, 200, 4
+    if layout == "packed-qkv":  # q, k, v interleaved in one (batch, seqlen, 3, heads, head_dim)
+        qkv = torch.randn(batch, seqlen, 3, heads, head_dim, dtype=torch.float16, device="cuda")
+        q, k, v = qkv.unbind(2)
+    else:  # each stored (batch, heads, seqlen, head_dim), as SDPA takes them
+        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, dtype=torch.float16, device="cuda")
+                   .transpose(1, 2) for _ in "qkv")
+    assert not q.is_contiguous()
+    out = flash_attn_func(q, k, v, causal=True)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    assert torch.equal(out, flash_attn_func(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("batch, seqlen_q, seqlen_k", [(0, 8, 8), (2, 0, 8), (2, 8, 0), (2, 0, 0)])
+def test_empty_inputs(batch, seqlen_q, seqlen_k, causal):
+    skip_unless_built(64)
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, 4, 2, 64, dtype=torch.float16, device="cuda")
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    assert lse.shape == (batch, 4, seqlen_q) and lse.dtype == torch.float32
+    assert (out == 0).all() and (lse == INF).all()  # no key at all: out 0, lse +inf
+
+
+def test_valid_call_after_each_rejected_call():
+    # Rejected calls must leave nothing behind (state, a sticky CUDA error) that spoils the next.
+    skip_unless_built(64)
+    q, k, v = random_qkv(2, 64, 96, 4, 2, 64, dtype=torch.float16, device="cuda")
+    expected = flash_attn_func(q, k, v, causal=True)
+    bad_calls = [dict(dropout_p=0.5), dict(q=q.float()), dict(k=k[..., :32]), dict(v=v[:, :32]),
+                 dict(q=q[..., ::2]), dict(softmax_scale=NAN), dict(k=k.cpu())]
+    if torch.cuda.device_count() > 1:
+        bad_calls.append(dict(k=k.to("cuda:1")))
+    for bad in bad_calls:
+        with pytest.raises((NotImplementedError, TypeError, ValueError)):
+            flash_attn_func(**{"q": q, "k": k, "v": v, "causal": True, **bad})
+        assert torch.equal(flash_attn_func(q, k, v, causal=True), expected), f"after {list(bad)}"
+
+
+def test_runs_on_current_stream():
+    skip_unless_built(64)
+    q, k, v = random_qkv(2, 256, 256, 4, 4, 64, dtype=torch.float16, device="cuda")
+    expected = flash_attn_func(q, k, v)
+    q_late = torch.full_like(q, NAN)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # q is written only after a ~50 ms spin on the side stream: a kernel launched on any
+        # other stream would read the NaNs.
+        torch.cuda._sleep(100_000_000)
+        q_late.copy_(q)
+        out = flash_attn_func(q_late, k, v)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_another_gpu():
+    # The kernel must run on the tensors' GPU, not on the current one.
+    skip_unless_built(64)
+    q, k, v = random_qkv(2, 128, 128, 4, 2, 64, dtype=torch.float16, device="cuda:0")
+    expected = flash_attn_func(q, k, v, causal=True)
+    out = flash_attn_func(q.to("cuda:1"), k.to("cuda:1"), v.to("cuda:1"), causal=True)
+    assert out.device == torch.device("cuda:1") and torch.equal(out.cpu(), expected.cpu())
