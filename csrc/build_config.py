@@ -11,7 +11,7 @@ Environment switches:
 import os
 from pathlib import Path
 
-from generate_instantiations import DTYPES, HEAD_DIMS, KERNELS, OUT_DIR, source_name
+from generate_instantiations import DTYPES, HEAD_DIMS, KERNELS, OUT_DIR, kernel_head_dims, source_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARCHS = "80;90"
@@ -69,7 +69,8 @@ def cutlass_include(env=os.environ, root=ROOT):
 
 
 def kernel_sources(dims):
-    return [OUT_DIR / source_name(kernel, d, dtype) for kernel in KERNELS for d in dims for dtype in DTYPES]
+    return [OUT_DIR / source_name(kernel, d, dtype)
+            for kernel in KERNELS for d in kernel_head_dims(kernel, dims) for dtype in DTYPES]
 
 
 def nvcc_threads(env=os.environ):

@@ -10,7 +10,7 @@ namespace flash {
 
 using namespace cute;
 
-// Stores acc (partitioned by tiled_mma over a (kRows, kHeadDim) tile) to gOut, converted to Element.
+// Stores acc (partitioned by tiled_mma over a (rows, cols) tile) to gOut, converted to Element.
 // sBuf: a shared-memory tile of that shape that no warp reads any more. Rows at or past max_row and
 // columns at or past head_dim are not written.
 template <class Traits, class TiledMma, class Acc, class SmemTile, class GmemTile>
@@ -20,7 +20,7 @@ CUTE_DEVICE void store_acc_tile(TiledMma const &tiled_mma, Acc const &acc, SmemT
   int const tid = threadIdx.x;
   Tensor rOut = convert_type<Element>(acc);
 
-  auto smem_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
+  auto smem_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomAcc{}, tiled_mma);
   auto smem_thr_copy = smem_copy.get_thread_slice(tid);
   Tensor taccRr = smem_thr_copy.retile_S(rOut);  // ((Atom,AtomNum), MMA_M, MMA_N)
   Tensor taccRs = smem_thr_copy.partition_D(sBuf);
@@ -28,7 +28,7 @@ CUTE_DEVICE void store_acc_tile(TiledMma const &tiled_mma, Acc const &acc, SmemT
   copy(smem_copy, taccRr, taccRs);
   __syncthreads();
 
-  typename Traits::GmemTiledCopyStore gmem_copy;
+  typename Traits::template GmemTiledCopyStore<decltype(size<1>(gOut))::value> gmem_copy;
   auto gmem_thr_copy = gmem_copy.get_thread_slice(tid);
   Tensor tRs = gmem_thr_copy.partition_S(sBuf);  // (CPY, CPY_M, CPY_K)
   Tensor tRg = gmem_thr_copy.partition_D(gOut);

@@ -35,4 +35,18 @@ struct FwdParams : AttnParams {
   float *__restrict__ lse_ptr;  // (batch, heads, seqlen_q), contiguous, natural log
 };
 
+struct BwdParams : FwdParams {  // o_ptr and lse_ptr: the forward's outputs
+  const void *__restrict__ do_ptr;
+  index_t do_batch_stride, do_row_stride, do_head_stride;
+  void *__restrict__ dq_ptr;
+  index_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  // dK and dV per query head: with GQA they point at (batch, seqlen_k, heads, head_dim) buffers that the
+  // caller then sums over each group of query heads, in a fixed order.
+  void *__restrict__ dk_ptr;
+  index_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  void *__restrict__ dv_ptr;
+  index_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  float *__restrict__ dpsum_ptr;  // rowsum(dO * O): (batch, heads, seqlen_q), contiguous
+};
+
 }  // namespace flash

@@ -115,10 +115,18 @@ void check_lse(at::Tensor const &lse, at::Tensor const &q) {
 }
 
 void set_softmax(flash::AttnParams &p, double softmax_scale, bool causal) {
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  // Masking relies on -inf * scale staying -inf.
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be finite and positive, got ",
+                    softmax_scale);
   p.softmax_scale = float(softmax_scale);
   p.softmax_scale_log2 = float(softmax_scale * M_LOG2E);
   p.is_causal = causal;
+}
+
+void set_out_strides(flash::FwdParams &p, at::Tensor const &out, at::Tensor const &lse) {
+  p.o_ptr = out.data_ptr();
+  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  p.lse_ptr = lse.data_ptr<float>();
 }
 
 template <class Launch>
@@ -147,9 +155,7 @@ void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tens
     lse.fill_(std::numeric_limits<float>::infinity());
     return;
   }
-  p.o_ptr = out.data_ptr();
-  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
-  p.lse_ptr = lse.data_ptr<float>();
+  set_out_strides(p, out, lse);
 
   c10::cuda::CUDAGuard device_guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -158,11 +164,68 @@ void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tens
   });
 }
 
+// dq, dk, dv <- gradients of sum(out * dout) w.r.t. q, k, v, given the forward's out and lse.
+void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
+         at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
+         double softmax_scale, bool causal) {
+  flash::BwdParams p{};
+  set_qkv(p, q, k, v);
+  set_softmax(p, softmax_scale, causal);
+  check_out(out, "out", q);
+  check_out(dout, "dout", q);
+  check_lse(lse, q);
+  check_out(dq, "dq", q);
+  check_out(dk, "dk", k);
+  check_out(dv, "dv", v);
+  if (p.batch == 0 || p.heads == 0) { return; }
+  if (p.seqlen_q == 0 || p.seqlen_k == 0) {  // nothing attends to anything
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return;
+  }
+  set_out_strides(p, out, lse);
+  p.do_ptr = dout.data_ptr();
+  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+  p.dq_ptr = dq.data_ptr();
+  p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
+  // With GQA the kernel writes dK, dV per query head; they are summed over each group below, in a fixed
+  // order (no atomics: bit-identical from run to run).
+  bool const grouped = p.heads != p.heads_kv;
+  at::Tensor dk_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, k.size(3)}, k.options()) : dk;
+  at::Tensor dv_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, v.size(3)}, v.options()) : dv;
+  p.dk_ptr = dk_heads.data_ptr();
+  p.dk_batch_stride = dk_heads.stride(0), p.dk_row_stride = dk_heads.stride(1), p.dk_head_stride = dk_heads.stride(2);
+  p.dv_ptr = dv_heads.data_ptr();
+  p.dv_batch_stride = dv_heads.stride(0), p.dv_row_stride = dv_heads.stride(1), p.dv_head_stride = dv_heads.stride(2);
+  at::Tensor dpsum = at::empty({p.batch, p.heads, p.seqlen_q}, q.options().dtype(at::kFloat));
+  p.dpsum_ptr = dpsum.data_ptr<float>();
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    using Element = decltype(element);
+    cudaError_t err = flash::run_bwd_preprocess<Element>(p, stream);
+    if (err == cudaSuccess) { err = flash::run_bwd_dq<kHeadDim, Element>(p, stream); }
+    if (err == cudaSuccess) { err = flash::run_bwd_dkdv<kHeadDim, Element>(p, stream); }
+    return err;
+  });
+  if (grouped) {
+    int64_t const groups = p.heads / p.heads_kv;
+    at::sum_out(dk, dk_heads.view({p.batch, p.seqlen_k, p.heads_kv, groups, k.size(3)}), {3});
+    at::sum_out(dv, dv_heads.view({p.batch, p.seqlen_k, p.heads_kv, groups, v.size(3)}), {3});
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash_attn2 CUDA kernels (use flash_attn2.flash_attn_func)";
   m.def("fwd", &fwd, "Attention forward into out and lse", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("softmax_scale"), py::arg("causal"));
+  m.def("bwd", &bwd, "Attention backward into dq, dk and dv", py::arg("dout"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("softmax_scale"), py::arg("causal"));
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
 }

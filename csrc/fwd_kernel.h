@@ -34,20 +34,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   int const n_block_end = mask.n_block_end(m_block);
   int const q_rows_left = params.seqlen_q - m_block * kBlockM;
 
-  Tensor mQ = make_tensor(make_gmem_ptr(static_cast<Element const *>(params.q_ptr) +
-                                        batch * params.q_batch_stride + head * params.q_head_stride),
-                          make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.q_row_stride, _1{}));
-  Tensor mK = make_tensor(make_gmem_ptr(static_cast<Element const *>(params.k_ptr) + batch * params.k_batch_stride +
-                                        params.kv_head(head) * params.k_head_stride),
-                          make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.k_row_stride, _1{}));
-  Tensor mV = make_tensor(make_gmem_ptr(static_cast<Element const *>(params.v_ptr) + batch * params.v_batch_stride +
-                                        params.kv_head(head) * params.v_head_stride),
-                          make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.v_row_stride, _1{}));
-  Tensor mO = make_tensor(make_gmem_ptr(static_cast<Element *>(params.o_ptr) + batch * params.o_batch_stride +
-                                        head * params.o_head_stride),
-                          make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.o_row_stride, _1{}));
-  Tensor mLSE = make_tensor(make_gmem_ptr(params.lse_ptr + (index_t(batch) * params.heads + head) * params.seqlen_q),
-                            make_shape(params.seqlen_q));
+  Tensor mQ = head_matrix<kHeadDim>(static_cast<Element const *>(params.q_ptr), batch, head, params.q_batch_stride,
+                                    params.q_head_stride, params.q_row_stride, params.seqlen_q);
+  Tensor mK = head_matrix<kHeadDim>(static_cast<Element const *>(params.k_ptr), batch, params.kv_head(head),
+                                    params.k_batch_stride, params.k_head_stride, params.k_row_stride, params.seqlen_k);
+  Tensor mV = head_matrix<kHeadDim>(static_cast<Element const *>(params.v_ptr), batch, params.kv_head(head),
+                                    params.v_batch_stride, params.v_head_stride, params.v_row_stride, params.seqlen_k);
+  Tensor mO = head_matrix<kHeadDim>(static_cast<Element *>(params.o_ptr), batch, head, params.o_batch_stride,
+                                    params.o_head_stride, params.o_row_stride, params.seqlen_q);
+  Tensor mLSE = row_vector(params.lse_ptr, batch, head, params.heads, params.seqlen_q);
   Tensor gQ = local_tile(mQ, TileQ{}, make_coord(m_block, 0));     // (kBlockM, kHeadDim)
   Tensor gK = local_tile(mK, TileKV{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)
   Tensor gV = local_tile(mV, TileKV{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)
@@ -55,10 +50,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   Tensor gLSE = local_tile(mLSE, Shape<Int<kBlockM>>{}, make_coord(m_block));  // (kBlockM)
 
   extern __shared__ char smem[];
-  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
-  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});  // (kHeadDim, kBlockN)
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), typename Traits::SmemLayoutM{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutN{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutN{});
+  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutNt{});  // (kHeadDim, kBlockN)
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);

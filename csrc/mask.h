@@ -65,23 +65,33 @@ struct Mask {
     }
   }
 
-  // Sets to -inf every score its row may not see. tScS holds each score's (row, col) within the tile,
-  // partitioned like the accumulator, so this serves any tiled MMA. One column limit per row keeps the
+  // Sets to -inf every score that its query may not see. tScS holds each score's (row, col) within the
+  // tile, partitioned like the accumulator, so this serves any tiled MMA. Rows are queries and columns
+  // keys, or the reverse when Transposed (the dK/dV kernel computes Sᵀ). One limit per row keeps the
   // per-element work to a compare.
-  template <bool Masked, class Scores, class Coords>
+  template <bool Masked, bool Transposed = false, class Scores, class Coords>
   CUTE_DEVICE void apply(Scores &scores, Coords const &tScS, int m_block, int n_block) const {
     if constexpr (Masked) {
       Tensor s = make_tensor(scores.data(), rows_cols(scores.layout()));  // (rows, cols)
       Tensor c = make_tensor(tScS.data(), rows_cols(tScS.layout()));      // (rows, cols) -> (row, col)
       static_assert(decltype(size(s) == size(c))::value);
-      int const row0 = m_block * kBlockM, col0 = n_block * kBlockN;
+      int const query0 = m_block * kBlockM, key0 = n_block * kBlockN;
       CUTE_UNROLL
       for (int r = 0; r < size<0>(s); ++r) {
-        int col_end = seqlen_k - col0;  // this row sees columns [0, col_end) of the tile
-        if constexpr (Causal) { col_end = min(col_end, row0 + get<0>(c(r, 0)) + diagonal() + 1 - col0); }
+        // Visible columns of this row, relative to the tile: [col_begin, col_end).
+        int col_begin = 0, col_end = INT_MAX;
+        if constexpr (!Transposed) {
+          col_end = seqlen_k - key0;
+          if constexpr (Causal) { col_end = min(col_end, query0 + get<0>(c(r, 0)) + diagonal() + 1 - key0); }
+        } else {
+          int const key = key0 + get<0>(c(r, 0));
+          if (key >= seqlen_k) { col_end = 0; }
+          if constexpr (Causal) { col_begin = key - diagonal() - query0; }
+        }
         CUTE_UNROLL
         for (int j = 0; j < size<1>(s); ++j) {
-          if (get<1>(c(r, j)) >= col_end) { s(r, j) = -INFINITY; }
+          int const col = get<1>(c(r, j));
+          if (col < col_begin || col >= col_end) { s(r, j) = -INFINITY; }
         }
       }
     }

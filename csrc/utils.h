@@ -9,6 +9,19 @@ namespace flash {
 
 using namespace cute;
 
+// One head's (seqlen, kHeadDim) matrix of a (batch, seqlen, heads, head_dim) tensor; 64-bit offsets.
+template <int kHeadDim, typename T>
+CUTE_DEVICE auto head_matrix(T *ptr, int batch, int head, int64_t batch_stride, int64_t head_stride,
+                             int64_t row_stride, int seqlen) {
+  return make_tensor(make_gmem_ptr(ptr + batch * batch_stride + head * head_stride),
+                     make_shape(seqlen, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+}
+
+// One head's row of a contiguous (batch, heads, seqlen) fp32 tensor (LSE, rowsum(dO * O)).
+CUTE_DEVICE auto row_vector(float *ptr, int batch, int head, int heads, int seqlen) {
+  return make_tensor(make_gmem_ptr(ptr + (int64_t(batch) * heads + head) * seqlen), make_shape(seqlen));
+}
+
 // An SM80 accumulator ((2,2),MMA_M,MMA_N) seen as (rows, cols) = ((2,MMA_M),(2,MMA_N)):
 // each thread holds two rows (r and r+8) and column pairs of each 16x8 tile.
 template <class Layout>
@@ -89,7 +102,7 @@ CUTE_DEVICE void gemm_reg_smem(TiledMma const &mma, Acc &acc, RegA const &tCrA, 
 // Global -> shared tile load, cp.async with zero-fill. tCcC holds the (row, col) of each copy, partitioned
 // like the source; columns at or past head_dim and (when CheckRows) rows at or past max_row arrive as 0.
 template <bool CheckRows, class TiledCopy, class Src, class Dst, class Coords>
-CUTE_DEVICE void load_tile(TiledCopy const &tiled_copy, Src const &src, Dst &dst, Coords const &tCcC,
+CUTE_DEVICE void load_tile(TiledCopy const &tiled_copy, Src const &src, Dst &&dst, Coords const &tCcC,
                            int max_row, int head_dim) {
   CUTE_UNROLL
   for (int m = 0; m < size<1>(src); ++m) {
@@ -104,7 +117,7 @@ CUTE_DEVICE void load_tile(TiledCopy const &tiled_copy, Src const &src, Dst &dst
 
 // Shared -> global tile store: only rows below max_row and columns below head_dim are written.
 template <class TiledCopy, class Src, class Dst, class Coords>
-CUTE_DEVICE void store_tile(TiledCopy const &tiled_copy, Src const &src, Dst &dst, Coords const &tCcC,
+CUTE_DEVICE void store_tile(TiledCopy const &tiled_copy, Src const &src, Dst &&dst, Coords const &tCcC,
                             int max_row, int head_dim) {
   CUTE_UNROLL
   for (int m = 0; m < size<1>(src); ++m) {

@@ -73,8 +73,8 @@ def _check_inputs(q, k, v, softmax_scale):
     if softmax_scale is not None:
         if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
             raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(softmax_scale):
-            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+        if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # masking relies on -inf * scale = -inf
+            raise ValueError(f"softmax_scale must be finite and positive, got {softmax_scale}")
     for name, t in named:
         if t.device.type != "cuda":
             raise ValueError(f"{name} is on {t.device}; flash_attn2 needs CUDA tensors")
@@ -104,12 +104,38 @@ def _(q, k, v, softmax_scale, causal):
     return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
+def _bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal):
+    """Kernel call into caller-owned gradient buffers (tests poison them). Head dim a multiple of 8."""
+    _ext().bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal)
+
+
+@torch.library.custom_op("flash_attn2::bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    _bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal)
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def _fwd_setup_context(ctx, inputs, output):
-    pass
+    q, k, v, softmax_scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)  # nothing of size seqlen_q x seqlen_k
+    ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    ctx.mark_non_differentiable(lse)
 
 
-def _fwd_backward(ctx, dout, dlse):
-    raise NotImplementedError("flash_attn2: the backward pass is not implemented yet")
+def _fwd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal)
+    return dq, dk, dv, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -125,8 +151,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softmax_scale defaults to 1/sqrt(head_dim). causal masks bottom-right aligned: query i sees keys
     j <= i + seqlen_k - seqlen_q; a row that sees no key gets output 0 and LSE +inf.
     dropout_p, window_size, softcap and alibi_slopes exist for flash_attn compatibility and raise
-    NotImplementedError unless left at their defaults. deterministic is accepted and ignored: every
-    kernel here is deterministic.
+    NotImplementedError unless left at their defaults.
+
+    Differentiable w.r.t. q, k and v (softmax_lse is not). The backward recomputes the attention
+    matrix from q, k, v and the saved LSE, in separate dQ and dK/dV kernels with no atomics, so
+    gradients are bit-identical from run to run: deterministic is always true, the argument is
+    accepted for compatibility and ignored. With GQA, dK and dV are summed over each group of query
+    heads in a fixed order.
 
     Returns out (batch, seqlen_q, heads, head_dim), or (out, softmax_lse, None) if return_attn_probs,
     with softmax_lse fp32 (batch, heads, seqlen_q), the natural-log logsumexp of the scaled scores.

@@ -11,5 +11,11 @@ constexpr int kKernelHeadDims[] = {32, 64, 96, 128, 192, 256};
 
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &, cudaStream_t);
+template <typename Element>
+cudaError_t run_bwd_preprocess(BwdParams const &, cudaStream_t);
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dq(BwdParams const &, cudaStream_t);
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dkdv(BwdParams const &, cudaStream_t);
 
 }  // namespace flash

@@ -1,0 +1,206 @@
+// Backward dK/dV kernel: one thread block per (key block, column split, batch, query head) loops over
+// the query blocks that see its keys. It computes the transposed tiles Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, so
+// that Pᵀ and dSᵀ come out of the accumulators already laid out as the A operand of dV += Pᵀ·dO and
+// dK += dSᵀ·Q: no trip through shared memory. Q, dO, LSE and D are double-buffered.
+// kSplits > 1 (head dims above 128) gives each thread block a slice of dK's and dV's columns, so that
+// both accumulators fit in registers; the blocks of one key block then each recompute Sᵀ and dPᵀ.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "epilogue.h"
+#include "flash.h"
+#include "kernel_traits.h"
+#include "mask.h"
+#include "utils.h"
+
+namespace flash {
+
+using namespace cute;
+
+template <class Traits, int kSplits, bool Causal>
+__global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_constant__ const BwdParams params) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;  // keys this block owns
+  constexpr int kBlockN = Traits::kBlockN;  // queries per step
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kOutDim = kHeadDim / kSplits;  // dK/dV columns this block writes
+  static_assert(kHeadDim % kSplits == 0 && kOutDim % 32 == 0);
+  static_assert(Traits::kNThreads >= 2 * kBlockN, "one thread per LSE and per D value of a query block");
+  using TileM = Shape<Int<kBlockM>, Int<kHeadDim>>;
+  using TileN = Shape<Int<kBlockN>, Int<kHeadDim>>;
+  using TileOut = Shape<Int<kBlockM>, Int<kOutDim>>;
+  using TileOutT = Shape<Int<kOutDim>, Int<kBlockN>>;
+  using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;  // Sᵀ: (keys, queries)
+  using SmemLayoutN = typename Traits::SmemLayoutN;
+
+  int const n_block = blockIdx.x / kSplits, split = blockIdx.x % kSplits;
+  int const batch = blockIdx.y, head = blockIdx.z;
+  int const tid = threadIdx.x;
+
+  Mask<kBlockN, kBlockM, Causal> const mask{params.seqlen_q, params.seqlen_k};  // (query, key) blocks
+  int const m_block_begin = mask.m_block_begin(n_block);
+  int const m_block_end = ceil_div(params.seqlen_q, kBlockN);
+  int const k_rows_left = params.seqlen_k - n_block * kBlockM;
+
+  Tensor mK = head_matrix<kHeadDim>(static_cast<Element const *>(params.k_ptr), batch, params.kv_head(head),
+                                    params.k_batch_stride, params.k_head_stride, params.k_row_stride, params.seqlen_k);
+  Tensor mV = head_matrix<kHeadDim>(static_cast<Element const *>(params.v_ptr), batch, params.kv_head(head),
+                                    params.v_batch_stride, params.v_head_stride, params.v_row_stride, params.seqlen_k);
+  Tensor mQ = head_matrix<kHeadDim>(static_cast<Element const *>(params.q_ptr), batch, head, params.q_batch_stride,
+                                    params.q_head_stride, params.q_row_stride, params.seqlen_q);
+  Tensor mdO = head_matrix<kHeadDim>(static_cast<Element const *>(params.do_ptr), batch, head,
+                                     params.do_batch_stride, params.do_head_stride, params.do_row_stride, params.seqlen_q);
+  Tensor mdK = head_matrix<kHeadDim>(static_cast<Element *>(params.dk_ptr), batch, head, params.dk_batch_stride,
+                                     params.dk_head_stride, params.dk_row_stride, params.seqlen_k);
+  Tensor mdV = head_matrix<kHeadDim>(static_cast<Element *>(params.dv_ptr), batch, head, params.dv_batch_stride,
+                                     params.dv_head_stride, params.dv_row_stride, params.seqlen_k);
+  Tensor mLSE = row_vector(params.lse_ptr, batch, head, params.heads, params.seqlen_q);
+  Tensor mD = row_vector(params.dpsum_ptr, batch, head, params.heads, params.seqlen_q);
+  Tensor gK = local_tile(mK, TileM{}, make_coord(n_block, 0));         // (kBlockM, kHeadDim)
+  Tensor gV = local_tile(mV, TileM{}, make_coord(n_block, 0));         // (kBlockM, kHeadDim)
+  Tensor gQ = local_tile(mQ, TileN{}, make_coord(_, 0));               // (kBlockN, kHeadDim, m)
+  Tensor gdO = local_tile(mdO, TileN{}, make_coord(_, 0));             // (kBlockN, kHeadDim, m)
+  Tensor gdK = local_tile(mdK, TileOut{}, make_coord(n_block, split));  // (kBlockM, kOutDim)
+  Tensor gdV = local_tile(mdV, TileOut{}, make_coord(n_block, split));  // (kBlockM, kOutDim)
+
+  // Shared memory: K, V, then two stages of (Q, dO), then two stages of (LSE, D).
+  extern __shared__ char smem[];
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), typename Traits::SmemLayoutM{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutM{});
+  auto sQ = [&](int stage) { return make_tensor(sV.data() + size(sV) + (2 * stage) * cosize(SmemLayoutN{}), SmemLayoutN{}); };
+  auto sdO = [&](int stage) { return make_tensor(sQ(stage).data() + cosize(SmemLayoutN{}), SmemLayoutN{}); };
+  // This split's columns of Qᵀ and dOᵀ: (kOutDim, kBlockN), the B operands of dK and dV.
+  auto sQt = [&](int stage) {
+    return local_tile(make_tensor(sQ(stage).data(), typename Traits::SmemLayoutNt{}), TileOutT{}, make_coord(split, 0));
+  };
+  auto sdOt = [&](int stage) {
+    return local_tile(make_tensor(sdO(stage).data(), typename Traits::SmemLayoutNt{}), TileOutT{}, make_coord(split, 0));
+  };
+  float *const smem_stats = reinterpret_cast<float *>(smem + 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN);
+  auto sLSE = [&](int stage) { return smem_stats + (2 * stage) * kBlockN; };
+  auto sD = [&](int stage) { return smem_stats + (2 * stage + 1) * kBlockN; };
+
+  typename Traits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor acc_dk = partition_fragment_C(tiled_mma, TileOut{});  // (MMA, MMA_M, MMA_N)
+  Tensor acc_dv = partition_fragment_C(tiled_mma, TileOut{});
+  clear(acc_dk);
+  clear(acc_dv);
+  // dK, dV go out through a (kBlockM, kOutDim) tile over K's and V's buffers once the loop is done.
+  auto store = [&] {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }  // dS was w.r.t. scaled scores
+    Tensor sdK = make_tensor(sK.data(), SmemTile<kBlockM, kOutDim>{});
+    Tensor sdV = make_tensor(sV.data(), SmemTile<kBlockM, kOutDim>{});
+    store_acc_tile<Traits>(tiled_mma, acc_dk, sdK, gdK, k_rows_left, params.head_dim - split * kOutDim);
+    store_acc_tile<Traits>(tiled_mma, acc_dv, sdV, gdV, k_rows_left, params.head_dim - split * kOutDim);
+  };
+  if (m_block_begin >= m_block_end) {  // no query sees these keys
+    store();
+    return;
+  }
+
+  typename Traits::GmemTiledCopyLoad gmem_copy;
+  auto gmem_thr_copy = gmem_copy.get_thread_slice(tid);
+  Tensor tQgQ = gmem_thr_copy.partition_S(gQ);  // (CPY, CPY_N, CPY_K, m)
+  Tensor tdOgdO = gmem_thr_copy.partition_S(gdO);
+  Tensor tKcK = gmem_thr_copy.partition_S(make_identity_tensor(TileM{}));
+  Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(TileN{}));
+  // Q, dO, LSE and D of query block m_block into a stage. Rows past seqlen_q arrive as zeros: with dO
+  // and D zero there, such a query adds nothing to dV or dK.
+  auto load_queries = [&](int m_block, int stage) {
+    int const rows = params.seqlen_q - m_block * kBlockN;
+    load_tile<true>(gmem_copy, tQgQ(_, _, _, m_block), gmem_thr_copy.partition_D(sQ(stage)), tQcQ, rows,
+                    params.head_dim);
+    load_tile<true>(gmem_copy, tdOgdO(_, _, _, m_block), gmem_thr_copy.partition_D(sdO(stage)), tQcQ, rows,
+                    params.head_dim);
+    if (tid < 2 * kBlockN) {
+      int const row = tid % kBlockN;
+      float const *src = (tid < kBlockN ? mLSE : mD).data().get() + m_block * kBlockN + row;
+      float *dst = (tid < kBlockN ? sLSE(stage) : sD(stage)) + row;
+      SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(*reinterpret_cast<uint32_t const *>(src),
+                                                     *reinterpret_cast<uint32_t *>(dst), row < rows);
+    }
+  };
+
+  // Operands: K and V are A (rows of this block), Q and dO are B, Qᵀ and dOᵀ the B of dK and dV.
+  Tensor tSrK = make_tensor<Element>(partition_shape_A(tiled_mma, TileM{}));
+  Tensor tdPrV = make_tensor<Element>(partition_shape_A(tiled_mma, TileM{}));
+  Tensor tSrQ = make_tensor<Element>(partition_shape_B(tiled_mma, TileN{}));
+  Tensor tdPrdO = make_tensor<Element>(partition_shape_B(tiled_mma, TileN{}));
+  Tensor tdKrQt = make_tensor<Element>(partition_shape_B(tiled_mma, TileOutT{}));
+  Tensor tdVrdOt = make_tensor<Element>(partition_shape_B(tiled_mma, TileOutT{}));
+  auto smem_copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+  Tensor tSsK = smem_copy_a.get_thread_slice(tid).partition_S(sK);
+  Tensor tdPsV = smem_copy_a.get_thread_slice(tid).partition_S(sV);
+
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(TileS{}));  // (key, query) of each score
+  Tensor tScS_rc = make_tensor(tScS.data(), rows_cols(tScS.layout()));
+
+  load_tile<true>(gmem_copy, gmem_thr_copy.partition_S(gK), gmem_thr_copy.partition_D(sK), tKcK, k_rows_left,
+                  params.head_dim);
+  load_tile<true>(gmem_copy, gmem_thr_copy.partition_S(gV), gmem_thr_copy.partition_D(sV), tKcK, k_rows_left,
+                  params.head_dim);
+  load_queries(m_block_begin, 0);
+  cp_async_fence();
+
+  auto step = [&](int m_block, int stage, auto is_masked) __attribute__((always_inline)) {
+    cp_async_wait<0>();
+    __syncthreads();  // this stage has landed, and every warp is done with the other one
+    if (m_block + 1 < m_block_end) {
+      load_queries(m_block + 1, stage ^ 1);
+      cp_async_fence();
+    }
+
+    Tensor acc_s = partition_fragment_C(tiled_mma, TileS{});  // Sᵀ: (MMA, MMA_M, MMA_N)
+    clear(acc_s);
+    gemm_smem_smem(tiled_mma, acc_s, tSrK, tSrQ, tSsK, smem_copy_b.get_thread_slice(tid).partition_S(sQ(stage)),
+                   smem_copy_a, smem_copy_b);
+    mask.template apply<decltype(is_masked)::value, true>(acc_s, tScS, m_block, n_block);
+    // Each column is a query: its LSE (log2 units) and D, read once per step from shared memory.
+    constexpr int kCols = decltype(size<1>(tScS_rc))::value;
+    float lse_log2[kCols], dpsum[kCols];
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      int const col = get<1>(tScS_rc(0, c));
+      lse_log2[c] = sLSE(stage)[col] * float(M_LOG2E);
+      dpsum[c] = sD(stage)[col];
+    }
+    Tensor p = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // Pᵀ = exp(Sᵀ·scale - LSE), in place
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(p); ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) { p(r, c) = exp2_approx(p(r, c) * params.softmax_scale_log2 - lse_log2[c]); }
+    }
+    Tensor rP = convert_type<Element>(acc_s);
+
+    Tensor acc_dp = partition_fragment_C(tiled_mma, TileS{});  // dPᵀ = V·dOᵀ
+    clear(acc_dp);
+    gemm_smem_smem(tiled_mma, acc_dp, tdPrV, tdPrdO, tdPsV, smem_copy_b.get_thread_slice(tid).partition_S(sdO(stage)),
+                   smem_copy_a, smem_copy_b);
+    gemm_reg_smem(tiled_mma, acc_dv, make_tensor(rP.data(), acc_as_operand_a(rP.layout())), tdVrdOt,
+                  smem_copy_bt.get_thread_slice(tid).partition_S(sdOt(stage)), smem_copy_bt);
+
+    Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dSᵀ = Pᵀ∘(dPᵀ - D), in place
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(ds); ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) { ds(r, c) = p(r, c) * (ds(r, c) - dpsum[c]); }
+    }
+    Tensor rdS = convert_type<Element>(acc_dp);
+    gemm_reg_smem(tiled_mma, acc_dk, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQt,
+                  smem_copy_bt.get_thread_slice(tid).partition_S(sQt(stage)), smem_copy_bt);
+  };
+
+  // Query blocks from the first that sees these keys up: the diagonal ones (masked) come first.
+  int const m_block_end_masked = min(m_block_end, mask.m_block_end_masked(n_block));
+  int m_block = m_block_begin, stage = 0;
+  for (; m_block < m_block_end_masked; ++m_block, stage ^= 1) { step(m_block, stage, cute::true_type{}); }
+  for (; m_block < m_block_end; ++m_block, stage ^= 1) { step(m_block, stage, cute::false_type{}); }
+  store();
+}
+
+}  // namespace flash
