@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# On a GPU machine: build, run the GPU tests and the forward benchmark, print one summary.
+# On a GPU machine: build, run the GPU tests and the benchmarks (fwd, bwd, fwd+bwd), print one summary.
 #   bash benchmarks/run_gpu.sh            (logs go to $OUT, else ./gpu_run/)
 # Env: FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_CUDA_ARCHS as for the build; PYTEST_ARGS for extra pytest flags;
-#      SKIP_BUILD=1 to reuse a build; BENCH_ARGS for benchmarks/bench_fwd.py.
+#      SKIP_BUILD=1 to reuse a build; BENCH_ARGS for benchmarks/bench.py (e.g. --passes bwd).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_run}"
@@ -28,10 +28,11 @@ fi
 python3 -m pytest tests ${PYTEST_ARGS:--q} 2>&1 | tee "$LOG/tests.log" | tail -25
 tests=$(grep -E "passed|failed|error" "$LOG/tests.log" | tail -1)
 
-python3 benchmarks/bench_fwd.py --json "$LOG/bench_fwd.json" --markdown "$LOG/bench_fwd.md" ${BENCH_ARGS:-} \
+python3 benchmarks/bench.py --json "$LOG/bench.json" --markdown "$LOG/bench.md" ${BENCH_ARGS:-} \
   2>&1 | tee "$LOG/bench.log"
 
 echo "=== summary ($(python3 -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null)) ==="
 echo "build: $build"
 echo "tests: $tests"
-echo "bench: $(grep -i "geomean\|geometric" "$LOG/bench.log" | tail -2 | tr '\n' ' ')"
+echo "bench (ours/flash):"
+grep "^Geometric mean" "$LOG/bench.log" | sed 's/^/  /' || echo "  no result (see bench.log)"

@@ -38,7 +38,10 @@ def head_dims(env=os.environ):
     text = env.get("FLASH_ATTN2_HEAD_DIMS", "").strip()
     if not text:
         return HEAD_DIMS
-    dims = sorted({int(d) for d in text.replace(";", ",").split(",") if d.strip()})
+    try:
+        dims = sorted({int(d) for d in text.replace(";", ",").split(",") if d.strip()})
+    except ValueError:
+        raise ValueError(f"FLASH_ATTN2_HEAD_DIMS: {text!r} is not a comma-separated list of head dims") from None
     unknown = [d for d in dims if d not in HEAD_DIMS]
     if unknown or not dims:
         raise ValueError(f"FLASH_ATTN2_HEAD_DIMS: {unknown or text!r} not among the kernel head dims {HEAD_DIMS}")

@@ -4,49 +4,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import check_close, random_qkv, requires_ext, requires_gpu, skip_unless_built
+from conftest import (DTYPES, HEAD_DIMS, KV_HEADS, check_close, forward_into_nan, random_qkv,
+                      requires_ext, requires_gpu, skip_unless_built, strided_qkv)
 from flash_attn2 import flash_attn_func
-from flash_attn2.interface import _fwd
 from flash_attn2.reference import attention_ref
 
 pytestmark = [requires_gpu, requires_ext]
 
 NAN, INF = float("nan"), float("inf")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# Every kernel head dim, and two others: 40 runs in the 64 kernel, 59 is zero-padded to 64 first.
-HEAD_DIMS = [32, 64, 96, 128, 192, 256, 40, 59]
-SEQLENS = [(1, 1), (1, 239), (113, 203), (128, 217), (217, 128), (256, 512), (1023, 1024),
-           (2048, 2048)]
-LARGE_SEQLENS = [(3, 5), (64, 64), (511, 1537), (1537, 511), (1, 4096), (4096, 4096)]
-BATCH_HEADS = [(2, 4)]  # (batch, heads_q)
-LARGE_BATCH_HEADS = [(1, 8), (3, 12)]
-# heads_kv from heads_q: a kv head per query head, one per pair of query heads, one for all.
-KV_HEADS = {"mha": lambda heads_q: heads_q, "gqa": lambda heads_q: heads_q // 2,
-            "mqa": lambda heads_q: 1}
-
-
-def pytest_generate_tests(metafunc):
-    large = metafunc.config.getoption("--large-grid")
-    if "seqlens" in metafunc.fixturenames:
-        seqlens = SEQLENS + (LARGE_SEQLENS if large else [])
-        metafunc.parametrize("seqlens", seqlens, ids=lambda s: "%dx%d" % s)
-    if "batch_heads" in metafunc.fixturenames:
-        batch_heads = BATCH_HEADS + (LARGE_BATCH_HEADS if large else [])
-        metafunc.parametrize("batch_heads", batch_heads, ids=lambda bh: "b%dh%d" % bh)
-
-
-def forward_into_nan(q, k, v, softmax_scale, causal):
-    """Runs _fwd into NaN-filled out and lse, so that any element it leaves unwritten fails."""
-    head_dim = q.shape[-1]
-    q, k, v = (F.pad(t, (0, -head_dim % 8)) for t in (q, k, v))  # zeros, as flash_attn_func pads
-    batch, seqlen_q, heads_q, _ = q.shape
-    out = torch.full_like(q, NAN)
-    lse = torch.full((batch, heads_q, seqlen_q), NAN, dtype=torch.float32, device=q.device)
-    _fwd(q, k, v, out, lse, softmax_scale, causal)
-    assert (out[..., head_dim:] == 0).all(), "padding columns of out must be 0 (v is 0 there)"
-    return out[..., :head_dim], lse
 
 
 def check_fwd(out, lse, q, k, v, softmax_scale, causal):
@@ -94,13 +60,7 @@ def test_flash_attn_func(head_dim, softmax_scale):
 @pytest.mark.parametrize("layout", ["packed-qkv", "heads-first"])
 def test_non_contiguous_inputs(layout, head_dim):
     skip_unless_built(head_dim)
-    batch, seqlen, heads = 2, 200, 4
-    if layout == "packed-qkv":  # q, k, v interleaved in one (batch, seqlen, 3, heads, head_dim)
-        qkv = torch.randn(batch, seqlen, 3, heads, head_dim, dtype=torch.float16, device="cuda")
-        q, k, v = qkv.unbind(2)
-    else:  # each stored (batch, heads, seqlen, head_dim), as SDPA takes them
-        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, dtype=torch.float16, device="cuda")
-                   .transpose(1, 2) for _ in "qkv")
+    q, k, v = strided_qkv(layout, 2, 200, 4, head_dim, dtype=torch.float16, device="cuda")
     assert not q.is_contiguous()
     out = flash_attn_func(q, k, v, causal=True)
     q, k, v = (t.contiguous() for t in (q, k, v))

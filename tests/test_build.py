@@ -1,0 +1,175 @@
+"""The build choices in csrc/build_config.py and the generated instantiations, on CPU."""
+
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "csrc"))
+import build_config  # noqa: E402
+import generate_instantiations as gen  # noqa: E402
+
+
+@pytest.mark.parametrize("text, archs", [("80", ["80"]), ("80;90", ["80", "90"]),
+                                         (" 86 , 90 ", ["86", "90"]), ("90;", ["90"])])
+def test_cuda_archs(text, archs):
+    assert build_config.cuda_archs({"FLASH_ATTN2_CUDA_ARCHS": text}) == archs
+
+
+def test_cuda_archs_default():
+    assert build_config.cuda_archs({}) == ["80", "90"]
+    assert build_config.gencode_flags(["80", "90"]) == ["-gencode=arch=compute_80,code=sm_80",
+                                                        "-gencode=arch=compute_90,code=sm_90"]
+
+
+@pytest.mark.parametrize("text, rule", [("75", "'75'.*>= 80"), ("sm_80", "'sm_80'"),
+                                        ("8.0", "'8.0'"), ("", "empty"), (" ; ", "empty")])
+def test_cuda_archs_errors(text, rule):
+    with pytest.raises(ValueError, match=f"FLASH_ATTN2_CUDA_ARCHS.*{rule}"):
+        build_config.cuda_archs({"FLASH_ATTN2_CUDA_ARCHS": text})
+
+
+@pytest.mark.parametrize("text, dims", [("64", (64,)), ("128,64", (64, 128)),
+                                        ("64;128;64", (64, 128)), (" 96 , 32 ", (32, 96))])
+def test_head_dims(text, dims):
+    assert build_config.head_dims({"FLASH_ATTN2_HEAD_DIMS": text}) == dims
+
+
+@pytest.mark.parametrize("text", ["", "  "])
+def test_head_dims_default_is_every_kernel(text):
+    assert build_config.head_dims({}) == build_config.head_dims({"FLASH_ATTN2_HEAD_DIMS": text})
+    assert build_config.head_dims({}) == gen.HEAD_DIMS
+
+
+@pytest.mark.parametrize("text, named", [("48", r"\[48\]"), ("64,80", r"\[80\]"), (",", "','")])
+def test_head_dims_errors(text, named):
+    # The message names the variable, the offending dims and the dims there are kernels for.
+    kernel_dims = re.escape(str(gen.HEAD_DIMS))
+    with pytest.raises(ValueError, match=rf"FLASH_ATTN2_HEAD_DIMS.*{named}.*{kernel_dims}"):
+        build_config.head_dims({"FLASH_ATTN2_HEAD_DIMS": text})
+
+
+def test_head_dims_not_a_number():
+    with pytest.raises(ValueError):
+        build_config.head_dims({"FLASH_ATTN2_HEAD_DIMS": "64,abc"})
+
+
+def fake_cutlass(include):
+    """A directory that passes for CUTLASS's include/: it has cute/tensor.hpp."""
+    (include / "cute").mkdir(parents=True)
+    (include / "cute" / "tensor.hpp").touch()
+    return include
+
+
+def fake_package(monkeypatch, site):
+    """Makes `import cutlass_library` (the nvidia-cutlass package) find one in site; returns where
+    its headers go."""
+    module = types.ModuleType("cutlass_library")
+    module.__file__ = str(site / "cutlass_library" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "cutlass_library", module)
+    return site / "cutlass_library" / "source" / "include"
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    """The include/ of an installed nvidia-cutlass package, with headers."""
+    return fake_cutlass(fake_package(monkeypatch, tmp_path / "site"))
+
+
+def test_cutlass_dir_comes_first(tmp_path, package):
+    checkout = fake_cutlass(tmp_path / "root" / "third_party" / "cutlass" / "include")
+    chosen = fake_cutlass(tmp_path / "mine" / "include")
+    env = {"CUTLASS_DIR": str(tmp_path / "mine")}
+    assert build_config.cutlass_include(env, root=tmp_path / "root") == chosen
+    assert build_config.cutlass_include({}, root=tmp_path / "root") == checkout
+
+
+def test_cutlass_dir_without_headers_is_an_error(tmp_path, package):
+    # No quiet fallback: CUTLASS_DIR was asked for, so a wrong one must say so.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="CUTLASS_DIR.*include/cute/tensor.hpp"):
+        build_config.cutlass_include({"CUTLASS_DIR": str(tmp_path / "empty")}, root=tmp_path)
+
+
+def test_checkout_comes_before_package(tmp_path, package):
+    checkout = fake_cutlass(tmp_path / "third_party" / "cutlass" / "include")
+    # An empty CUTLASS_DIR counts as unset.
+    assert build_config.cutlass_include({"CUTLASS_DIR": ""}, root=tmp_path) == checkout
+
+
+def test_package_comes_last(tmp_path, package):
+    assert build_config.cutlass_include({}, root=tmp_path) == package
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["no-package", "package-without-headers"])
+def test_no_cutlass_is_a_clear_error(tmp_path, monkeypatch, installed):
+    if installed:
+        fake_package(monkeypatch, tmp_path / "site")
+    else:
+        monkeypatch.setitem(sys.modules, "cutlass_library", None)  # `import cutlass_library` fails
+    # The message names all three ways to get the headers.
+    with pytest.raises(RuntimeError, match="(?s)nvidia-cutlass.*third_party/cutlass.*CUTLASS_DIR"):
+        build_config.cutlass_include({}, root=tmp_path)
+
+
+def head_dim_of(path):
+    """The head dim in a generated file's name; None for a kernel that serves every head dim."""
+    match = re.search(r"_hdim(\d+)_", path.name)
+    return int(match[1]) if match else None
+
+
+def test_kernel_sources():
+    # For a head-dim subset, setup.py compiles the generated files of those head dims and those
+    # that serve every head dim, each once; for all head dims, every generated file.
+    generated = [path for path in gen.generated_files() if path.suffix == ".cu"]
+    for dims in [(64, 128), gen.HEAD_DIMS]:
+        wanted = {path for path in generated if head_dim_of(path) in (None, *dims)}
+        sources = build_config.kernel_sources(dims)
+        assert len(sources) == len(set(sources)) and set(sources) == wanted
+
+
+def test_nvcc_threads():
+    assert build_config.nvcc_threads({}) == 2
+    assert build_config.nvcc_threads({"NVCC_THREADS": "4"}) == 4
+
+
+def git(*args):
+    """A git command's output in the repository, or None outside a git checkout."""
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=build_config.ROOT).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def test_instantiations_are_what_the_generator_writes():
+    # setup.py rewrites these files before every build, so a build hides a stale copy on disk;
+    # git (staged or committed) must hold the generator's output too, file for file.
+    expected = gen.generated_files()
+    for path, text in expected.items():
+        assert path.exists() and path.read_text() == text, (
+            f"{path.name}: run python3 csrc/generate_instantiations.py")
+    tracked = git("ls-files", "--", str(gen.OUT_DIR))
+    if tracked is None:
+        return  # not a git checkout (CI's copy of the tree): the files on disk are all there is
+    tracked = {(build_config.ROOT / line).resolve() for line in tracked.splitlines()}
+    assert tracked == set(expected), ("git add or git rm in csrc/instantiations: "
+                                      f"{sorted(path.name for path in tracked ^ set(expected))}")
+    assert git("diff", "--name-only", "--", str(gen.OUT_DIR)) == "", (
+        "csrc/instantiations differs from what git holds: git add csrc/instantiations")
+
+
+def test_write_all_leaves_unchanged_files_alone(tmp_path, monkeypatch):
+    # ninja rebuilds what is newer than its object: rewriting every file would rebuild every kernel.
+    monkeypatch.setattr(gen, "OUT_DIR", tmp_path)
+    gen.write_all()
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == {
+        path.name: text for path, text in gen.generated_files().items()}
+    for path in tmp_path.iterdir():
+        os.utime(path, (0, 0))
+    gen.write_all()
+    assert all(path.stat().st_mtime == 0 for path in tmp_path.iterdir())
