@@ -1,0 +1,104 @@
+// Times one kernel (KERNEL = 0 forward, 1 backward dQ, 2 backward dK/dV) for one tile shape (HDIM,
+// BLOCK_M, BLOCK_N, WARPS), torch-free, on the paper's shapes: bf16, 16k tokens, hidden 2048. Built and
+// run by benchmarks/tile_sweep.sh. FLOPs counted as the paper does, the backward's per kernel:
+// dQ does 3 of the backward's 7 matmuls, dK/dV 4 (reported against 2.5x forward * 3/7 and * 4/7).
+#include <cstdio>
+#include <cstdlib>
+
+#include "bwd_dkdv_kernel.h"
+#include "bwd_dq_kernel.h"
+#include "fwd_kernel.h"
+#include "kernel_traits.h"
+#include "launch_utils.h"
+
+using Element = cutlass::bfloat16_t;
+using Traits = flash::KernelTraits<HDIM, BLOCK_M, BLOCK_N, WARPS, Element>;
+
+#define CHECK(call)                                                                      \
+  do {                                                                                   \
+    cudaError_t err_ = (call);                                                           \
+    if (err_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(err_)); \
+      std::exit(1);                                                                      \
+    }                                                                                    \
+  } while (0)
+
+// Uniform values in [-1, 1) from a hash of the index: random enough, and never all zeros.
+__global__ void fill_random(Element *p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+    p[i] = Element(float(h >> 8) / float(1 << 23) - 1.f);
+  }
+}
+
+int main() {
+  constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;
+  int const seqlens[] = {1024, 4096, 16384};
+  constexpr int kSmem = KERNEL == 0 ? Traits::kSmemSizeM + 2 * Traits::kSmemSizeN
+                                    : 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN + 4 * BLOCK_N * 4;
+  constexpr int kSplits = KERNEL == 2 ? flash::bwd_dkdv_column_splits(HDIM) : 1;
+  char const *names[] = {"fwd", "bwd_dq", "bwd_dkdv"};
+  double const flop_share[] = {1.0, 2.5 * 3 / 7, 2.5 * 4 / 7};
+  for (int seqlen : seqlens) {
+    int const batch = kTokens / seqlen;
+    size_t const n = size_t(kTokens) * kHeads * HDIM;
+    Element *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float *lse, *dpsum;
+    for (Element **t : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) { CHECK(cudaMalloc(t, n * sizeof(Element))); }
+    for (float **t : {&lse, &dpsum}) { CHECK(cudaMalloc(t, size_t(kTokens) * kHeads * sizeof(float))); }
+    fill_random<<<1024, 256>>>(q, n, 1), fill_random<<<1024, 256>>>(k, n, 2), fill_random<<<1024, 256>>>(v, n, 3);
+    fill_random<<<1024, 256>>>(dout, n, 4);
+    // LSE and D only scale the values here; large LSE keeps P = exp(S - LSE) small and finite.
+    CHECK(cudaMemset(lse, 0x41, size_t(kTokens) * kHeads * sizeof(float)));  // ~12.0
+    CHECK(cudaMemset(dpsum, 0, size_t(kTokens) * kHeads * sizeof(float)));
+    flash::BwdParams p{};
+    p.q_ptr = q, p.k_ptr = k, p.v_ptr = v, p.o_ptr = o, p.lse_ptr = lse;
+    p.do_ptr = dout, p.dq_ptr = dq, p.dk_ptr = dk, p.dv_ptr = dv, p.dpsum_ptr = dpsum;
+    int64_t const row = int64_t(kHeads) * HDIM, batch_stride = row * seqlen;
+    for (flash::index_t *s : {&p.q_batch_stride, &p.k_batch_stride, &p.v_batch_stride, &p.o_batch_stride,
+                              &p.do_batch_stride, &p.dq_batch_stride, &p.dk_batch_stride, &p.dv_batch_stride}) { *s = batch_stride; }
+    for (flash::index_t *s : {&p.q_row_stride, &p.k_row_stride, &p.v_row_stride, &p.o_row_stride, &p.do_row_stride,
+                              &p.dq_row_stride, &p.dk_row_stride, &p.dv_row_stride}) { *s = row; }
+    for (flash::index_t *s : {&p.q_head_stride, &p.k_head_stride, &p.v_head_stride, &p.o_head_stride,
+                              &p.do_head_stride, &p.dq_head_stride, &p.dk_head_stride, &p.dv_head_stride}) { *s = HDIM; }
+    p.batch = batch, p.heads = p.heads_kv = kHeads, p.seqlen_q = p.seqlen_k = seqlen, p.head_dim = HDIM;
+    p.softmax_scale = 1.f / std::sqrt(float(HDIM)), p.softmax_scale_log2 = p.softmax_scale * float(M_LOG2E);
+    dim3 const grid(cute::ceil_div(seqlen, BLOCK_M) * kSplits, batch, kHeads);
+    for (int causal = 0; causal < 2; ++causal) {
+      p.is_causal = causal;
+      auto run = [&] {
+        auto launch = [&](auto causal) {
+          constexpr bool kCausal = decltype(causal)::value;
+          if constexpr (KERNEL == 0) {
+            return flash::launch_kernel(&flash::fwd_kernel<Traits, kCausal>, grid, Traits::kNThreads, kSmem,
+                                        static_cast<flash::FwdParams const &>(p), 0);
+          } else if constexpr (KERNEL == 1) {
+            return flash::launch_kernel(&flash::bwd_dq_kernel<Traits, kCausal>, grid, Traits::kNThreads, kSmem, p, 0);
+          } else {
+            return flash::launch_kernel(&flash::bwd_dkdv_kernel<Traits, kSplits, kCausal>, grid, Traits::kNThreads,
+                                        kSmem, p, 0);
+          }
+        };
+        CHECK(flash::bool_switch(causal, launch));
+      };
+      for (int i = 0; i < 5; ++i) { run(); }
+      cudaEvent_t start, stop;
+      CHECK(cudaEventCreate(&start));
+      CHECK(cudaEventCreate(&stop));
+      constexpr int kReps = 30;
+      CHECK(cudaEventRecord(start));
+      for (int i = 0; i < kReps; ++i) { run(); }
+      CHECK(cudaEventRecord(stop));
+      CHECK(cudaEventSynchronize(stop));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1) * flop_share[KERNEL];
+      std::printf("%-8s hdim %3d  tile %3dx%-3d warps %d  causal %d  S %5d  %6.1f TFLOP/s\n", names[KERNEL], HDIM,
+                  BLOCK_M, BLOCK_N, WARPS, causal, seqlen, flops / (ms / kReps) / 1e9);
+    }
+    for (void *ptr : {(void *)q, (void *)k, (void *)v, (void *)o, (void *)dout, (void *)dq, (void *)dk, (void *)dv,
+                      (void *)lse, (void *)dpsum}) { CHECK(cudaFree(ptr)); }
+  }
+  return 0;
+}
