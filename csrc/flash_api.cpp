@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -164,11 +166,19 @@ void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tens
   });
 }
 
-// dq, dk, dv <- gradients of sum(out * dout) w.r.t. q, k, v, given the forward's out and lse.
-void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
-         at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
-         double softmax_scale, bool causal) {
-  flash::BwdParams p{};
+// Everything the backward kernels read and write. With GQA, dK and dV are written per query head into
+// dk_heads/dv_heads and summed over each group afterwards, in a fixed order (no atomics: bit-identical
+// from run to run).
+struct BwdLaunch {
+  flash::BwdParams params{};
+  at::Tensor dk_heads, dv_heads, dpsum;
+};
+
+BwdLaunch prepare_bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
+                      at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
+                      double softmax_scale, bool causal) {
+  BwdLaunch b;
+  flash::BwdParams &p = b.params;
   set_qkv(p, q, k, v);
   set_softmax(p, softmax_scale, causal);
   check_out(out, "out", q);
@@ -177,6 +187,31 @@ void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::T
   check_out(dq, "dq", q);
   check_out(dk, "dk", k);
   check_out(dv, "dv", v);
+  set_out_strides(p, out, lse);
+  p.do_ptr = dout.data_ptr();
+  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+  p.dq_ptr = dq.data_ptr();
+  p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
+  bool const grouped = p.heads != p.heads_kv;
+  b.dk_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, k.size(3)}, k.options()) : dk;
+  b.dv_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, v.size(3)}, v.options()) : dv;
+  p.dk_ptr = b.dk_heads.data_ptr();
+  p.dk_batch_stride = b.dk_heads.stride(0), p.dk_row_stride = b.dk_heads.stride(1);
+  p.dk_head_stride = b.dk_heads.stride(2);
+  p.dv_ptr = b.dv_heads.data_ptr();
+  p.dv_batch_stride = b.dv_heads.stride(0), p.dv_row_stride = b.dv_heads.stride(1);
+  p.dv_head_stride = b.dv_heads.stride(2);
+  b.dpsum = at::empty({p.batch, p.heads, p.seqlen_q}, q.options().dtype(at::kFloat));
+  p.dpsum_ptr = b.dpsum.data_ptr<float>();
+  return b;
+}
+
+// dq, dk, dv <- gradients of sum(out * dout) w.r.t. q, k, v, given the forward's out and lse.
+void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
+         at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
+         double softmax_scale, bool causal) {
+  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal);
+  flash::BwdParams const &p = b.params;
   if (p.batch == 0 || p.heads == 0) { return; }
   if (p.seqlen_q == 0 || p.seqlen_k == 0) {  // nothing attends to anything
     dq.zero_();
@@ -184,23 +219,6 @@ void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::T
     dv.zero_();
     return;
   }
-  set_out_strides(p, out, lse);
-  p.do_ptr = dout.data_ptr();
-  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
-  p.dq_ptr = dq.data_ptr();
-  p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
-  // With GQA the kernel writes dK, dV per query head; they are summed over each group below, in a fixed
-  // order (no atomics: bit-identical from run to run).
-  bool const grouped = p.heads != p.heads_kv;
-  at::Tensor dk_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, k.size(3)}, k.options()) : dk;
-  at::Tensor dv_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, v.size(3)}, v.options()) : dv;
-  p.dk_ptr = dk_heads.data_ptr();
-  p.dk_batch_stride = dk_heads.stride(0), p.dk_row_stride = dk_heads.stride(1), p.dk_head_stride = dk_heads.stride(2);
-  p.dv_ptr = dv_heads.data_ptr();
-  p.dv_batch_stride = dv_heads.stride(0), p.dv_row_stride = dv_heads.stride(1), p.dv_head_stride = dv_heads.stride(2);
-  at::Tensor dpsum = at::empty({p.batch, p.heads, p.seqlen_q}, q.options().dtype(at::kFloat));
-  p.dpsum_ptr = dpsum.data_ptr<float>();
-
   c10::cuda::CUDAGuard device_guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
@@ -211,11 +229,52 @@ void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::T
     if (err == cudaSuccess) { err = flash::run_bwd_dkdv<kHeadDim, Element>(p, stream); }
     return err;
   });
-  if (grouped) {
+  if (p.heads != p.heads_kv) {
     int64_t const groups = p.heads / p.heads_kv;
-    at::sum_out(dk, dk_heads.view({p.batch, p.seqlen_k, p.heads_kv, groups, k.size(3)}), {3});
-    at::sum_out(dv, dv_heads.view({p.batch, p.seqlen_k, p.heads_kv, groups, v.size(3)}), {3});
+    at::sum_out(dk, b.dk_heads.view({p.batch, p.seqlen_k, p.heads_kv, groups, k.size(3)}), {3});
+    at::sum_out(dv, b.dv_heads.view({p.batch, p.seqlen_k, p.heads_kv, groups, v.size(3)}), {3});
   }
+}
+
+// Milliseconds per launch of each kernel on its own (forward, preprocess, dQ, dK/dV), from a launch loop
+// between CUDA events on the current stream: places a regression in one kernel. Writes out, lse and
+// scratch gradients as it goes.
+std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
+                                           at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
+                                           double softmax_scale, bool causal, int64_t reps) {
+  TORCH_CHECK_VALUE(reps > 0, "reps must be positive, got ", reps);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal);
+  flash::BwdParams const &p = b.params;
+  TORCH_CHECK_VALUE(q.numel() > 0 && k.numel() > 0, "time_kernels needs non-empty q, k and v");
+  c10::cuda::CUDAGuard device_guard(q.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  std::map<std::string, double> ms;
+  auto time = [&](char const *name, auto run) {
+    C10_CUDA_CHECK(run());  // warm-up, and the first launch's error
+    cudaEvent_t start, stop;
+    C10_CUDA_CHECK(cudaEventCreate(&start));
+    C10_CUDA_CHECK(cudaEventCreate(&stop));
+    C10_CUDA_CHECK(cudaEventRecord(start, stream));
+    for (int64_t i = 0; i < reps; ++i) { C10_CUDA_CHECK(run()); }
+    C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+    C10_CUDA_CHECK(cudaEventSynchronize(stop));
+    float elapsed = 0.f;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
+    C10_CUDA_CHECK(cudaEventDestroy(start));
+    C10_CUDA_CHECK(cudaEventDestroy(stop));
+    ms[name] = double(elapsed) / reps;
+  };
+  launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    using Element = decltype(element);
+    time("fwd", [&] { return flash::run_fwd<kHeadDim, Element>(p, stream); });
+    time("bwd_preprocess", [&] { return flash::run_bwd_preprocess<Element>(p, stream); });
+    time("bwd_dq", [&] { return flash::run_bwd_dq<kHeadDim, Element>(p, stream); });
+    time("bwd_dkdv", [&] { return flash::run_bwd_dkdv<kHeadDim, Element>(p, stream); });
+    return cudaSuccess;
+  });
+  return ms;
 }
 
 }  // namespace
@@ -227,5 +286,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bwd", &bwd, "Attention backward into dq, dk and dv", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("softmax_scale"), py::arg("causal"));
+  m.def("time_kernels", &time_kernels, "Milliseconds per launch of each kernel, timed from C++",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("softmax_scale"), py::arg("causal"), py::arg("reps"));
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
 }

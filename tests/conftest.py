@@ -26,6 +26,24 @@ requires_ext = pytest.mark.skipif(not _extension_built(), reason="flash_attn2._C
 def pytest_addoption(parser):
     parser.addoption("--large-grid", action="store_true", default=False,
                      help="run the GPU tests over the large grid of shapes (slow)")
+    parser.addoption("--sweep", action="store_true", default=False,
+                     help="run the whole random sweep of test_sweep_gpu (500+ shapes), not its first 40")
+    parser.addoption("--huge", action="store_true", default=False,
+                     help="run the tests marked huge (a 2^31-element q, seqlen 128k: ~10 GiB of GPU memory)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "huge: needs ~10 GiB of GPU memory; skipped unless --huge is given")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips the tests marked huge unless --huge is given."""
+    if config.getoption("--huge"):
+        return
+    skip_huge = pytest.mark.skip(reason="huge: pass --huge to run")
+    for item in items:
+        if "huge" in item.keywords:
+            item.add_marker(skip_huge)
 
 
 # The GPU tests' grid, shared by the forward and backward tests.
