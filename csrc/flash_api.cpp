@@ -60,6 +60,15 @@ void dispatch_dtype(at::ScalarType dtype, F &&f) {
 std::vector<int> built_head_dims() { return {std::begin(kBuiltHeadDims), std::end(kBuiltHeadDims)}; }
 
 // (batch, seqlen, heads, head_dim) with a contiguous last dim, fp16/bf16, on a CUDA device.
+// The kernels move 16-byte vectors: a 16-byte aligned base, and strides (of dims longer than 1) that are
+// multiples of 8 elements. flash_attn_func copies tensors that are not.
+void check_vector_aligned(at::Tensor const &t, char const *name) {
+  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) { aligned &= t.size(d) <= 1 || t.stride(d) % 8 == 0; }
+  TORCH_CHECK_VALUE(aligned, name, " must have a 16-byte aligned data pointer and strides that are multiples of 8 "
+                    "elements, got strides ", t.strides());
+}
+
 void check_bshd(at::Tensor const &t, char const *name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
                    " must be float16 or bfloat16, got ", t.scalar_type());
@@ -67,6 +76,7 @@ void check_bshd(at::Tensor const &t, char const *name) {
   TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dim (stride 1), got stride ",
                     t.stride(-1));
   TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  check_vector_aligned(t, name);
 }
 
 void check_same(at::Tensor const &t, char const *name, at::Tensor const &q) {
@@ -106,6 +116,7 @@ void check_out(at::Tensor const &t, char const *name, at::Tensor const &like) {
   check_same(t, name, like);
   TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
   TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dim");
+  check_vector_aligned(t, name);
 }
 
 void check_lse(at::Tensor const &lse, at::Tensor const &q) {

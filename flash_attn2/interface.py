@@ -83,6 +83,17 @@ def _check_inputs(q, k, v, softmax_scale):
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}: they must be on one device")
 
 
+def _vector_aligned(t):
+    """The kernels move 16-byte vectors: the base must be 16-byte aligned and every stride but the last
+    (of a dim longer than 1) a multiple of 8 elements."""
+    return t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
+def _kernel_ready(t):
+    """t itself if the kernels can read it in place, else a contiguous copy."""
+    return t if t.stride(-1) == 1 and _vector_aligned(t) else t.contiguous()
+
+
 def _fwd(q, k, v, out, lse, softmax_scale, causal):
     """Kernel call into caller-owned buffers (tests poison them). Head dim must be a multiple of 8."""
     _ext().fwd(q, k, v, out, lse, softmax_scale, causal)
@@ -112,8 +123,7 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal):
 @torch.library.custom_op("flash_attn2::bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    dout = _kernel_ready(dout)
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     _bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal)
     return dq, dk, dv
@@ -168,6 +178,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     if head_dim % 8 != 0:  # kernels load 16-byte rows; zeros add nothing to q·kᵀ and are sliced off out
         q, k, v = (F.pad(t, (0, 8 - head_dim % 8)) for t in (q, k, v))
+    q, k, v = (_kernel_ready(t) for t in (q, k, v))  # odd strides or offsets: one copy, not a fault
     out, lse = _fwd_op(q, k, v, scale, bool(causal))
     out = out[..., :head_dim]
     return (out, lse, None) if return_attn_probs else out

@@ -118,3 +118,22 @@ def test_tensors_on_another_gpu():
     expected = flash_attn_func(q, k, v, causal=True)
     out = flash_attn_func(q.to("cuda:1"), k.to("cuda:1"), v.to("cuda:1"), causal=True)
     assert out.device == torch.device("cuda:1") and torch.equal(out.cpu(), expected.cpu())
+
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["odd-stride", "odd-offset"])
+def test_views_the_kernels_cannot_read_in_place(offset):
+    # Head strides that are not a multiple of 8 elements, or a base that is not 16-byte aligned, would
+    # break the kernels' 16-byte loads: flash_attn_func copies such views instead of faulting.
+    skip_unless_built(64)
+    wide = torch.randn(2, 100, 4, 3 * 65 + offset, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    q, k, v = (wide[..., offset + i * 65: offset + i * 65 + 64] for i in range(3))
+    assert q.stride(2) % 8 != 0 and (offset == 0 or q.data_ptr() % 16 != 0)
+    out = flash_attn_func(q, k, v, causal=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    out_c = flash_attn_func(qc, kc, vc, causal=True)
+    grads_c = torch.autograd.grad(out_c, (qc, kc, vc), dout)
+    assert torch.equal(out, out_c)
+    assert all(torch.equal(g, gc) for g, gc in zip(grads, grads_c))
