@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cutlass/numeric_types.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -79,18 +80,19 @@ void check_bshd(at::Tensor const &t, char const *name) {
   check_vector_aligned(t, name);
 }
 
-void check_same(at::Tensor const &t, char const *name, at::Tensor const &q) {
-  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ",
-                   q.scalar_type(), ": they must match");
-  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
+void check_same(at::Tensor const &t, char const *name, at::Tensor const &like, char const *like_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", like_name,
+                   " has ", like.scalar_type(), ": they must match");
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(), " but ", like_name, " is on ",
+                    like.device());
 }
 
 void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v) {
   check_bshd(q, "q");
   check_bshd(k, "k");
   check_bshd(v, "v");
-  check_same(k, "k", q);
-  check_same(v, "v", q);
+  check_same(k, "k", q, "q");
+  check_same(v, "v", q, "q");
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k has batch ", k.size(0), " but q has batch ", q.size(0));
   TORCH_CHECK_VALUE(k.size(3) == q.size(3), "k has head_dim ", k.size(3), " but q has head_dim ", q.size(3));
@@ -100,6 +102,10 @@ void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at:
   TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "q has ", q.size(2),
                     " heads, which must be a multiple of the heads of k and v (", k.size(2), ")");
   TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(2) <= 65535, "q: batch and heads must each be at most 65535");
+  // Sequence positions are 32-bit in the kernels (offsets are 64-bit); leave room for a block past the end.
+  constexpr int64_t kMaxSeqlen = (int64_t(1) << 31) - 1024;
+  TORCH_CHECK_VALUE(q.size(1) <= kMaxSeqlen && k.size(1) <= kMaxSeqlen, "q, k: seqlen must be below 2^31 - 1024, got ",
+                    q.size(1), " and ", k.size(1));
 
   p.q_ptr = q.data_ptr();
   p.k_ptr = k.data_ptr();
@@ -112,11 +118,18 @@ void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at:
   p.head_dim = head_dim;
 }
 
-void check_out(at::Tensor const &t, char const *name, at::Tensor const &like) {
-  check_same(t, name, like);
+// An input or output shaped like `like`; outputs must not overlap themselves (blocks would race).
+void check_out(at::Tensor const &t, char const *name, at::Tensor const &like, char const *like_name) {
+  check_same(t, name, like, like_name);
   TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
   TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dim");
   check_vector_aligned(t, name);
+}
+
+void check_output(at::Tensor const &t, char const *name, at::Tensor const &like, char const *like_name) {
+  check_out(t, name, like, like_name);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+                    " must not have overlapping elements (e.g. a stride of 0), got strides ", t.strides());
 }
 
 void check_lse(at::Tensor const &lse, at::Tensor const &q) {
@@ -160,7 +173,7 @@ void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tens
   flash::FwdParams p{};
   set_qkv(p, q, k, v);
   set_softmax(p, softmax_scale, causal);
-  check_out(out, "out", q);
+  check_output(out, "out", q, "q");
   check_lse(lse, q);
   if (q.numel() == 0) { return; }
   if (p.seqlen_k == 0) {  // no keys at all: every row sees nothing
@@ -192,12 +205,12 @@ BwdLaunch prepare_bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor co
   flash::BwdParams &p = b.params;
   set_qkv(p, q, k, v);
   set_softmax(p, softmax_scale, causal);
-  check_out(out, "out", q);
-  check_out(dout, "dout", q);
+  check_out(out, "out", q, "q");
+  check_out(dout, "dout", q, "q");
   check_lse(lse, q);
-  check_out(dq, "dq", q);
-  check_out(dk, "dk", k);
-  check_out(dv, "dv", v);
+  check_output(dq, "dq", q, "q");
+  check_output(dk, "dk", k, "k");
+  check_output(dv, "dv", v, "v");
   set_out_strides(p, out, lse);
   p.do_ptr = dout.data_ptr();
   p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
@@ -223,8 +236,7 @@ void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::T
          double softmax_scale, bool causal) {
   BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal);
   flash::BwdParams const &p = b.params;
-  if (p.batch == 0 || p.heads == 0) { return; }
-  if (p.seqlen_q == 0 || p.seqlen_k == 0) {  // nothing attends to anything
+  if (p.heads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) {  // nothing attends to anything
     dq.zero_();
     dk.zero_();
     dv.zero_();

@@ -28,8 +28,12 @@ def _ext():
 def _check_features(dropout_p, window_size, softcap, alibi_slopes):
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p={dropout_p}: dropout is not implemented in flash_attn2; pass 0.0")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is not implemented "
+    try:
+        window_size = tuple(window_size)
+    except TypeError:
+        raise TypeError(f"window_size must be a pair of ints, (-1, -1) for no window; got {window_size!r}") from None
+    if window_size != (-1, -1):
+        raise NotImplementedError(f"window_size={window_size}: sliding-window attention is not implemented "
                                   "in flash_attn2; pass (-1, -1)")
     if softcap != 0.0:
         raise NotImplementedError(f"softcap={softcap}: softcapping is not implemented in flash_attn2; pass 0.0")
