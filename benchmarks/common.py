@@ -1,18 +1,130 @@
-"""Timing, FLOP counting and the PyTorch SDPA baselines, shared by the benchmarks."""
+"""Timing, FLOP counting, the implementations under test and table output, shared by the benchmarks."""
 
+import argparse
+import datetime
+import functools
+import json
 import statistics
+import subprocess
 import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 # Written between timed calls so that no input is still in L2 from the call before; five times
 # the largest L2 in use (50 MB on H100, 60 MB on H200).
 L2_FLUSH_BYTES = 256 * 2**20
 
-SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+# "math" is attention_ref in the input dtype: PyTorch attention as written by hand, S x S in memory.
+IMPLS = ["ours", *SDPA_BACKENDS, "math"]
 
+
+def cuda_ready():
+    """True on a machine with a CUDA GPU; otherwise says so, for the caller to exit 0."""
+    if torch.cuda.is_available():
+        return True
+    print("no CUDA GPU: nothing to benchmark")
+    return False
+
+
+def extension_ready():
+    """True if flash_attn2's kernels are built; otherwise says so, for the caller to exit 1."""
+    from flash_attn2.interface import built_head_dims
+    if built_head_dims():
+        return True
+    print("flash_attn2._C is not built: run benchmarks/run_gpu.sh or `pip install -e .` first")
+    return False
+
+
+def kernel_serves(head_dim):
+    """Whether some built kernel head dim (a multiple of 8) serves head_dim."""
+    from flash_attn2.interface import built_head_dims
+    return any(d >= head_dim for d in built_head_dims())
+
+
+# ---- command lines
+
+def csv_of(kind=str, choices=None):
+    """An argparse type for a comma-separated list, kept in the order given, duplicates dropped."""
+    def parse(text):
+        items = list(dict.fromkeys(kind(x) for x in text.split(",")))
+        unknown = [x for x in items if choices is not None and x not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(map(str, choices))}")
+        return items
+    return parse
+
+
+def add_grid_args(parser):
+    """The paper's grid: batch = tokens // seqlen, heads = hidden // head_dim, seqlen_q = seqlen_k."""
+    parser.add_argument("--dtypes", "--dtype", type=csv_of(choices=DTYPES), default="bf16,fp16")
+    parser.add_argument("--head-dims", type=csv_of(int), default="64,128,256")
+    parser.add_argument("--seqlens", type=csv_of(int), default="512,1024,2048,4096,8192,16384")
+    parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seqlen")
+    parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden // head_dim")
+    parser.add_argument("--causal", choices=["both", "true", "false"], default="both")
+
+
+def grid_causals(args):
+    return {"both": [False, True], "true": [True], "false": [False]}[args.causal]
+
+
+def add_output_args(parser):
+    parser.add_argument("--json", metavar="PATH", help="write every number as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="write the printed tables to a file")
+
+
+def git_commit():
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent)
+    except OSError:
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def run_meta(**extra):
+    """Where and when the numbers were taken, for table headers and JSON."""
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                date=datetime.datetime.now().isoformat(timespec="minutes"), commit=git_commit(), **extra)
+
+
+def describe(meta):
+    return ", ".join(f"{key} {','.join(map(str, v)) if isinstance(v, list) else v}" for key, v in meta.items())
+
+
+def write_outputs(args, text, data):
+    """Write the tables to --markdown and the numbers to --json, where given."""
+    for path, content in ((args.markdown, text), (args.json, json.dumps(data, indent=1) + "\n")):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(content)
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(columns, rows):
+    """Lines of a markdown table; columns whose name ends in ':' are left-aligned (the ':' is dropped)."""
+    names = [c.rstrip(":") for c in columns]
+    rule = ["---" if c.endswith(":") else "---:" for c in columns]
+    return ["| " + " | ".join(map(str, cells)) + " |" for cells in (names, rule, *rows)]
+
+
+def geomean(values):
+    values = [v for v in values if v]
+    return statistics.geometric_mean(values) if values else None
+
+
+# ---- timing
 
 def time_ms(fns, reps=30, warmup=5):
     """Median milliseconds per call of each function in `fns` (name -> callable), by CUDA events.
@@ -39,6 +151,25 @@ def time_ms(fns, reps=30, warmup=5):
             for name, pairs in events.items()}
 
 
+def loop_times_ms(fn, reps=10, warmup=2):
+    """Milliseconds of each of `reps` back-to-back calls, by CUDA events, with no L2 flush.
+
+    Unlike time_ms, nothing keeps the GPU busy while Python launches a call: where launching is
+    slower than the kernels, the GPU waits inside the timed span and the overhead shows.
+    """
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+# ---- FLOPs
+
 def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, backward=False):
     """Matmul FLOPs: Q·Kᵀ and P·V, 2·Sq·Sk·D each per head; causal does half of them.
 
@@ -48,9 +179,18 @@ def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, backward
     return flops * 5 // 2 if backward else flops
 
 
+def pass_flops(batch, heads, seqlen, head_dim, causal):
+    """FLOPs of each pass, "fwd", "bwd" and "fwdbwd" (3.5 times the forward), seqlen_q = seqlen_k."""
+    fwd = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal)
+    bwd = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, backward=True)
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}
+
+
 def tflops(flops, ms):
     return flops / ms / 1e9
 
+
+# ---- the implementations under test
 
 def sdpa(q, k, v, causal, backend):
     """PyTorch SDPA restricted to `backend`, on (batch, heads, seqlen, head_dim) tensors.
@@ -65,3 +205,53 @@ def sdpa(q, k, v, causal, backend):
                                                   enable_gqa=q.shape[1] != k.shape[1])
         except RuntimeError:
             return None
+
+
+def math_matrix_bytes(batch, heads, seqlen_q, seqlen_k):
+    """Bytes of one S x S matrix of "math" (attention_ref takes the softmax in float32); it holds
+    several at once, more with autograd."""
+    return batch * heads * seqlen_q * seqlen_k * 4
+
+
+class Impl(NamedTuple):
+    forward: Callable  # returns out, or None where an SDPA backend refuses the inputs
+    qkv: list          # the leaves that gradients are taken for
+    dout: torch.Tensor
+    to_ours: Callable  # its layout of out and dq -> ours
+
+
+def make_impls(names, q, k, v, dout, causal, requires_grad):
+    """name -> Impl for each of `names` (from IMPLS), on copies of q, k, v, dout in (b, s, h, d).
+
+    Each side gets its preferred contiguous layout: ours and math (batch, seqlen, heads, head_dim),
+    SDPA (batch, heads, seqlen, head_dim).
+    """
+    from flash_attn2 import flash_attn_func
+    from flash_attn2.reference import attention_ref
+
+    ours_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
+    impls = {}
+    if "ours" in names:
+        impls["ours"] = Impl(functools.partial(flash_attn_func, *ours_qkv, causal=causal), ours_qkv, dout,
+                             lambda t: t)
+    if "math" in names:
+        impls["math"] = Impl(lambda: attention_ref(*ours_qkv, causal=causal, compute_dtype=q.dtype)[0],
+                             ours_qkv, dout, lambda t: t)
+    sdpa_names = [name for name in SDPA_BACKENDS if name in names]
+    if sdpa_names:
+        sdpa_qkv = [t.detach().transpose(1, 2).contiguous().requires_grad_(requires_grad) for t in (q, k, v)]
+        sdpa_dout = dout.transpose(1, 2).contiguous()
+        for name in sdpa_names:
+            impls[name] = Impl(functools.partial(sdpa, *sdpa_qkv, causal, SDPA_BACKENDS[name]), sdpa_qkv,
+                               sdpa_dout, lambda t: t.transpose(1, 2))
+    return impls
+
+
+def timed_call(pass_, impl):
+    """The call that is timed (or measured) for one pass of one implementation."""
+    if pass_ == "fwd":
+        return torch.no_grad()(impl.forward)  # as inference runs it: no graph, nothing saved
+    if pass_ == "bwd":
+        out = impl.forward()  # one graph, kept for every call
+        return lambda: torch.autograd.grad(out, impl.qkv, impl.dout, retain_graph=True)
+    return lambda: torch.autograd.grad(impl.forward(), impl.qkv, impl.dout)

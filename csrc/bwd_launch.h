@@ -25,8 +25,8 @@ cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
 
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
-  using Traits = TraitsFor<kHeadDim, Element, bwd_dkdv_tile>;
   constexpr int kSplits = bwd_dkdv_column_splits(kHeadDim);
+  using Traits = TraitsFor<kHeadDim, Element, bwd_dkdv_tile, kHeadDim / kSplits>;
   // K, V; 2 x (Q, dO); 2 x (LSE, D)
   constexpr int kSmemSize = 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN + 4 * Traits::kBlockN * sizeof(float);
   dim3 const grid(ceil_div(params.seqlen_k, Traits::kBlockM) * kSplits, params.batch, params.heads);

@@ -20,28 +20,29 @@ using Sm80MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
                                        MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
 
 // Shared-memory tiles: rows of 64 (or 32) elements, XOR-swizzled so that ldmatrix reading 8 rows
-// hits 8 distinct bank groups.
+// hits 8 distinct bank groups. kAtomCols must divide every column range a kernel slices out of the tile.
 template <int kCols>
-using SmemAtom = decltype(composition(Swizzle<kCols % 64 == 0 ? 3 : 2, 3, 3>{},
-                                      Layout<Shape<_8, Int<kCols % 64 == 0 ? 64 : 32>>,
-                                             Stride<Int<kCols % 64 == 0 ? 64 : 32>, _1>>{}));
-template <int kRows, int kCols>
-using SmemTile = decltype(tile_to_shape(SmemAtom<kCols>{}, Shape<Int<kRows>, Int<kCols>>{}));
+constexpr int kDefaultAtomCols = kCols % 64 == 0 ? 64 : 32;
+template <int kAtomCols>
+using SmemAtom = decltype(composition(Swizzle<kAtomCols == 64 ? 3 : 2, 3, 3>{},
+                                      Layout<Shape<_8, Int<kAtomCols>>, Stride<Int<kAtomCols>, _1>>{}));
+template <int kRows, int kCols, int kAtomCols = kDefaultAtomCols<kCols>>
+using SmemTile = decltype(tile_to_shape(SmemAtom<kAtomCols>{}, Shape<Int<kRows>, Int<kCols>>{}));
 // The transpose of a (kRows, kCols) tile, for operands read with transposing ldmatrix.
-template <int kRows, int kCols>
-using SmemTileT = decltype(composition(SmemTile<kRows, kCols>{},
+template <int kRows, int kCols, int kAtomCols = kDefaultAtomCols<kCols>>
+using SmemTileT = decltype(composition(SmemTile<kRows, kCols, kAtomCols>{},
                                        make_layout(Shape<Int<kCols>, Int<kRows>>{}, GenRowMajor{})));
 
 // Global <-> shared copies of (rows, kCols) tiles: 16 bytes per thread per copy, each row spread over
 // consecutive threads so a warp touches whole 128-byte lines.
-template <class CopyOp, typename Element, int kNThreads, int kCols>
+template <class CopyOp, typename Element, int kNThreads, int kCols, int kAtomCols = kDefaultAtomCols<kCols>>
 using GmemTiledCopy = decltype(make_tiled_copy(
     Copy_Atom<CopyOp, Element>{},
-    Layout<Shape<Int<kNThreads / ((kCols % 64 == 0 ? 64 : 32) / 8)>, Int<(kCols % 64 == 0 ? 64 : 32) / 8>>,
-           Stride<Int<(kCols % 64 == 0 ? 64 : 32) / 8>, _1>>{},
+    Layout<Shape<Int<kNThreads / (kAtomCols / 8)>, Int<kAtomCols / 8>>, Stride<Int<kAtomCols / 8>, _1>>{},
     Layout<Shape<_1, Int<sizeof(cute::uint128_t) / sizeof(Element)>>>{}));
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_,
+          int kAtomCols = kDefaultAtomCols<kHeadDim_>>
 struct KernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -59,9 +60,9 @@ struct KernelTraits {
   using TiledMma = TiledMMA<Sm80MmaAtom<Element>, Layout<Shape<Int<kNWarps>, _1, _1>>,
                             Tile<Int<16 * kNWarps>, _16, _16>>;
 
-  using SmemLayoutM = SmemTile<kBlockM, kHeadDim>;
-  using SmemLayoutN = SmemTile<kBlockN, kHeadDim>;
-  using SmemLayoutNt = SmemTileT<kBlockN, kHeadDim>;  // (kHeadDim, kBlockN): the B operand of the 2nd matmul
+  using SmemLayoutM = SmemTile<kBlockM, kHeadDim, kAtomCols>;
+  using SmemLayoutN = SmemTile<kBlockN, kHeadDim, kAtomCols>;
+  using SmemLayoutNt = SmemTileT<kBlockN, kHeadDim, kAtomCols>;  // (kHeadDim, kBlockN): the B operand of the 2nd matmul
 
   using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
   using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
@@ -70,7 +71,7 @@ struct KernelTraits {
 
   // cp.async with zero-fill: rows past seqlen and columns past head_dim arrive as zeros.
   using GmemTiledCopyLoad =
-      GmemTiledCopy<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element, kNThreads, kHeadDim>;
+      GmemTiledCopy<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element, kNThreads, kHeadDim, kAtomCols>;
   template <int kCols>
   using GmemTiledCopyStore = GmemTiledCopy<UniversalCopy<cute::uint128_t>, Element, kNThreads, kCols>;
 
@@ -78,9 +79,10 @@ struct KernelTraits {
   static constexpr int kSmemSizeN = int(size(SmemLayoutN{})) * sizeof(Element);
 };
 
-// Each kernel's tiles for one head dim (tile_config.h chooses them).
-template <int kHeadDim, typename Element, TileShape (*kChoose)(int) = fwd_tile>
+// Each kernel's tiles for one head dim (tile_config.h chooses them). kSliceCols: the widest column range
+// the kernel slices out of its tiles (the dK/dV kernel's column split).
+template <int kHeadDim, typename Element, TileShape (*kChoose)(int) = fwd_tile, int kSliceCols = kHeadDim>
 using TraitsFor = KernelTraits<kHeadDim, kChoose(kHeadDim).block_m, kChoose(kHeadDim).block_n,
-                               kChoose(kHeadDim).warps, Element>;
+                               kChoose(kHeadDim).warps, Element, kDefaultAtomCols<kSliceCols>>;
 
 }  // namespace flash

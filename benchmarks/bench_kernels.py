@@ -1,0 +1,105 @@
+"""Each kernel on its own: milliseconds per launch of the forward, backward preprocess, dQ and dK/dV
+kernels, timed from a C++ launch loop (flash_attn2._C.time_kernels, back to back, no L2 flush), against
+the Python-level forward and backward (flash_attn_func and autograd, timed the same way), so that what
+launching from Python costs shows as the difference.
+
+Grid as bench.py: batch = tokens // seqlen, heads = hidden // head_dim, seqlen_q = seqlen_k.
+"""
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from common import (DTYPES, add_grid_args, add_output_args, cuda_ready, describe, extension_ready, fmt,
+                    grid_causals, kernel_serves, loop_times_ms, make_impls, markdown_table, pass_flops, run_meta,
+                    tflops, timed_call, write_outputs)
+
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv")
+# Ours does the backward's matmuls as 3 in the dQ kernel and 4 in the dK/dV kernel; each kernel is
+# credited with its share of the backward's FLOPs (2.5x the forward's).
+BWD_SHARE = {"bwd_dq": 3 / 7, "bwd_dkdv": 4 / 7}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_grid_args(parser)
+    parser.add_argument("--reps", type=int, default=20, help="launches timed per kernel and per Python call")
+    add_output_args(parser)
+    return parser.parse_args()
+
+
+def bench_point(args, dtype, head_dim, causal, seqlen):
+    from flash_attn2 import _C
+
+    batch, heads = max(1, args.tokens // seqlen), args.hidden // head_dim
+    q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, dtype=DTYPES[dtype], device="cuda")
+                     for _ in range(4))
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seqlen, dtype=torch.float32, device="cuda")
+    # The forward is timed first, so out and lse hold its results when the backward kernels run.
+    ms = _C.time_kernels(dout, q, k, v, out, lse, head_dim ** -0.5, causal, args.reps)
+    ours = make_impls(["ours"], q, k, v, dout, causal, requires_grad=True)["ours"]
+    python_ms = {pass_: statistics.median(loop_times_ms(timed_call(pass_, ours), args.reps))
+                 for pass_ in ("fwd", "bwd")}
+
+    flops = pass_flops(batch, heads, seqlen, head_dim, causal)
+    kernel_flops = {"fwd": flops["fwd"], **{name: flops["bwd"] * share for name, share in BWD_SHARE.items()}}
+    read_bytes = 2 * q.numel() * q.element_size()  # the preprocess reads O and dO
+    bwd_kernels_ms = sum(ms[name] for name in KERNELS[1:])
+    return {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch,
+            "heads": heads, **{f"{name}_ms": ms[name] for name in KERNELS},
+            **{f"{name}_tflops": tflops(f, ms[name]) for name, f in kernel_flops.items()},
+            "bwd_preprocess_gbs": read_bytes / ms["bwd_preprocess"] / 1e6,
+            "python_fwd_ms": python_ms["fwd"], "python_bwd_ms": python_ms["bwd"],
+            "bwd_kernels_ms": bwd_kernels_ms, "bwd_overhead_ms": python_ms["bwd"] - bwd_kernels_ms}
+
+
+def table(header, rows):
+    columns = ["D", "causal", "S", "fwd ms", "fwd TFLOP/s", "Python fwd ms", "pre ms", "pre GB/s", "dQ ms",
+               "dQ TFLOP/s", "dK/dV ms", "dK/dV TFLOP/s", "bwd kernels ms", "Python bwd ms", "bwd overhead ms"]
+    cells = [[r["head_dim"], r["causal"], r["seqlen"], fmt(r["fwd_ms"], ".3f"), fmt(r["fwd_tflops"], ".1f"),
+              fmt(r["python_fwd_ms"], ".3f"), fmt(r["bwd_preprocess_ms"], ".3f"), fmt(r["bwd_preprocess_gbs"], ".0f"),
+              fmt(r["bwd_dq_ms"], ".3f"), fmt(r["bwd_dq_tflops"], ".1f"), fmt(r["bwd_dkdv_ms"], ".3f"),
+              fmt(r["bwd_dkdv_tflops"], ".1f"), fmt(r["bwd_kernels_ms"], ".3f"), fmt(r["python_bwd_ms"], ".3f"),
+              fmt(r["bwd_overhead_ms"], ".3f")] for r in rows]
+    notes = ("TFLOP/s: fwd counts 4·B·H·S²·D (half if causal); dQ is credited 3/7 and dK/dV 4/7 of the "
+             "backward's 2.5x that (ours splits the backward's matmuls 3 + 4). pre GB/s: bytes of O and dO "
+             "read by the preprocess. bwd kernels = pre + dQ + dK/dV from the C++ loop; bwd overhead = Python bwd "
+             "(autograd.grad back to back, by CUDA events) minus that.")
+    overhead = statistics.median(r["bwd_overhead_ms"] / r["python_bwd_ms"] for r in rows)
+    return "\n".join([header, "", notes, "", *markdown_table(columns, cells), "",
+                      f"Backward overhead over its kernels, {rows[0]['dtype']}: median {overhead:.1%} of the "
+                      f"Python bwd, largest {max(r['bwd_overhead_ms'] for r in rows):.3f} ms"]) + "\n"
+
+
+def main():
+    args = parse_args()
+    if not cuda_ready():
+        return 0
+    if not extension_ready():
+        return 1
+    meta = run_meta(tokens=args.tokens, hidden=args.hidden, reps=args.reps)
+    torch.manual_seed(0)
+    rows = []
+    for dtype in args.dtypes:
+        for head_dim in args.head_dims:
+            if head_dim % 8 or not kernel_serves(head_dim):
+                print(f"skipping head_dim {head_dim}: time_kernels needs a multiple of 8 with a kernel built",
+                      file=sys.stderr)
+                continue
+            for causal in grid_causals(args):
+                for seqlen in args.seqlens:
+                    rows.append(bench_point(args, dtype, head_dim, causal, seqlen))
+                    print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()},
+                          file=sys.stderr, flush=True)  # progress
+    text = "\n".join(table(f"Kernels, {dtype}; {describe(meta)}", [r for r in rows if r["dtype"] == dtype])
+                     for dtype in args.dtypes if any(r["dtype"] == dtype for r in rows))
+    print("\n" + text)
+    write_outputs(args, text, dict(meta=meta, rows=rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
