@@ -58,6 +58,17 @@ void dispatch_dtype(at::ScalarType dtype, F &&f) {
   }
 }
 
+// Numbers go into error messages as strings made here, never streamed: on the H100 machine, streaming an
+// integer from this extension (c10::str -> ostream << long) crashed inside libstdc++, apparently a
+// mismatch between the g++ that compiled us and the libstdc++ the process loads.
+std::string num(int64_t x) { return std::to_string(x); }
+std::string num(double x) { return std::to_string(x); }
+std::string num(c10::IntArrayRef xs) {
+  std::string s = "(";
+  for (size_t i = 0; i < xs.size(); ++i) { s += (i ? ", " : "") + std::to_string(xs[i]); }
+  return s + ")";
+}
+
 std::vector<int> built_head_dims() { return {std::begin(kBuiltHeadDims), std::end(kBuiltHeadDims)}; }
 
 // (batch, seqlen, heads, head_dim) with a contiguous last dim, fp16/bf16, on a CUDA device.
@@ -67,15 +78,15 @@ void check_vector_aligned(at::Tensor const &t, char const *name) {
   bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) { aligned &= t.size(d) <= 1 || t.stride(d) % 8 == 0; }
   TORCH_CHECK_VALUE(aligned, name, " must have a 16-byte aligned data pointer and strides that are multiples of 8 "
-                    "elements, got strides ", t.strides());
+                    "elements, got strides ", num(t.strides()));
 }
 
 void check_bshd(at::Tensor const &t, char const *name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
                    " must be float16 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D (batch, seqlen, heads, head_dim), got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D (batch, seqlen, heads, head_dim), got ", num(t.dim()), "-D");
   TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dim (stride 1), got stride ",
-                    t.stride(-1));
+                    num(t.stride(-1)));
   TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
   check_vector_aligned(t, name);
 }
@@ -93,19 +104,21 @@ void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at:
   check_bshd(v, "v");
   check_same(k, "k", q, "q");
   check_same(v, "v", q, "q");
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k has batch ", k.size(0), " but q has batch ", q.size(0));
-  TORCH_CHECK_VALUE(k.size(3) == q.size(3), "k has head_dim ", k.size(3), " but q has head_dim ", q.size(3));
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", num(k.sizes()), " and ",
+                    num(v.sizes()));
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k has batch ", num(k.size(0)), " but q has batch ", num(q.size(0)));
+  TORCH_CHECK_VALUE(k.size(3) == q.size(3), "k has head_dim ", num(k.size(3)), " but q has head_dim ",
+                    num(q.size(3)));
   int64_t const head_dim = q.size(3);
   TORCH_CHECK_VALUE(head_dim > 0 && head_dim <= 256 && head_dim % 8 == 0, "q: head_dim must be a multiple of 8 in "
-                    "[8, 256] at this level (flash_attn_func pads other head dims), got ", head_dim);
-  TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "q has ", q.size(2),
-                    " heads, which must be a multiple of the heads of k and v (", k.size(2), ")");
+                    "[8, 256] at this level (flash_attn_func pads other head dims), got ", num(head_dim));
+  TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "q has ", num(q.size(2)),
+                    " heads, which must be a multiple of the heads of k and v (", num(k.size(2)), ")");
   TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(2) <= 65535, "q: batch and heads must each be at most 65535");
   // Sequence positions are 32-bit in the kernels (offsets are 64-bit); leave room for a block past the end.
   constexpr int64_t kMaxSeqlen = (int64_t(1) << 31) - 1024;
   TORCH_CHECK_VALUE(q.size(1) <= kMaxSeqlen && k.size(1) <= kMaxSeqlen, "q, k: seqlen must be below 2^31 - 1024, got ",
-                    q.size(1), " and ", k.size(1));
+                    num(q.size(1)), " and ", num(k.size(1)));
 
   p.q_ptr = q.data_ptr();
   p.k_ptr = k.data_ptr();
@@ -121,7 +134,8 @@ void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at:
 // An input or output shaped like `like`; outputs must not overlap themselves (blocks would race).
 void check_out(at::Tensor const &t, char const *name, at::Tensor const &like, char const *like_name) {
   check_same(t, name, like, like_name);
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have shape ", num(like.sizes()), ", got ",
+                    num(t.sizes()));
   TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dim");
   check_vector_aligned(t, name);
 }
@@ -129,7 +143,7 @@ void check_out(at::Tensor const &t, char const *name, at::Tensor const &like, ch
 void check_output(at::Tensor const &t, char const *name, at::Tensor const &like, char const *like_name) {
   check_out(t, name, like, like_name);
   TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
-                    " must not have overlapping elements (e.g. a stride of 0), got strides ", t.strides());
+                    " must not have overlapping elements (e.g. a stride of 0), got strides ", num(t.strides()));
 }
 
 void check_lse(at::Tensor const &lse, at::Tensor const &q) {
@@ -137,13 +151,13 @@ void check_lse(at::Tensor const &lse, at::Tensor const &q) {
   TORCH_CHECK_VALUE(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
   TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) &&
                         lse.size(2) == q.size(1) && lse.is_contiguous(),
-                    "lse must be a contiguous (batch, heads, seqlen_q) tensor, got ", lse.sizes());
+                    "lse must be a contiguous (batch, heads, seqlen_q) tensor, got ", num(lse.sizes()));
 }
 
 void set_softmax(flash::AttnParams &p, double softmax_scale, bool causal) {
   // Masking relies on -inf * scale staying -inf.
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be finite and positive, got ",
-                    softmax_scale);
+                    num(softmax_scale));
   p.softmax_scale = float(softmax_scale);
   p.softmax_scale_log2 = float(softmax_scale * M_LOG2E);
   p.is_causal = causal;
@@ -162,8 +176,8 @@ void launch(flash::AttnParams const &p, at::ScalarType dtype, Launch &&run) {
       C10_CUDA_CHECK((run(head_dim, element)));
     });
   });
-  TORCH_CHECK_VALUE(found, "no kernel built for head_dim ", p.head_dim, "; this build has ",
-                    c10::IntArrayRef(std::vector<int64_t>(std::begin(kBuiltHeadDims), std::end(kBuiltHeadDims))),
+  TORCH_CHECK_VALUE(found, "no kernel built for head_dim ", num(int64_t(p.head_dim)), "; this build has ",
+                    num(std::vector<int64_t>(std::begin(kBuiltHeadDims), std::end(kBuiltHeadDims))),
                     " (rebuild with FLASH_ATTN2_HEAD_DIMS)");
 }
 
@@ -265,7 +279,7 @@ void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::T
 std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
                                            at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
                                            double softmax_scale, bool causal, int64_t reps) {
-  TORCH_CHECK_VALUE(reps > 0, "reps must be positive, got ", reps);
+  TORCH_CHECK_VALUE(reps > 0, "reps must be positive, got ", num(reps));
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal);
   flash::BwdParams const &p = b.params;
