@@ -250,7 +250,7 @@ void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::T
          double softmax_scale, bool causal) {
   BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal);
   flash::BwdParams const &p = b.params;
-  if (p.heads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) {  // nothing attends to anything
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) {  // nothing attends to anything
     dq.zero_();
     dk.zero_();
     dv.zero_();

@@ -27,7 +27,9 @@ for tool in ${TOOLS:-memcheck racecheck synccheck initcheck}; do
   "$sanitizer" --tool "$tool" ${SANITIZER_ARGS:-} python3 tests/sanitize_workload.py --no-check "$@" \
     >"$log/$tool.log" 2>&1
   rc=$?
-  errors=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$log/$tool.log" | tail -1 | grep -Eo "[0-9]+")
+  # racecheck prints "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)" instead
+  errors=$(grep -Eo "(ERROR SUMMARY: [0-9]+ error|RACECHECK SUMMARY: .*\([0-9]+ error)" "$log/$tool.log" | tail -1 |
+           grep -Eo "[0-9]+ error" | grep -Eo "[0-9]+")
   detail=$(grep -E "RACECHECK SUMMARY" "$log/$tool.log" | tail -1 | sed 's/^========= //')
   if [ -z "$errors" ]; then
     printf "%-10s no ERROR SUMMARY (exit %s, %d s): see %s\n" "$tool" "$rc" $((SECONDS - start)) "$log/$tool.log"
