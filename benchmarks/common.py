@@ -2,6 +2,7 @@
 
 import argparse
 import datetime
+import os
 import functools
 import json
 import statistics
@@ -82,6 +83,9 @@ def add_output_args(parser):
 
 
 def git_commit():
+    """HEAD's short hash; FLASH_ATTN2_COMMIT where git cannot say (a copy of the tree, as on the GPU machine)."""
+    if os.environ.get("FLASH_ATTN2_COMMIT"):
+        return os.environ["FLASH_ATTN2_COMMIT"]
     try:
         result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=Path(__file__).parent)
