@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from common import (DTYPES, IMPLS, add_grid_args, add_output_args, csv_of, cuda_ready, describe, extension_ready,
+from common import (unavailable, DTYPES, IMPLS, add_grid_args, add_output_args, csv_of, describe,
                     fmt, geomean, grid_causals, kernel_serves, make_impls, markdown_table, math_matrix_bytes,
                     pass_flops, run_meta, tflops, time_ms, timed_call, write_outputs)
 
@@ -116,10 +116,8 @@ def summary(rows, passes):
 
 def main():
     args = parse_args()
-    if not cuda_ready():
-        return 0
-    if not extension_ready():
-        return 1
+    if (code := unavailable()) is not None:
+        return code
     meta = run_meta(tokens=args.tokens, hidden=args.hidden, reps=args.reps, warmup=args.warmup)
 
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (SDPA_BACKENDS, add_output_args, csv_of, cuda_ready, describe, extension_ready, fmt,
+from common import (unavailable, SDPA_BACKENDS, add_output_args, csv_of, describe, fmt,
                     loop_times_ms, markdown_table, run_meta, sdpa, write_outputs)
 
 IMPLS = ["ours", "sdpa-flash", "cudnn"]
@@ -182,10 +182,8 @@ def report(args, meta, rows):
 
 def main():
     args = parse_args()
-    if not cuda_ready():
-        return 0
-    if "ours" in args.impls and not extension_ready():
-        return 1
+    if (code := unavailable(need_extension="ours" in args.impls)) is not None:
+        return code
     meta = run_meta(tokens_per_step=args.tokens, layers=args.layers, hidden=args.hidden, heads=args.heads)
     rows = []
     for seqlen in args.seqlens:

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from common import (DTYPES, add_grid_args, add_output_args, cuda_ready, describe, extension_ready, fmt,
+from common import (unavailable, DTYPES, add_grid_args, add_output_args, describe, fmt,
                     grid_causals, kernel_serves, loop_times_ms, make_impls, markdown_table, pass_flops, run_meta,
                     tflops, timed_call, write_outputs)
 
@@ -76,10 +76,8 @@ def table(header, rows):
 
 def main():
     args = parse_args()
-    if not cuda_ready():
-        return 0
-    if not extension_ready():
-        return 1
+    if (code := unavailable()) is not None:
+        return code
     meta = run_meta(tokens=args.tokens, hidden=args.hidden, reps=args.reps)
     torch.manual_seed(0)
     rows = []

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from common import (DTYPES, add_output_args, csv_of, cuda_ready, describe, extension_ready, fmt, make_impls,
+from common import (unavailable, DTYPES, add_output_args, csv_of, describe, fmt, make_impls,
                     markdown_table, math_matrix_bytes, run_meta, timed_call, write_outputs)
 
 PASSES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
@@ -113,10 +113,8 @@ def plot(path, meta, rows, impls):
 
 def main():
     args = parse_args()
-    if not cuda_ready():
-        return 0
-    if not extension_ready():
-        return 1
+    if (code := unavailable()) is not None:
+        return code
     meta = run_meta(dtype=args.dtype, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                     causal=args.causal)
     torch.manual_seed(0)

@@ -44,6 +44,15 @@ def extension_ready():
     return False
 
 
+def unavailable(need_extension=True):
+    """None if the benchmark can run; else the exit code for main() to return (0: no GPU, 1: not built)."""
+    if not cuda_ready():
+        return 0
+    if need_extension and not extension_ready():
+        return 1
+    return None
+
+
 def kernel_serves(head_dim):
     """Whether some built kernel head dim (a multiple of 8) serves head_dim."""
     from flash_attn2.interface import built_head_dims
