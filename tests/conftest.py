@@ -72,6 +72,25 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("batch_heads", batch_heads, ids=lambda bh: "b%dh%d" % bh)
 
 
+def on_kernel_grid(test):
+    """Parametrizes a forward or backward test over the grid's dtype x head dim x causal x heads_kv;
+    seqlens and batch_heads come from pytest_generate_tests."""
+    for mark in (pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES)),
+                 pytest.mark.parametrize("head_dim", HEAD_DIMS),
+                 pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"]),
+                 pytest.mark.parametrize("kv_heads", KV_HEADS)):
+        test = mark(test)
+    return test
+
+
+def grid_qkv(dtype, head_dim, kv_heads, seqlens, batch_heads):
+    """Random CUDA q, k, v for one point of that grid; skips the test if no built kernel serves head_dim."""
+    skip_unless_built(head_dim)
+    (seqlen_q, seqlen_k), (batch, heads_q) = seqlens, batch_heads
+    return random_qkv(batch, seqlen_q, seqlen_k, heads_q, KV_HEADS[kv_heads](heads_q), head_dim, dtype=dtype,
+                      device="cuda")
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Seeds torch afresh for every test and prints the seed, which pytest shows with a failure.

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (DTYPES, HEAD_DIMS, KV_HEADS, check_close, forward_into_nan, random_qkv,
+from conftest import (check_close, grid_qkv, on_kernel_grid, forward_into_nan, random_qkv,
                       requires_ext, requires_gpu, skip_unless_built, strided_qkv)
 from flash_attn2 import flash_attn_func
 from flash_attn2.interface import _bwd
@@ -56,15 +56,9 @@ def random_qkv_with_grad(*shape, dtype):
     return [t.requires_grad_() for t in random_qkv(*shape, dtype=dtype, device="cuda")]
 
 
-@pytest.mark.parametrize("kv_heads", KV_HEADS)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
+@on_kernel_grid
 def test_bwd(dtype, head_dim, causal, kv_heads, seqlens, batch_heads):
-    skip_unless_built(head_dim)
-    (seqlen_q, seqlen_k), (batch, heads_q) = seqlens, batch_heads
-    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, heads_q, KV_HEADS[kv_heads](heads_q), head_dim,
-                         dtype=dtype, device="cuda")
+    q, k, v = grid_qkv(dtype, head_dim, kv_heads, seqlens, batch_heads)
     dout = torch.randn_like(q)
     softmax_scale = 1 / math.sqrt(head_dim)
     out, lse = forward_into_nan(q, k, v, softmax_scale, causal)
