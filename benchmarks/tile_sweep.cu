@@ -12,7 +12,10 @@
 #include "launch_utils.h"
 
 using Element = cutlass::bfloat16_t;
-using Traits = flash::KernelTraits<HDIM, BLOCK_M, BLOCK_N, WARPS, Element>;
+#ifndef WARPS_N
+#define WARPS_N 1
+#endif
+using Traits = flash::KernelTraits<HDIM, BLOCK_M, BLOCK_N, WARPS, Element, WARPS_N>;
 
 #define CHECK(call)                                                                      \
   do {                                                                                   \
@@ -35,9 +38,9 @@ __global__ void fill_random(Element *p, size_t n, uint32_t seed) {
 int main() {
   constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;
   int const seqlens[] = {1024, 4096, 16384};
-  constexpr int kSmem = KERNEL == 0 ? Traits::kSmemSizeM + 2 * Traits::kSmemSizeN
-                                    : 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN + 4 * BLOCK_N * 4;
-  constexpr int kSplits = KERNEL == 2 ? flash::bwd_dkdv_column_splits(HDIM) : 1;
+  constexpr int kSmem = KERNEL == 0   ? flash::fwd_smem_size<Traits>()
+                       : KERNEL == 1 ? flash::bwd_dq_smem_size<Traits>()
+                                     : flash::bwd_dkdv_smem_size<Traits>();
   char const *names[] = {"fwd", "bwd_dq", "bwd_dkdv"};
   double const flop_share[] = {1.0, 2.5 * 3 / 7, 2.5 * 4 / 7};
   for (int seqlen : seqlens) {
@@ -64,7 +67,7 @@ int main() {
                               &p.do_head_stride, &p.dq_head_stride, &p.dk_head_stride, &p.dv_head_stride}) { *s = HDIM; }
     p.batch = batch, p.heads = p.heads_kv = kHeads, p.seqlen_q = p.seqlen_k = seqlen, p.head_dim = HDIM;
     p.softmax_scale = 1.f / std::sqrt(float(HDIM)), p.softmax_scale_log2 = p.softmax_scale * float(M_LOG2E);
-    dim3 const grid(cute::ceil_div(seqlen, BLOCK_M) * kSplits, batch, kHeads);
+    dim3 const grid(cute::ceil_div(seqlen, BLOCK_M), batch, kHeads);
     for (int causal = 0; causal < 2; ++causal) {
       p.is_causal = causal;
       auto run = [&] {
@@ -76,7 +79,7 @@ int main() {
           } else if constexpr (KERNEL == 1) {
             return flash::launch_kernel(&flash::bwd_dq_kernel<Traits, kCausal>, grid, Traits::kNThreads, kSmem, p, 0);
           } else {
-            return flash::launch_kernel(&flash::bwd_dkdv_kernel<Traits, kSplits, kCausal>, grid, Traits::kNThreads,
+            return flash::launch_kernel(&flash::bwd_dkdv_kernel<Traits, kCausal>, grid, Traits::kNThreads,
                                         kSmem, p, 0);
           }
         };
@@ -94,8 +97,8 @@ int main() {
       float ms;
       CHECK(cudaEventElapsedTime(&ms, start, stop));
       double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1) * flop_share[KERNEL];
-      std::printf("%-8s hdim %3d  tile %3dx%-3d warps %d  causal %d  S %5d  %6.1f TFLOP/s\n", names[KERNEL], HDIM,
-                  BLOCK_M, BLOCK_N, WARPS, causal, seqlen, flops / (ms / kReps) / 1e9);
+      std::printf("%-8s hdim %3d  tile %3dx%-3d warps %dx%d  causal %d  S %5d  %6.1f TFLOP/s\n", names[KERNEL],
+                  HDIM, BLOCK_M, BLOCK_N, WARPS / WARPS_N, WARPS_N, causal, seqlen, flops / (ms / kReps) / 1e9);
     }
     for (void *ptr : {(void *)q, (void *)k, (void *)v, (void *)o, (void *)dout, (void *)dq, (void *)dk, (void *)dv,
                       (void *)lse, (void *)dpsum}) { CHECK(cudaFree(ptr)); }

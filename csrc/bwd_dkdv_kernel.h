@@ -1,9 +1,10 @@
-// Backward dK/dV kernel: one thread block per (key block, column split, batch, query head) loops over
-// the query blocks that see its keys. It computes the transposed tiles Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, so
-// that Pᵀ and dSᵀ come out of the accumulators already laid out as the A operand of dV += Pᵀ·dO and
-// dK += dSᵀ·Q: no trip through shared memory. Q, dO, LSE and D are double-buffered.
-// kSplits > 1 (head dims above 128) gives each thread block a slice of dK's and dV's columns, so that
-// both accumulators fit in registers; the blocks of one key block then each recompute Sᵀ and dPᵀ.
+// Backward dK/dV kernel: one thread block per (key block, batch, query head) loops over the query
+// blocks that see its keys. It computes the transposed tiles Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, so that with
+// warps stacked along the keys (kWarpsN = 1) Pᵀ and dSᵀ come out of the accumulators already laid out as
+// the A operand of dV += Pᵀ·dO and dK += dSᵀ·Q: no trip through shared memory. With kWarpsN > 1 (large
+// head dims, where one warp cannot hold a whole row of dK and dV) the warps also split the columns, so
+// each holds only part of its rows' Pᵀ and dSᵀ: those go through shared memory, still computed once.
+// Q, dO, LSE and D are double-buffered.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -18,23 +19,28 @@ namespace flash {
 
 using namespace cute;
 
-template <class Traits, int kSplits, bool Causal>
+// K, V; 2 x (Q, dO); 2 x (LSE, D); with kWarpsN > 1, Pᵀ and dSᵀ.
+template <class Traits>
+constexpr int bwd_dkdv_smem_size() {
+  int const p_ds = Traits::kWarpsN > 1 ? 2 * Traits::kBlockM * Traits::kBlockN * int(sizeof(typename Traits::Element)) : 0;
+  return 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN + 4 * Traits::kBlockN * int(sizeof(float)) + p_ds;
+}
+
+template <class Traits, bool Causal>
 __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_constant__ const BwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;  // keys this block owns
   constexpr int kBlockN = Traits::kBlockN;  // queries per step
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kOutDim = kHeadDim / kSplits;  // dK/dV columns this block writes
-  static_assert(kHeadDim % kSplits == 0 && kOutDim % 32 == 0);
+  constexpr bool kShareP = Traits::kWarpsN > 1;  // Pᵀ and dSᵀ through shared memory
   static_assert(Traits::kNThreads >= 2 * kBlockN, "one thread per LSE and per D value of a query block");
   using TileM = Shape<Int<kBlockM>, Int<kHeadDim>>;
   using TileN = Shape<Int<kBlockN>, Int<kHeadDim>>;
-  using TileOut = Shape<Int<kBlockM>, Int<kOutDim>>;
-  using TileOutT = Shape<Int<kOutDim>, Int<kBlockN>>;
+  using TileNt = Shape<Int<kHeadDim>, Int<kBlockN>>;
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;  // Sᵀ: (keys, queries)
   using SmemLayoutN = typename Traits::SmemLayoutN;
 
-  int const n_block = blockIdx.x / kSplits, split = blockIdx.x % kSplits;
+  int const n_block = blockIdx.x;
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
@@ -61,40 +67,37 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   Tensor gV = local_tile(mV, TileM{}, make_coord(n_block, 0));         // (kBlockM, kHeadDim)
   Tensor gQ = local_tile(mQ, TileN{}, make_coord(_, 0));               // (kBlockN, kHeadDim, m)
   Tensor gdO = local_tile(mdO, TileN{}, make_coord(_, 0));             // (kBlockN, kHeadDim, m)
-  Tensor gdK = local_tile(mdK, TileOut{}, make_coord(n_block, split));  // (kBlockM, kOutDim)
-  Tensor gdV = local_tile(mdV, TileOut{}, make_coord(n_block, split));  // (kBlockM, kOutDim)
+  Tensor gdK = local_tile(mdK, TileM{}, make_coord(n_block, 0));        // (kBlockM, kHeadDim)
+  Tensor gdV = local_tile(mdV, TileM{}, make_coord(n_block, 0));        // (kBlockM, kHeadDim)
 
-  // Shared memory: K, V, then two stages of (Q, dO), then two stages of (LSE, D).
+  // Shared memory: K, V, then two stages of (Q, dO), then two stages of (LSE, D), then Pᵀ and dSᵀ.
   extern __shared__ char smem[];
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), typename Traits::SmemLayoutM{});
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutM{});
   auto sQ = [&](int stage) { return make_tensor(sV.data() + size(sV) + (2 * stage) * cosize(SmemLayoutN{}), SmemLayoutN{}); };
   auto sdO = [&](int stage) { return make_tensor(sQ(stage).data() + cosize(SmemLayoutN{}), SmemLayoutN{}); };
-  // This split's columns of Qᵀ and dOᵀ: (kOutDim, kBlockN), the B operands of dK and dV.
-  auto sQt = [&](int stage) {
-    return local_tile(make_tensor(sQ(stage).data(), typename Traits::SmemLayoutNt{}), TileOutT{}, make_coord(split, 0));
-  };
-  auto sdOt = [&](int stage) {
-    return local_tile(make_tensor(sdO(stage).data(), typename Traits::SmemLayoutNt{}), TileOutT{}, make_coord(split, 0));
-  };
+  // Qᵀ and dOᵀ: (kHeadDim, kBlockN), the B operands of dK and dV.
+  auto sQt = [&](int stage) { return make_tensor(sQ(stage).data(), typename Traits::SmemLayoutNt{}); };
+  auto sdOt = [&](int stage) { return make_tensor(sdO(stage).data(), typename Traits::SmemLayoutNt{}); };
   float *const smem_stats = reinterpret_cast<float *>(smem + 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN);
   auto sLSE = [&](int stage) { return smem_stats + (2 * stage) * kBlockN; };
   auto sD = [&](int stage) { return smem_stats + (2 * stage + 1) * kBlockN; };
+  Tensor sPt = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem_stats + 4 * kBlockN)),
+                           SmemTile<kBlockM, kBlockN>{});  // (keys, queries); used when kShareP
+  Tensor sdSt = make_tensor(sPt.data() + size(sPt), SmemTile<kBlockM, kBlockN>{});
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
-  Tensor acc_dk = partition_fragment_C(tiled_mma, TileOut{});  // (MMA, MMA_M, MMA_N)
-  Tensor acc_dv = partition_fragment_C(tiled_mma, TileOut{});
+  Tensor acc_dk = partition_fragment_C(tiled_mma, TileM{});  // (MMA, MMA_M, MMA_N)
+  Tensor acc_dv = partition_fragment_C(tiled_mma, TileM{});
   clear(acc_dk);
   clear(acc_dv);
-  // dK, dV go out through a (kBlockM, kOutDim) tile over K's and V's buffers once the loop is done.
+  // dK, dV go out through K's and V's buffers once the loop is done.
   auto store = [&] {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }  // dS was w.r.t. scaled scores
-    Tensor sdK = make_tensor(sK.data(), SmemTile<kBlockM, kOutDim>{});
-    Tensor sdV = make_tensor(sV.data(), SmemTile<kBlockM, kOutDim>{});
-    store_acc_tile<Traits>(tiled_mma, acc_dk, sdK, gdK, k_rows_left, params.head_dim - split * kOutDim);
-    store_acc_tile<Traits>(tiled_mma, acc_dv, sdV, gdV, k_rows_left, params.head_dim - split * kOutDim);
+    store_acc_tile<Traits>(tiled_mma, acc_dk, sK, gdK, k_rows_left, params.head_dim);
+    store_acc_tile<Traits>(tiled_mma, acc_dv, sV, gdV, k_rows_left, params.head_dim);
   };
   if (m_block_begin >= m_block_end) {  // no query sees these keys
     store();
@@ -129,13 +132,20 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   Tensor tdPrV = make_tensor<Element>(partition_shape_A(tiled_mma, TileM{}));
   Tensor tSrQ = make_tensor<Element>(partition_shape_B(tiled_mma, TileN{}));
   Tensor tdPrdO = make_tensor<Element>(partition_shape_B(tiled_mma, TileN{}));
-  Tensor tdKrQt = make_tensor<Element>(partition_shape_B(tiled_mma, TileOutT{}));
-  Tensor tdVrdOt = make_tensor<Element>(partition_shape_B(tiled_mma, TileOutT{}));
+  Tensor tdKrQt = make_tensor<Element>(partition_shape_B(tiled_mma, TileNt{}));
+  Tensor tdVrdOt = make_tensor<Element>(partition_shape_B(tiled_mma, TileNt{}));
+  Tensor tdVrPt = make_tensor<Element>(partition_shape_A(tiled_mma, TileS{}));  // when kShareP
+  Tensor tdKrdSt = make_tensor<Element>(partition_shape_A(tiled_mma, TileS{}));
   auto smem_copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto smem_copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto smem_copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+  auto smem_copy_acc = make_tiled_copy_C(typename Traits::SmemCopyAtomAcc{}, tiled_mma);
   Tensor tSsK = smem_copy_a.get_thread_slice(tid).partition_S(sK);
   Tensor tdPsV = smem_copy_a.get_thread_slice(tid).partition_S(sV);
+  Tensor tdVsPt = smem_copy_a.get_thread_slice(tid).partition_S(sPt);
+  Tensor tdKsdSt = smem_copy_a.get_thread_slice(tid).partition_S(sdSt);
+  Tensor tPsPt = smem_copy_acc.get_thread_slice(tid).partition_D(sPt);
+  Tensor tPsdSt = smem_copy_acc.get_thread_slice(tid).partition_D(sdSt);
 
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(TileS{}));  // (key, query) of each score
   Tensor tScS_rc = make_tensor(tScS.data(), rows_cols(tScS.layout()));
@@ -176,13 +186,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
       for (int c = 0; c < kCols; ++c) { p(r, c) = exp2_approx(p(r, c) * params.softmax_scale_log2 - lse_log2[c]); }
     }
     Tensor rP = convert_type<Element>(acc_s);
+    if constexpr (kShareP) { copy(smem_copy_acc, smem_copy_acc.get_thread_slice(tid).retile_S(rP), tPsPt); }
 
     Tensor acc_dp = partition_fragment_C(tiled_mma, TileS{});  // dPᵀ = V·dOᵀ
     clear(acc_dp);
     gemm_smem_smem(tiled_mma, acc_dp, tdPrV, tdPrdO, tdPsV, smem_copy_b.get_thread_slice(tid).partition_S(sdO(stage)),
                    smem_copy_a, smem_copy_b);
-    gemm_reg_smem(tiled_mma, acc_dv, make_tensor(rP.data(), acc_as_operand_a(rP.layout())), tdVrdOt,
-                  smem_copy_bt.get_thread_slice(tid).partition_S(sdOt(stage)), smem_copy_bt);
+    Tensor tdVsdOt = smem_copy_bt.get_thread_slice(tid).partition_S(sdOt(stage));
+    if constexpr (!kShareP) {  // dV now: its B loads overlap the dSᵀ arithmetic below
+      gemm_reg_smem(tiled_mma, acc_dv, make_tensor(rP.data(), acc_as_operand_a(rP.layout())), tdVrdOt, tdVsdOt,
+                    smem_copy_bt);
+    }
 
     Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dSᵀ = Pᵀ∘(dPᵀ - D), in place
     CUTE_UNROLL
@@ -191,8 +205,16 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
       for (int c = 0; c < kCols; ++c) { ds(r, c) = p(r, c) * (ds(r, c) - dpsum[c]); }
     }
     Tensor rdS = convert_type<Element>(acc_dp);
-    gemm_reg_smem(tiled_mma, acc_dk, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQt,
-                  smem_copy_bt.get_thread_slice(tid).partition_S(sQt(stage)), smem_copy_bt);
+    Tensor tdKsQt = smem_copy_bt.get_thread_slice(tid).partition_S(sQt(stage));
+    if constexpr (!kShareP) {
+      gemm_reg_smem(tiled_mma, acc_dk, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQt, tdKsQt,
+                    smem_copy_bt);
+    } else {
+      copy(smem_copy_acc, smem_copy_acc.get_thread_slice(tid).retile_S(rdS), tPsdSt);
+      __syncthreads();  // every warp's part of Pᵀ and dSᵀ is in; the next step's first barrier guards reuse
+      gemm_smem_smem(tiled_mma, acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, smem_copy_a, smem_copy_bt);
+      gemm_smem_smem(tiled_mma, acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, smem_copy_a, smem_copy_bt);
+    }
   };
 
   // Query blocks from the first that sees these keys up: the diagonal ones (masked) come first.

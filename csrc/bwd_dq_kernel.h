@@ -15,6 +15,10 @@ namespace flash {
 
 using namespace cute;
 
+// Q, dO; 2 x (K, V).
+template <class Traits>
+constexpr int bwd_dq_smem_size() { return 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN; }
+
 template <class Traits, bool Causal>
 __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_constant__ const BwdParams params) {
   using Element = typename Traits::Element;

@@ -15,6 +15,10 @@ namespace flash {
 
 using namespace cute;
 
+// Q, K, V: one buffer each.
+template <class Traits>
+constexpr int fwd_smem_size() { return Traits::kSmemSizeM + 2 * Traits::kSmemSizeN; }
+
 template <class Traits, bool Causal>
 __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant__ const FwdParams params) {
   using Element = typename Traits::Element;
@@ -132,12 +136,16 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   };
 
   int const n_block_first_masked = mask.n_block_first_masked(m_block);
-  step(n_block, cute::true_type{}, cute::true_type{});
+  if (n_block >= n_block_first_masked) {
+    step(n_block, cute::true_type{}, cute::true_type{});
+  } else {  // e.g. non-causal with seqlen_k a multiple of kBlockN: no block needs masking
+    step(n_block, cute::true_type{}, cute::false_type{});
+  }
   for (--n_block; n_block >= n_block_first_masked; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
   for (; n_block >= 0; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
 
   // Epilogue: normalise once, then O through shared memory (Q's buffer) and the LSE from registers.
-  Tensor lse = softmax.finalize(acc_o, params.softmax_scale);
+  Tensor lse = softmax.finalize(acc_o);
   store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
   store_row_values(tiled_mma, lse, gLSE, TileQ{}, q_rows_left);
 }

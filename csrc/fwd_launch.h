@@ -12,11 +12,10 @@ namespace flash {
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
   using Traits = TraitsFor<kHeadDim, Element, fwd_tile>;
-  constexpr int kSmemSize = Traits::kSmemSizeM + 2 * Traits::kSmemSizeN;  // Q, K, V: one buffer each
   dim3 const grid(ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.heads);
   return bool_switch(params.is_causal, [&](auto causal) {
-    return launch_kernel(&fwd_kernel<Traits, decltype(causal)::value>, grid, Traits::kNThreads, kSmemSize, params,
-                         stream);
+    return launch_kernel(&fwd_kernel<Traits, decltype(causal)::value>, grid, Traits::kNThreads,
+                         fwd_smem_size<Traits>(), params, stream);
   });
 }
 

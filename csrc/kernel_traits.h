@@ -20,29 +20,28 @@ using Sm80MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
                                        MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
 
 // Shared-memory tiles: rows of 64 (or 32) elements, XOR-swizzled so that ldmatrix reading 8 rows
-// hits 8 distinct bank groups. kAtomCols must divide every column range a kernel slices out of the tile.
+// hits 8 distinct bank groups.
 template <int kCols>
-constexpr int kDefaultAtomCols = kCols % 64 == 0 ? 64 : 32;
-template <int kAtomCols>
-using SmemAtom = decltype(composition(Swizzle<kAtomCols == 64 ? 3 : 2, 3, 3>{},
-                                      Layout<Shape<_8, Int<kAtomCols>>, Stride<Int<kAtomCols>, _1>>{}));
-template <int kRows, int kCols, int kAtomCols = kDefaultAtomCols<kCols>>
-using SmemTile = decltype(tile_to_shape(SmemAtom<kAtomCols>{}, Shape<Int<kRows>, Int<kCols>>{}));
+constexpr int kAtomCols = kCols % 64 == 0 ? 64 : 32;
+template <int kCols>
+using SmemAtom = decltype(composition(Swizzle<kAtomCols<kCols> == 64 ? 3 : 2, 3, 3>{},
+                                      Layout<Shape<_8, Int<kAtomCols<kCols>>>, Stride<Int<kAtomCols<kCols>>, _1>>{}));
+template <int kRows, int kCols>
+using SmemTile = decltype(tile_to_shape(SmemAtom<kCols>{}, Shape<Int<kRows>, Int<kCols>>{}));
 // The transpose of a (kRows, kCols) tile, for operands read with transposing ldmatrix.
-template <int kRows, int kCols, int kAtomCols = kDefaultAtomCols<kCols>>
-using SmemTileT = decltype(composition(SmemTile<kRows, kCols, kAtomCols>{},
+template <int kRows, int kCols>
+using SmemTileT = decltype(composition(SmemTile<kRows, kCols>{},
                                        make_layout(Shape<Int<kCols>, Int<kRows>>{}, GenRowMajor{})));
 
 // Global <-> shared copies of (rows, kCols) tiles: 16 bytes per thread per copy, each row spread over
 // consecutive threads so a warp touches whole 128-byte lines.
-template <class CopyOp, typename Element, int kNThreads, int kCols, int kAtomCols = kDefaultAtomCols<kCols>>
+template <class CopyOp, typename Element, int kNThreads, int kCols, int kRowThreads = kAtomCols<kCols> / 8>
 using GmemTiledCopy = decltype(make_tiled_copy(
     Copy_Atom<CopyOp, Element>{},
-    Layout<Shape<Int<kNThreads / (kAtomCols / 8)>, Int<kAtomCols / 8>>, Stride<Int<kAtomCols / 8>, _1>>{},
+    Layout<Shape<Int<kNThreads / kRowThreads>, Int<kRowThreads>>, Stride<Int<kRowThreads>, _1>>{},
     Layout<Shape<_1, Int<sizeof(cute::uint128_t) / sizeof(Element)>>>{}));
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_,
-          int kAtomCols = kDefaultAtomCols<kHeadDim_>>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_, int kWarpsN_ = 1>
 struct KernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -50,19 +49,23 @@ struct KernelTraits {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kWarpsN = kWarpsN_;
+  static constexpr int kWarpsM = kNWarps / kWarpsN;
 
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim must be a multiple of 32, at most 256");
-  static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole 16-row MMA tiles");
+  static_assert(kNWarps % kWarpsN == 0);
+  static_assert(kBlockM % (16 * kWarpsM) == 0, "each warp owns whole 16-row MMA tiles");
   static_assert(kBlockN % 16 == 0, "streamed blocks are whole k16 slices of the second matmul");
   static_assert(sizeof(Element) == 2);
 
-  // Warps are stacked along M; the N tile of 16 lets one ldmatrix.x4 feed two n8 MMAs.
-  using TiledMma = TiledMMA<Sm80MmaAtom<Element>, Layout<Shape<Int<kNWarps>, _1, _1>>,
-                            Tile<Int<16 * kNWarps>, _16, _16>>;
+  // kWarpsM x kWarpsN warps; 16 columns per warp in each N tile let one ldmatrix.x4 feed two n8 MMAs.
+  // With kWarpsN > 1 every matmul's N (columns) must be a multiple of 16 * kWarpsN.
+  using TiledMma = TiledMMA<Sm80MmaAtom<Element>, Layout<Shape<Int<kWarpsM>, Int<kWarpsN>, _1>>,
+                            Tile<Int<16 * kWarpsM>, Int<16 * kWarpsN>, _16>>;
 
-  using SmemLayoutM = SmemTile<kBlockM, kHeadDim, kAtomCols>;
-  using SmemLayoutN = SmemTile<kBlockN, kHeadDim, kAtomCols>;
-  using SmemLayoutNt = SmemTileT<kBlockN, kHeadDim, kAtomCols>;  // (kHeadDim, kBlockN): the B operand of the 2nd matmul
+  using SmemLayoutM = SmemTile<kBlockM, kHeadDim>;
+  using SmemLayoutN = SmemTile<kBlockN, kHeadDim>;
+  using SmemLayoutNt = SmemTileT<kBlockN, kHeadDim>;  // (kHeadDim, kBlockN): the B operand of the 2nd matmul
 
   using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
   using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
@@ -71,7 +74,7 @@ struct KernelTraits {
 
   // cp.async with zero-fill: rows past seqlen and columns past head_dim arrive as zeros.
   using GmemTiledCopyLoad =
-      GmemTiledCopy<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element, kNThreads, kHeadDim, kAtomCols>;
+      GmemTiledCopy<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element, kNThreads, kHeadDim>;
   template <int kCols>
   using GmemTiledCopyStore = GmemTiledCopy<UniversalCopy<cute::uint128_t>, Element, kNThreads, kCols>;
 
@@ -79,10 +82,9 @@ struct KernelTraits {
   static constexpr int kSmemSizeN = int(size(SmemLayoutN{})) * sizeof(Element);
 };
 
-// Each kernel's tiles for one head dim (tile_config.h chooses them). kSliceCols: the widest column range
-// the kernel slices out of its tiles (the dK/dV kernel's column split).
-template <int kHeadDim, typename Element, TileShape (*kChoose)(int) = fwd_tile, int kSliceCols = kHeadDim>
-using TraitsFor = KernelTraits<kHeadDim, kChoose(kHeadDim).block_m, kChoose(kHeadDim).block_n,
-                               kChoose(kHeadDim).warps, Element, kDefaultAtomCols<kSliceCols>>;
+// Each kernel's tiles for one head dim (tile_config.h chooses them).
+template <int kHeadDim, typename Element, TileShape (*kChoose)(int) = fwd_tile>
+using TraitsFor = KernelTraits<kHeadDim, kChoose(kHeadDim).block_m, kChoose(kHeadDim).block_n, kChoose(kHeadDim).warps,
+                               Element, kChoose(kHeadDim).warps_n>;
 
 }  // namespace flash

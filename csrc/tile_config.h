@@ -4,9 +4,10 @@
 namespace flash {
 
 struct TileShape {
-  int block_m;  // rows a thread block owns (split among its warps)
-  int block_n;  // rows streamed per main-loop step
+  int block_m;      // rows a thread block owns (split among its warps)
+  int block_n;      // rows streamed per main-loop step
   int warps;
+  int warps_n = 1;  // warps side by side along each matmul's N (columns); the rest stack along M (rows)
 };
 
 // Forward: owns query rows, streams keys.
@@ -19,11 +20,11 @@ constexpr TileShape fwd_tile(int head_dim) {
 // Backward dQ: owns query rows, streams keys; holds dQ, S and dP in registers.
 constexpr TileShape bwd_dq_tile(int head_dim) { return TileShape{64, 64, 4}; }
 
-// Backward dK/dV: owns key rows, streams queries; holds dK and dV in registers.
-constexpr TileShape bwd_dkdv_tile(int head_dim) { return TileShape{64, 64, 4}; }
-
-// dK/dV splits head dims above 128 into column halves (each thread block recomputes S and dP for its
-// half) so that its two accumulators stay in registers.
-constexpr int bwd_dkdv_column_splits(int head_dim) { return head_dim > 128 ? 2 : 1; }
+// Backward dK/dV: owns key rows, streams queries; holds dK and dV in registers. Above head dim 128 the
+// two accumulators outgrow four warps' registers: eight warps split their columns in four, and share
+// Sᵀ and dPᵀ (each warp computes a quarter) through shared memory.
+constexpr TileShape bwd_dkdv_tile(int head_dim) {
+  return head_dim <= 128 ? TileShape{64, 64, 4} : TileShape{64, 64, 8, 4};
+}
 
 }  // namespace flash
