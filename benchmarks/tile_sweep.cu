@@ -56,15 +56,11 @@ int main() {
     CHECK(cudaMemset(lse, 0x41, size_t(kTokens) * kHeads * sizeof(float)));  // ~12.0
     CHECK(cudaMemset(dpsum, 0, size_t(kTokens) * kHeads * sizeof(float)));
     flash::BwdParams p{};
-    p.q_ptr = q, p.k_ptr = k, p.v_ptr = v, p.o_ptr = o, p.lse_ptr = lse;
-    p.do_ptr = dout, p.dq_ptr = dq, p.dk_ptr = dk, p.dv_ptr = dv, p.dpsum_ptr = dpsum;
-    int64_t const row = int64_t(kHeads) * HDIM, batch_stride = row * seqlen;
-    for (flash::index_t *s : {&p.q_batch_stride, &p.k_batch_stride, &p.v_batch_stride, &p.o_batch_stride,
-                              &p.do_batch_stride, &p.dq_batch_stride, &p.dk_batch_stride, &p.dv_batch_stride}) { *s = batch_stride; }
-    for (flash::index_t *s : {&p.q_row_stride, &p.k_row_stride, &p.v_row_stride, &p.o_row_stride, &p.do_row_stride,
-                              &p.dq_row_stride, &p.dk_row_stride, &p.dv_row_stride}) { *s = row; }
-    for (flash::index_t *s : {&p.q_head_stride, &p.k_head_stride, &p.v_head_stride, &p.o_head_stride,
-                              &p.do_head_stride, &p.dq_head_stride, &p.dk_head_stride, &p.dv_head_stride}) { *s = HDIM; }
+    int64_t const row = int64_t(kHeads) * HDIM;
+    auto head_tensor = [&](Element *ptr) { return flash::HeadTensor{ptr, row * seqlen, row, HDIM}; };
+    p.q = head_tensor(q), p.k = head_tensor(k), p.v = head_tensor(v), p.o = head_tensor(o);
+    p.dout = head_tensor(dout), p.dq = head_tensor(dq), p.dk = head_tensor(dk), p.dv = head_tensor(dv);
+    p.lse_ptr = lse, p.dpsum_ptr = dpsum;
     p.batch = batch, p.heads = p.heads_kv = kHeads, p.seqlen_q = p.seqlen_k = seqlen, p.head_dim = HDIM;
     p.softmax_scale = 1.f / std::sqrt(float(HDIM)), p.softmax_scale_log2 = p.softmax_scale * float(M_LOG2E);
     dim3 const grid(cute::ceil_div(seqlen, BLOCK_M), batch, kHeads);

@@ -49,18 +49,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   int const m_block_end = ceil_div(params.seqlen_q, kBlockN);
   int const k_rows_left = params.seqlen_k - n_block * kBlockM;
 
-  Tensor mK = head_matrix<kHeadDim>(static_cast<Element const *>(params.k_ptr), batch, params.kv_head(head),
-                                    params.k_batch_stride, params.k_head_stride, params.k_row_stride, params.seqlen_k);
-  Tensor mV = head_matrix<kHeadDim>(static_cast<Element const *>(params.v_ptr), batch, params.kv_head(head),
-                                    params.v_batch_stride, params.v_head_stride, params.v_row_stride, params.seqlen_k);
-  Tensor mQ = head_matrix<kHeadDim>(static_cast<Element const *>(params.q_ptr), batch, head, params.q_batch_stride,
-                                    params.q_head_stride, params.q_row_stride, params.seqlen_q);
-  Tensor mdO = head_matrix<kHeadDim>(static_cast<Element const *>(params.do_ptr), batch, head,
-                                     params.do_batch_stride, params.do_head_stride, params.do_row_stride, params.seqlen_q);
-  Tensor mdK = head_matrix<kHeadDim>(static_cast<Element *>(params.dk_ptr), batch, head, params.dk_batch_stride,
-                                     params.dk_head_stride, params.dk_row_stride, params.seqlen_k);
-  Tensor mdV = head_matrix<kHeadDim>(static_cast<Element *>(params.dv_ptr), batch, head, params.dv_batch_stride,
-                                     params.dv_head_stride, params.dv_row_stride, params.seqlen_k);
+  Tensor mK = head_matrix<kHeadDim, Element const>(params.k, batch, params.kv_head(head), params.seqlen_k);
+  Tensor mV = head_matrix<kHeadDim, Element const>(params.v, batch, params.kv_head(head), params.seqlen_k);
+  Tensor mQ = head_matrix<kHeadDim, Element const>(params.q, batch, head, params.seqlen_q);
+  Tensor mdO = head_matrix<kHeadDim, Element const>(params.dout, batch, head, params.seqlen_q);
+  Tensor mdK = head_matrix<kHeadDim, Element>(params.dk, batch, head, params.seqlen_k);
+  Tensor mdV = head_matrix<kHeadDim, Element>(params.dv, batch, head, params.seqlen_k);
   Tensor mLSE = row_vector(params.lse_ptr, batch, head, params.heads, params.seqlen_q);
   Tensor mD = row_vector(params.dpsum_ptr, batch, head, params.heads, params.seqlen_q);
   Tensor gK = local_tile(mK, TileM{}, make_coord(n_block, 0));         // (kBlockM, kHeadDim)

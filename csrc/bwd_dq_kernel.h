@@ -38,16 +38,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   int const n_block_end = mask.n_block_end(m_block);
   int const q_rows_left = params.seqlen_q - m_block * kBlockM;
 
-  Tensor mQ = head_matrix<kHeadDim>(static_cast<Element const *>(params.q_ptr), batch, head, params.q_batch_stride,
-                                    params.q_head_stride, params.q_row_stride, params.seqlen_q);
-  Tensor mdO = head_matrix<kHeadDim>(static_cast<Element const *>(params.do_ptr), batch, head,
-                                     params.do_batch_stride, params.do_head_stride, params.do_row_stride, params.seqlen_q);
-  Tensor mK = head_matrix<kHeadDim>(static_cast<Element const *>(params.k_ptr), batch, params.kv_head(head),
-                                    params.k_batch_stride, params.k_head_stride, params.k_row_stride, params.seqlen_k);
-  Tensor mV = head_matrix<kHeadDim>(static_cast<Element const *>(params.v_ptr), batch, params.kv_head(head),
-                                    params.v_batch_stride, params.v_head_stride, params.v_row_stride, params.seqlen_k);
-  Tensor mdQ = head_matrix<kHeadDim>(static_cast<Element *>(params.dq_ptr), batch, head, params.dq_batch_stride,
-                                     params.dq_head_stride, params.dq_row_stride, params.seqlen_q);
+  Tensor mQ = head_matrix<kHeadDim, Element const>(params.q, batch, head, params.seqlen_q);
+  Tensor mdO = head_matrix<kHeadDim, Element const>(params.dout, batch, head, params.seqlen_q);
+  Tensor mK = head_matrix<kHeadDim, Element const>(params.k, batch, params.kv_head(head), params.seqlen_k);
+  Tensor mV = head_matrix<kHeadDim, Element const>(params.v, batch, params.kv_head(head), params.seqlen_k);
+  Tensor mdQ = head_matrix<kHeadDim, Element>(params.dq, batch, head, params.seqlen_q);
   Tensor mLSE = row_vector(params.lse_ptr, batch, head, params.heads, params.seqlen_q);
   Tensor mD = row_vector(params.dpsum_ptr, batch, head, params.heads, params.seqlen_q);
   Tensor gQ = local_tile(mQ, TileM{}, make_coord(m_block, 0));    // (kBlockM, kHeadDim)

@@ -33,12 +33,8 @@ __global__ void __launch_bounds__(Config::kThreads) bwd_preprocess_kernel(__grid
   using Vec = cutlass::AlignedArray<Element, kVec>;
   int const m_block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
 
-  Tensor mO = head_matrix<Config::kCols>(static_cast<Element const *>(params.o_ptr), batch, head,
-                                         params.o_batch_stride, params.o_head_stride, params.o_row_stride,
-                                         params.seqlen_q);  // (seqlen_q, kCols)
-  Tensor mdO = head_matrix<Config::kCols>(static_cast<Element const *>(params.do_ptr), batch, head,
-                                          params.do_batch_stride, params.do_head_stride, params.do_row_stride,
-                                          params.seqlen_q);  // (seqlen_q, kCols)
+  Tensor mO = head_matrix<Config::kCols, Element const>(params.o, batch, head, params.seqlen_q);  // (seqlen_q, kCols)
+  Tensor mdO = head_matrix<Config::kCols, Element const>(params.dout, batch, head, params.seqlen_q);  // (seqlen_q, kCols)
   Tensor mD = row_vector(params.dpsum_ptr, batch, head, params.heads, params.seqlen_q);  // (seqlen_q)
   auto const tile = Shape<Int<Config::kBlockRows>, Int<Config::kCols>>{};
   Tensor gO = local_tile(mO, tile, make_coord(m_block, 0));    // (kBlockRows, kCols)

@@ -8,14 +8,15 @@ namespace flash {
 // 64-bit strides and offsets: batch * seqlen * heads * head_dim may pass 2^31.
 using index_t = int64_t;
 
-// Inputs shared by every pass. Tensors are (batch, seqlen, heads, head_dim) with a contiguous last dim.
+// One (batch, seqlen, heads, head_dim) tensor with a contiguous last dim: its base and strides, in elements.
+struct HeadTensor {
+  void *ptr;
+  index_t batch_stride, row_stride, head_stride;
+};
+
+// Inputs shared by every pass.
 struct AttnParams {
-  const void *__restrict__ q_ptr;
-  const void *__restrict__ k_ptr;
-  const void *__restrict__ v_ptr;
-  index_t q_batch_stride, q_row_stride, q_head_stride;
-  index_t k_batch_stride, k_row_stride, k_head_stride;
-  index_t v_batch_stride, v_row_stride, v_head_stride;
+  HeadTensor q, k, v;
 
   int batch, heads, heads_kv;  // heads % heads_kv == 0 (GQA/MQA)
   int seqlen_q, seqlen_k;
@@ -30,22 +31,15 @@ struct AttnParams {
 };
 
 struct FwdParams : AttnParams {
-  void *__restrict__ o_ptr;
-  index_t o_batch_stride, o_row_stride, o_head_stride;
+  HeadTensor o;
   float *__restrict__ lse_ptr;  // (batch, heads, seqlen_q), contiguous, natural log
 };
 
-struct BwdParams : FwdParams {  // o_ptr and lse_ptr: the forward's outputs
-  const void *__restrict__ do_ptr;
-  index_t do_batch_stride, do_row_stride, do_head_stride;
-  void *__restrict__ dq_ptr;
-  index_t dq_batch_stride, dq_row_stride, dq_head_stride;
-  // dK and dV per query head: with GQA they point at (batch, seqlen_k, heads, head_dim) buffers that the
+struct BwdParams : FwdParams {  // o and lse_ptr: the forward's outputs
+  HeadTensor dout, dq;
+  // dK and dV per query head: with GQA they are (batch, seqlen_k, heads, head_dim) buffers that the
   // caller then sums over each group of query heads, in a fixed order.
-  void *__restrict__ dk_ptr;
-  index_t dk_batch_stride, dk_row_stride, dk_head_stride;
-  void *__restrict__ dv_ptr;
-  index_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  HeadTensor dk, dv;
   float *__restrict__ dpsum_ptr;  // rowsum(dO * O): (batch, heads, seqlen_q), contiguous
 };
 

@@ -98,6 +98,9 @@ void check_same(at::Tensor const &t, char const *name, at::Tensor const &like, c
                     like.device());
 }
 
+// A (batch, seqlen, heads, head_dim) tensor as the kernels see it (checked by check_bshd beforehand).
+flash::HeadTensor head_tensor(at::Tensor const &t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
 void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v) {
   check_bshd(q, "q");
   check_bshd(k, "k");
@@ -120,12 +123,7 @@ void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at:
   TORCH_CHECK_VALUE(q.size(1) <= kMaxSeqlen && k.size(1) <= kMaxSeqlen, "q, k: seqlen must be below 2^31 - 1024, got ",
                     num(q.size(1)), " and ", num(k.size(1)));
 
-  p.q_ptr = q.data_ptr();
-  p.k_ptr = k.data_ptr();
-  p.v_ptr = v.data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.q = head_tensor(q), p.k = head_tensor(k), p.v = head_tensor(v);
   p.batch = q.size(0), p.heads = q.size(2), p.heads_kv = k.size(2);
   p.seqlen_q = q.size(1), p.seqlen_k = k.size(1);
   p.head_dim = head_dim;
@@ -164,8 +162,7 @@ void set_softmax(flash::AttnParams &p, double softmax_scale, bool causal) {
 }
 
 void set_out_strides(flash::FwdParams &p, at::Tensor const &out, at::Tensor const &lse) {
-  p.o_ptr = out.data_ptr();
-  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  p.o = head_tensor(out);
   p.lse_ptr = lse.data_ptr<float>();
 }
 
@@ -226,19 +223,11 @@ BwdLaunch prepare_bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor co
   check_output(dk, "dk", k, "k");
   check_output(dv, "dv", v, "v");
   set_out_strides(p, out, lse);
-  p.do_ptr = dout.data_ptr();
-  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
-  p.dq_ptr = dq.data_ptr();
-  p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
+  p.dout = head_tensor(dout), p.dq = head_tensor(dq);
   bool const grouped = p.heads != p.heads_kv;
   b.dk_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, k.size(3)}, k.options()) : dk;
   b.dv_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, v.size(3)}, v.options()) : dv;
-  p.dk_ptr = b.dk_heads.data_ptr();
-  p.dk_batch_stride = b.dk_heads.stride(0), p.dk_row_stride = b.dk_heads.stride(1);
-  p.dk_head_stride = b.dk_heads.stride(2);
-  p.dv_ptr = b.dv_heads.data_ptr();
-  p.dv_batch_stride = b.dv_heads.stride(0), p.dv_row_stride = b.dv_heads.stride(1);
-  p.dv_head_stride = b.dv_heads.stride(2);
+  p.dk = head_tensor(b.dk_heads), p.dv = head_tensor(b.dv_heads);
   b.dpsum = at::empty({p.batch, p.heads, p.seqlen_q}, q.options().dtype(at::kFloat));
   p.dpsum_ptr = b.dpsum.data_ptr<float>();
   return b;

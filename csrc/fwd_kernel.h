@@ -38,14 +38,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   int const n_block_end = mask.n_block_end(m_block);
   int const q_rows_left = params.seqlen_q - m_block * kBlockM;
 
-  Tensor mQ = head_matrix<kHeadDim>(static_cast<Element const *>(params.q_ptr), batch, head, params.q_batch_stride,
-                                    params.q_head_stride, params.q_row_stride, params.seqlen_q);
-  Tensor mK = head_matrix<kHeadDim>(static_cast<Element const *>(params.k_ptr), batch, params.kv_head(head),
-                                    params.k_batch_stride, params.k_head_stride, params.k_row_stride, params.seqlen_k);
-  Tensor mV = head_matrix<kHeadDim>(static_cast<Element const *>(params.v_ptr), batch, params.kv_head(head),
-                                    params.v_batch_stride, params.v_head_stride, params.v_row_stride, params.seqlen_k);
-  Tensor mO = head_matrix<kHeadDim>(static_cast<Element *>(params.o_ptr), batch, head, params.o_batch_stride,
-                                    params.o_head_stride, params.o_row_stride, params.seqlen_q);
+  Tensor mQ = head_matrix<kHeadDim, Element const>(params.q, batch, head, params.seqlen_q);
+  Tensor mK = head_matrix<kHeadDim, Element const>(params.k, batch, params.kv_head(head), params.seqlen_k);
+  Tensor mV = head_matrix<kHeadDim, Element const>(params.v, batch, params.kv_head(head), params.seqlen_k);
+  Tensor mO = head_matrix<kHeadDim, Element>(params.o, batch, head, params.seqlen_q);
   Tensor mLSE = row_vector(params.lse_ptr, batch, head, params.heads, params.seqlen_q);
   Tensor gQ = local_tile(mQ, TileQ{}, make_coord(m_block, 0));     // (kBlockM, kHeadDim)
   Tensor gK = local_tile(mK, TileKV{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)

@@ -5,16 +5,17 @@
 #include <cutlass/array.h>
 #include <cutlass/numeric_conversion.h>
 
+#include "flash.h"
+
 namespace flash {
 
 using namespace cute;
 
-// One head's (seqlen, kHeadDim) matrix of a (batch, seqlen, heads, head_dim) tensor; 64-bit offsets.
+// One head's (seqlen, kHeadDim) matrix of a (batch, seqlen, heads, head_dim) tensor of T; 64-bit offsets.
 template <int kHeadDim, typename T>
-CUTE_DEVICE auto head_matrix(T *ptr, int batch, int head, int64_t batch_stride, int64_t head_stride,
-                             int64_t row_stride, int seqlen) {
-  return make_tensor(make_gmem_ptr(ptr + batch * batch_stride + head * head_stride),
-                     make_shape(seqlen, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+CUTE_DEVICE auto head_matrix(HeadTensor const &t, int batch, int head, int seqlen) {
+  return make_tensor(make_gmem_ptr(static_cast<T *>(t.ptr) + batch * t.batch_stride + head * t.head_stride),
+                     make_shape(seqlen, Int<kHeadDim>{}), make_stride(t.row_stride, _1{}));
 }
 
 // One head's row of a contiguous (batch, heads, seqlen) fp32 tensor (LSE, rowsum(dO * O)).
