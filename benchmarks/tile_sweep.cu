@@ -60,7 +60,7 @@ int main() {
     auto head_tensor = [&](Element *ptr) { return flash::HeadTensor{ptr, row * seqlen, row, HDIM}; };
     p.q = head_tensor(q), p.k = head_tensor(k), p.v = head_tensor(v), p.o = head_tensor(o);
     p.dout = head_tensor(dout), p.dq = head_tensor(dq), p.dk = head_tensor(dk), p.dv = head_tensor(dv);
-    p.lse_ptr = lse, p.dpsum_ptr = dpsum;
+    p.lse = {lse, int64_t(kHeads) * seqlen, seqlen}, p.dpsum = {dpsum, int64_t(kHeads) * seqlen, seqlen};
     p.batch = batch, p.heads = p.heads_kv = kHeads, p.seqlen_q = p.seqlen_k = seqlen, p.head_dim = HDIM;
     p.softmax_scale = 1.f / std::sqrt(float(HDIM)), p.softmax_scale_log2 = p.softmax_scale * float(M_LOG2E);
     dim3 const grid(cute::ceil_div(seqlen, BLOCK_M), batch, kHeads);

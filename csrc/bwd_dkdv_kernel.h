@@ -9,6 +9,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "block_info.h"
 #include "epilogue.h"
 #include "flash.h"
 #include "kernel_traits.h"
@@ -44,19 +45,21 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
-  Mask<kBlockN, kBlockM, Causal> const mask{params.seqlen_q, params.seqlen_k};  // (query, key) blocks
+  BlockInfo const seq{params, batch};
+  int const k_rows_left = seq.seqlen_k - n_block * kBlockM;
+  if (k_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
+  Mask<kBlockN, kBlockM, Causal> const mask{seq.seqlen_q, seq.seqlen_k};  // (query, key) blocks
   int const m_block_begin = mask.m_block_begin(n_block);
-  int const m_block_end = ceil_div(params.seqlen_q, kBlockN);
-  int const k_rows_left = params.seqlen_k - n_block * kBlockM;
+  int const m_block_end = ceil_div(seq.seqlen_q, kBlockN);
 
-  Tensor mK = head_matrix<kHeadDim, Element const>(params.k, batch, params.kv_head(head), params.seqlen_k);
-  Tensor mV = head_matrix<kHeadDim, Element const>(params.v, batch, params.kv_head(head), params.seqlen_k);
-  Tensor mQ = head_matrix<kHeadDim, Element const>(params.q, batch, head, params.seqlen_q);
-  Tensor mdO = head_matrix<kHeadDim, Element const>(params.dout, batch, head, params.seqlen_q);
-  Tensor mdK = head_matrix<kHeadDim, Element>(params.dk, batch, head, params.seqlen_k);
-  Tensor mdV = head_matrix<kHeadDim, Element>(params.dv, batch, head, params.seqlen_k);
-  Tensor mLSE = row_vector(params.lse_ptr, batch, head, params.heads, params.seqlen_q);
-  Tensor mD = row_vector(params.dpsum_ptr, batch, head, params.heads, params.seqlen_q);
+  Tensor mK = seq.k_rows<kHeadDim, Element const>(params.k, params.kv_head(head));
+  Tensor mV = seq.k_rows<kHeadDim, Element const>(params.v, params.kv_head(head));
+  Tensor mQ = seq.q_rows<kHeadDim, Element const>(params.q, head);
+  Tensor mdO = seq.q_rows<kHeadDim, Element const>(params.dout, head);
+  Tensor mdK = seq.k_rows<kHeadDim, Element>(params.dk, head);
+  Tensor mdV = seq.k_rows<kHeadDim, Element>(params.dv, head);
+  Tensor mLSE = seq.q_values(params.lse, head);
+  Tensor mD = seq.q_values(params.dpsum, head);
   Tensor gK = local_tile(mK, TileM{}, make_coord(n_block, 0));         // (kBlockM, kHeadDim)
   Tensor gV = local_tile(mV, TileM{}, make_coord(n_block, 0));         // (kBlockM, kHeadDim)
   Tensor gQ = local_tile(mQ, TileN{}, make_coord(_, 0));               // (kBlockN, kHeadDim, m)
@@ -107,7 +110,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   // Q, dO, LSE and D of query block m_block into a stage. Rows past seqlen_q arrive as zeros: with dO
   // and D zero there, such a query adds nothing to dV or dK.
   auto load_queries = [&](int m_block, int stage) {
-    int const rows = params.seqlen_q - m_block * kBlockN;
+    int const rows = seq.seqlen_q - m_block * kBlockN;
     load_tile<true>(gmem_copy, tQgQ(_, _, _, m_block), gmem_thr_copy.partition_D(sQ(stage)), tQcQ, rows,
                     params.head_dim);
     load_tile<true>(gmem_copy, tdOgdO(_, _, _, m_block), gmem_thr_copy.partition_D(sdO(stage)), tQcQ, rows,

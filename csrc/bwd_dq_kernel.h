@@ -6,6 +6,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "block_info.h"
 #include "epilogue.h"
 #include "flash.h"
 #include "mask.h"
@@ -34,17 +35,19 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
-  Mask<kBlockM, kBlockN, Causal> const mask{params.seqlen_q, params.seqlen_k};
+  BlockInfo const seq{params, batch};
+  int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
+  if (q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
+  Mask<kBlockM, kBlockN, Causal> const mask{seq.seqlen_q, seq.seqlen_k};
   int const n_block_end = mask.n_block_end(m_block);
-  int const q_rows_left = params.seqlen_q - m_block * kBlockM;
 
-  Tensor mQ = head_matrix<kHeadDim, Element const>(params.q, batch, head, params.seqlen_q);
-  Tensor mdO = head_matrix<kHeadDim, Element const>(params.dout, batch, head, params.seqlen_q);
-  Tensor mK = head_matrix<kHeadDim, Element const>(params.k, batch, params.kv_head(head), params.seqlen_k);
-  Tensor mV = head_matrix<kHeadDim, Element const>(params.v, batch, params.kv_head(head), params.seqlen_k);
-  Tensor mdQ = head_matrix<kHeadDim, Element>(params.dq, batch, head, params.seqlen_q);
-  Tensor mLSE = row_vector(params.lse_ptr, batch, head, params.heads, params.seqlen_q);
-  Tensor mD = row_vector(params.dpsum_ptr, batch, head, params.heads, params.seqlen_q);
+  Tensor mQ = seq.q_rows<kHeadDim, Element const>(params.q, head);
+  Tensor mdO = seq.q_rows<kHeadDim, Element const>(params.dout, head);
+  Tensor mK = seq.k_rows<kHeadDim, Element const>(params.k, params.kv_head(head));
+  Tensor mV = seq.k_rows<kHeadDim, Element const>(params.v, params.kv_head(head));
+  Tensor mdQ = seq.q_rows<kHeadDim, Element>(params.dq, head);
+  Tensor mLSE = seq.q_values(params.lse, head);
+  Tensor mD = seq.q_values(params.dpsum, head);
   Tensor gQ = local_tile(mQ, TileM{}, make_coord(m_block, 0));    // (kBlockM, kHeadDim)
   Tensor gdO = local_tile(mdO, TileM{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
   Tensor gK = local_tile(mK, TileN{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)
@@ -81,7 +84,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   auto load_kv = [&](int n_block, int stage, auto check_rows) {
     Tensor tKsK = gmem_thr_copy.partition_D(sK(stage));
     Tensor tVsV = gmem_thr_copy.partition_D(sV(stage));
-    int const rows = params.seqlen_k - n_block * kBlockN;
+    int const rows = seq.seqlen_k - n_block * kBlockN;
     load_tile<decltype(check_rows)::value>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, rows, params.head_dim);
     load_tile<decltype(check_rows)::value>(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, rows, params.head_dim);
   };

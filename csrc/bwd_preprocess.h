@@ -8,6 +8,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/array.h>
 
+#include "block_info.h"
 #include "flash.h"
 #include "launch_utils.h"
 #include "utils.h"
@@ -33,9 +34,13 @@ __global__ void __launch_bounds__(Config::kThreads) bwd_preprocess_kernel(__grid
   using Vec = cutlass::AlignedArray<Element, kVec>;
   int const m_block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
 
-  Tensor mO = head_matrix<Config::kCols, Element const>(params.o, batch, head, params.seqlen_q);  // (seqlen_q, kCols)
-  Tensor mdO = head_matrix<Config::kCols, Element const>(params.dout, batch, head, params.seqlen_q);  // (seqlen_q, kCols)
-  Tensor mD = row_vector(params.dpsum_ptr, batch, head, params.heads, params.seqlen_q);  // (seqlen_q)
+  BlockInfo const seq{params, batch};
+  int const rows_left = seq.seqlen_q - m_block * Config::kBlockRows;
+  if (rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence; the whole block leaves
+
+  Tensor mO = seq.q_rows<Config::kCols, Element const>(params.o, head);     // (seqlen_q, kCols)
+  Tensor mdO = seq.q_rows<Config::kCols, Element const>(params.dout, head);  // (seqlen_q, kCols)
+  Tensor mD = seq.q_values(params.dpsum, head);                               // (seqlen_q)
   auto const tile = Shape<Int<Config::kBlockRows>, Int<Config::kCols>>{};
   Tensor gO = local_tile(mO, tile, make_coord(m_block, 0));    // (kBlockRows, kCols)
   Tensor gdO = local_tile(mdO, tile, make_coord(m_block, 0));  // (kBlockRows, kCols)
@@ -44,7 +49,6 @@ __global__ void __launch_bounds__(Config::kThreads) bwd_preprocess_kernel(__grid
   int const lane = threadIdx.x % kLanes;
   int const col = lane * kVec;
   int const thread_row = threadIdx.x / kLanes;  // rows thread_row + i * kRowsPerPass, i < kRowsPerThread
-  int const rows_left = params.seqlen_q - m_block * Config::kBlockRows;
   bool const col_ok = col < params.head_dim;  // lanes past head_dim (e.g. 3 of 8 at 40) load nothing
 
   Vec tOrO[kRowsPerThread], tOrdO[kRowsPerThread];

@@ -8,7 +8,9 @@
 
 #include <cmath>
 #include <limits>
+#include <algorithm>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -81,10 +83,16 @@ void check_vector_aligned(at::Tensor const &t, char const *name) {
                     "elements, got strides ", num(t.strides()));
 }
 
-void check_bshd(at::Tensor const &t, char const *name) {
+// Fixed-length (batch, seqlen, heads, head_dim), or varlen (total, heads, head_dim).
+void check_heads(at::Tensor const &t, char const *name, bool varlen) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
                    " must be float16 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D (batch, seqlen, heads, head_dim), got ", num(t.dim()), "-D");
+  if (varlen) {
+    TORCH_CHECK_VALUE(t.dim() == 3, name, " must be 3-D (total, heads, head_dim) with cu_seqlens, got ", num(t.dim()),
+                      "-D");
+  } else {
+    TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D (batch, seqlen, heads, head_dim), got ", num(t.dim()), "-D");
+  }
   TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dim (stride 1), got stride ",
                     num(t.stride(-1)));
   TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
@@ -98,34 +106,82 @@ void check_same(at::Tensor const &t, char const *name, at::Tensor const &like, c
                     like.device());
 }
 
-// A (batch, seqlen, heads, head_dim) tensor as the kernels see it (checked by check_bshd beforehand).
-flash::HeadTensor head_tensor(at::Tensor const &t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+// A head tensor as the kernels see it (checked by check_heads beforehand). Varlen tensors have no batch
+// dim: their sequences start at rows that cu_seqlens gives, so batch_stride is 0.
+flash::HeadTensor head_tensor(at::Tensor const &t) {
+  if (t.dim() == 3) { return {t.data_ptr(), 0, t.stride(0), t.stride(1)}; }
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
 
-void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v) {
-  check_bshd(q, "q");
-  check_bshd(k, "k");
-  check_bshd(v, "v");
+// lse and D: contiguous (batch, heads, seqlen_q), or (heads, total_q) for varlen.
+flash::RowTensor row_tensor(at::Tensor const &t) {
+  return {t.data_ptr<float>(), t.dim() == 3 ? t.stride(0) : 0, t.stride(t.dim() - 2)};
+}
+
+// The batch of a varlen call: sequence b is rows [cu_seqlens[b], cu_seqlens[b + 1]) of q (k, v). Without
+// cu_seqlens the batch is fixed-length. max_seqlen sizes the grid; the values in cu_seqlens are not read
+// here (that would sync with the GPU): the kernels clamp them (block_info.h).
+struct Seqlens {
+  std::optional<at::Tensor> cu_q, cu_k;
+  int64_t max_q = 0, max_k = 0;
+  bool varlen() const { return cu_q.has_value(); }
+};
+
+void check_cu_seqlens(at::Tensor const &cu, char const *name, at::Tensor const &q) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D (batch + 1,), got shape ", num(cu.sizes()));
+  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(cu.device() == q.device(), name, " is on ", cu.device(), " but q is on ", q.device());
+}
+
+// Sequence positions are 32-bit in the kernels (offsets are 64-bit); leave room for a block past the end.
+constexpr int64_t kMaxSeqlen = (int64_t(1) << 31) - 1024;
+
+void set_qkv(flash::AttnParams &p, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, Seqlens const &s) {
+  bool const varlen = s.varlen();
+  TORCH_CHECK_VALUE(s.cu_q.has_value() == s.cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
+  check_heads(q, "q", varlen);
+  check_heads(k, "k", varlen);
+  check_heads(v, "v", varlen);
   check_same(k, "k", q, "q");
   check_same(v, "v", q, "q");
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", num(k.sizes()), " and ",
                     num(v.sizes()));
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k has batch ", num(k.size(0)), " but q has batch ", num(q.size(0)));
-  TORCH_CHECK_VALUE(k.size(3) == q.size(3), "k has head_dim ", num(k.size(3)), " but q has head_dim ",
-                    num(q.size(3)));
-  int64_t const head_dim = q.size(3);
+  if (!varlen) {
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k has batch ", num(k.size(0)), " but q has batch ", num(q.size(0)));
+  }
+  TORCH_CHECK_VALUE(k.size(-1) == q.size(-1), "k has head_dim ", num(k.size(-1)), " but q has head_dim ",
+                    num(q.size(-1)));
+  int64_t const head_dim = q.size(-1), heads = q.size(-2), heads_kv = k.size(-2);
   TORCH_CHECK_VALUE(head_dim > 0 && head_dim <= 256 && head_dim % 8 == 0, "q: head_dim must be a multiple of 8 in "
                     "[8, 256] at this level (flash_attn_func pads other head dims), got ", num(head_dim));
-  TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "q has ", num(q.size(2)),
-                    " heads, which must be a multiple of the heads of k and v (", num(k.size(2)), ")");
-  TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(2) <= 65535, "q: batch and heads must each be at most 65535");
-  // Sequence positions are 32-bit in the kernels (offsets are 64-bit); leave room for a block past the end.
-  constexpr int64_t kMaxSeqlen = (int64_t(1) << 31) - 1024;
-  TORCH_CHECK_VALUE(q.size(1) <= kMaxSeqlen && k.size(1) <= kMaxSeqlen, "q, k: seqlen must be below 2^31 - 1024, got ",
-                    num(q.size(1)), " and ", num(k.size(1)));
+  TORCH_CHECK_VALUE(heads_kv > 0 && heads % heads_kv == 0, "q has ", num(heads),
+                    " heads, which must be a multiple of the heads of k and v (", num(heads_kv), ")");
+  TORCH_CHECK_VALUE(heads <= 65535, "q: heads must be at most 65535");
 
+  if (varlen) {
+    check_cu_seqlens(*s.cu_q, "cu_seqlens_q", q);
+    check_cu_seqlens(*s.cu_k, "cu_seqlens_k", q);
+    TORCH_CHECK_VALUE(s.cu_q->size(0) == s.cu_k->size(0), "cu_seqlens_q has ", num(s.cu_q->size(0)),
+                      " entries but cu_seqlens_k has ", num(s.cu_k->size(0)), ": both must be (batch + 1,)");
+    TORCH_CHECK_VALUE(s.max_q >= 0 && s.max_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ", num(s.max_q),
+                      " and ", num(s.max_k));
+    TORCH_CHECK_VALUE(q.size(0) <= kMaxSeqlen && k.size(0) <= kMaxSeqlen, "q, k: total rows must be below 2^31 - 1024, "
+                      "got ", num(q.size(0)), " and ", num(k.size(0)));
+    p.batch = s.cu_q->size(0) - 1;
+    p.total_q = q.size(0), p.total_k = k.size(0);
+    // No sequence is longer than the tensor: a larger max_seqlen would only add blocks that leave at once.
+    p.seqlen_q = std::min(s.max_q, int64_t(p.total_q)), p.seqlen_k = std::min(s.max_k, int64_t(p.total_k));
+    p.cu_seqlens_q = s.cu_q->data_ptr<int>(), p.cu_seqlens_k = s.cu_k->data_ptr<int>();
+  } else {
+    TORCH_CHECK_VALUE(q.size(1) <= kMaxSeqlen && k.size(1) <= kMaxSeqlen, "q, k: seqlen must be below 2^31 - 1024, "
+                      "got ", num(q.size(1)), " and ", num(k.size(1)));
+    p.batch = q.size(0);
+    p.seqlen_q = q.size(1), p.seqlen_k = k.size(1);
+  }
+  TORCH_CHECK_VALUE(p.batch <= 65535, "batch must be at most 65535, got ", num(int64_t(p.batch)));
   p.q = head_tensor(q), p.k = head_tensor(k), p.v = head_tensor(v);
-  p.batch = q.size(0), p.heads = q.size(2), p.heads_kv = k.size(2);
-  p.seqlen_q = q.size(1), p.seqlen_k = k.size(1);
+  p.heads = heads, p.heads_kv = heads_kv;
   p.head_dim = head_dim;
 }
 
@@ -144,12 +200,17 @@ void check_output(at::Tensor const &t, char const *name, at::Tensor const &like,
                     " must not have overlapping elements (e.g. a stride of 0), got strides ", num(t.strides()));
 }
 
-void check_lse(at::Tensor const &lse, at::Tensor const &q) {
+void check_lse(at::Tensor const &lse, at::Tensor const &q, flash::AttnParams const &p) {
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) &&
-                        lse.size(2) == q.size(1) && lse.is_contiguous(),
-                    "lse must be a contiguous (batch, heads, seqlen_q) tensor, got ", num(lse.sizes()));
+  if (p.cu_seqlens_q != nullptr) {
+    TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == p.heads && lse.size(1) == p.total_q && lse.is_contiguous(),
+                      "lse must be a contiguous (heads, total_q) tensor, got ", num(lse.sizes()));
+  } else {
+    TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads &&
+                          lse.size(2) == p.seqlen_q && lse.is_contiguous(),
+                      "lse must be a contiguous (batch, heads, seqlen_q) tensor, got ", num(lse.sizes()));
+  }
 }
 
 void set_softmax(flash::AttnParams &p, double softmax_scale, bool causal) {
@@ -161,9 +222,14 @@ void set_softmax(flash::AttnParams &p, double softmax_scale, bool causal) {
   p.is_causal = causal;
 }
 
-void set_out_strides(flash::FwdParams &p, at::Tensor const &out, at::Tensor const &lse) {
+void set_out(flash::FwdParams &p, at::Tensor const &out, at::Tensor const &lse) {
   p.o = head_tensor(out);
-  p.lse_ptr = lse.data_ptr<float>();
+  p.lse = row_tensor(lse);
+}
+
+// Nothing to launch: no sequence, no query or no key (a grid of size 0 is invalid).
+bool nothing_attends(flash::AttnParams const &p) {
+  return p.batch == 0 || p.heads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0;
 }
 
 template <class Launch>
@@ -180,19 +246,19 @@ void launch(flash::AttnParams const &p, at::ScalarType dtype, Launch &&run) {
 
 // out <- softmax(q·kᵀ·scale)·v and lse <- logsumexp(q·kᵀ·scale) per query row; returns nothing.
 void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
-         double softmax_scale, bool causal) {
+         double softmax_scale, bool causal, Seqlens const &seqlens) {
   flash::FwdParams p{};
-  set_qkv(p, q, k, v);
+  set_qkv(p, q, k, v, seqlens);
   set_softmax(p, softmax_scale, causal);
   check_output(out, "out", q, "q");
-  check_lse(lse, q);
+  check_lse(lse, q, p);
   if (q.numel() == 0) { return; }
-  if (p.seqlen_k == 0) {  // no keys at all: every row sees nothing
+  if (nothing_attends(p)) {  // e.g. no keys at all: every row sees nothing
     out.zero_();
     lse.fill_(std::numeric_limits<float>::infinity());
     return;
   }
-  set_out_strides(p, out, lse);
+  set_out(p, out, lse);
 
   c10::cuda::CUDAGuard device_guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -209,37 +275,53 @@ struct BwdLaunch {
   at::Tensor dk_heads, dv_heads, dpsum;
 };
 
+// A k-shaped tensor with one head per query head: dK or dV before the group sum.
+at::Tensor per_query_head(at::Tensor const &k, int64_t heads) {
+  std::vector<int64_t> shape = k.sizes().vec();
+  shape[k.dim() - 2] = heads;
+  return at::empty(shape, k.options());
+}
+
+// grad <- per-query-head gradients summed over each group of query heads, in a fixed order.
+void sum_groups(at::Tensor &grad, at::Tensor const &grad_heads, int64_t heads_kv) {
+  std::vector<int64_t> shape = grad_heads.sizes().vec();  // (..., heads, head_dim) -> (..., heads_kv, groups, head_dim)
+  int64_t const groups = shape[shape.size() - 2] / heads_kv;
+  shape[shape.size() - 2] = heads_kv;
+  shape.insert(shape.end() - 1, groups);
+  at::sum_out(grad, grad_heads.view(shape), {int64_t(shape.size()) - 2});
+}
+
 BwdLaunch prepare_bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
                       at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
-                      double softmax_scale, bool causal) {
+                      double softmax_scale, bool causal, Seqlens const &seqlens) {
   BwdLaunch b;
   flash::BwdParams &p = b.params;
-  set_qkv(p, q, k, v);
+  set_qkv(p, q, k, v, seqlens);
   set_softmax(p, softmax_scale, causal);
   check_out(out, "out", q, "q");
   check_out(dout, "dout", q, "q");
-  check_lse(lse, q);
+  check_lse(lse, q, p);
   check_output(dq, "dq", q, "q");
   check_output(dk, "dk", k, "k");
   check_output(dv, "dv", v, "v");
-  set_out_strides(p, out, lse);
+  set_out(p, out, lse);
   p.dout = head_tensor(dout), p.dq = head_tensor(dq);
   bool const grouped = p.heads != p.heads_kv;
-  b.dk_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, k.size(3)}, k.options()) : dk;
-  b.dv_heads = grouped ? at::empty({p.batch, p.seqlen_k, p.heads, v.size(3)}, v.options()) : dv;
+  b.dk_heads = grouped ? per_query_head(k, p.heads) : dk;
+  b.dv_heads = grouped ? per_query_head(v, p.heads) : dv;
   p.dk = head_tensor(b.dk_heads), p.dv = head_tensor(b.dv_heads);
-  b.dpsum = at::empty({p.batch, p.heads, p.seqlen_q}, q.options().dtype(at::kFloat));
-  p.dpsum_ptr = b.dpsum.data_ptr<float>();
+  b.dpsum = at::empty_like(lse);
+  p.dpsum = row_tensor(b.dpsum);
   return b;
 }
 
 // dq, dk, dv <- gradients of sum(out * dout) w.r.t. q, k, v, given the forward's out and lse.
 void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
          at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
-         double softmax_scale, bool causal) {
-  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal);
+         double softmax_scale, bool causal, Seqlens const &seqlens) {
+  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, seqlens);
   flash::BwdParams const &p = b.params;
-  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) {  // nothing attends to anything
+  if (nothing_attends(p)) {  // nothing attends to anything
     dq.zero_();
     dk.zero_();
     dv.zero_();
@@ -256,9 +338,8 @@ void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::T
     return err;
   });
   if (p.heads != p.heads_kv) {
-    int64_t const groups = p.heads / p.heads_kv;
-    at::sum_out(dk, b.dk_heads.view({p.batch, p.seqlen_k, p.heads_kv, groups, k.size(3)}), {3});
-    at::sum_out(dv, b.dv_heads.view({p.batch, p.seqlen_k, p.heads_kv, groups, v.size(3)}), {3});
+    sum_groups(dk, b.dk_heads, p.heads_kv);
+    sum_groups(dv, b.dv_heads, p.heads_kv);
   }
 }
 
@@ -270,7 +351,7 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
                                            double softmax_scale, bool causal, int64_t reps) {
   TORCH_CHECK_VALUE(reps > 0, "reps must be positive, got ", num(reps));
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal);
+  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, Seqlens{});
   flash::BwdParams const &p = b.params;
   TORCH_CHECK_VALUE(q.numel() > 0 && k.numel() > 0, "time_kernels needs non-empty q, k and v");
   c10::cuda::CUDAGuard device_guard(q.device());
@@ -307,11 +388,25 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash_attn2 CUDA kernels (use flash_attn2.flash_attn_func)";
-  m.def("fwd", &fwd, "Attention forward into out and lse", py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::arg("lse"), py::arg("softmax_scale"), py::arg("causal"));
-  m.def("bwd", &bwd, "Attention backward into dq, dk and dv", py::arg("dout"), py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
-        py::arg("softmax_scale"), py::arg("causal"));
+  // Varlen when cu_seqlens_q and cu_seqlens_k are given: q, k, v, out (and gradients) are (total, heads,
+  // head_dim) and lse (heads, total_q).
+  m.def("fwd", [](at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
+                  double softmax_scale, bool causal, std::optional<at::Tensor> cu_seqlens_q,
+                  std::optional<at::Tensor> cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+          fwd(q, k, v, out, lse, softmax_scale, causal, {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
+        }, "Attention forward into out and lse", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("softmax_scale"), py::arg("causal"), py::arg("cu_seqlens_q") = py::none(),
+        py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0);
+  m.def("bwd", [](at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
+                  at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
+                  double softmax_scale, bool causal, std::optional<at::Tensor> cu_seqlens_q,
+                  std::optional<at::Tensor> cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+          bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal,
+              {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
+        }, "Attention backward into dq, dk and dv", py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("softmax_scale"),
+        py::arg("causal"), py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
+        py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0);
   m.def("time_kernels", &time_kernels, "Milliseconds per launch of each kernel, timed from C++",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("reps"));

@@ -5,6 +5,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "block_info.h"
 #include "epilogue.h"
 #include "flash.h"
 #include "mask.h"
@@ -34,15 +35,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
-  Mask<kBlockM, kBlockN, Causal> const mask{params.seqlen_q, params.seqlen_k};
+  BlockInfo const seq{params, batch};
+  int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
+  if (q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
+  Mask<kBlockM, kBlockN, Causal> const mask{seq.seqlen_q, seq.seqlen_k};
   int const n_block_end = mask.n_block_end(m_block);
-  int const q_rows_left = params.seqlen_q - m_block * kBlockM;
 
-  Tensor mQ = head_matrix<kHeadDim, Element const>(params.q, batch, head, params.seqlen_q);
-  Tensor mK = head_matrix<kHeadDim, Element const>(params.k, batch, params.kv_head(head), params.seqlen_k);
-  Tensor mV = head_matrix<kHeadDim, Element const>(params.v, batch, params.kv_head(head), params.seqlen_k);
-  Tensor mO = head_matrix<kHeadDim, Element>(params.o, batch, head, params.seqlen_q);
-  Tensor mLSE = row_vector(params.lse_ptr, batch, head, params.heads, params.seqlen_q);
+  Tensor mQ = seq.q_rows<kHeadDim, Element const>(params.q, head);
+  Tensor mK = seq.k_rows<kHeadDim, Element const>(params.k, params.kv_head(head));
+  Tensor mV = seq.k_rows<kHeadDim, Element const>(params.v, params.kv_head(head));
+  Tensor mO = seq.q_rows<kHeadDim, Element>(params.o, head);
+  Tensor mLSE = seq.q_values(params.lse, head);
   Tensor gQ = local_tile(mQ, TileQ{}, make_coord(m_block, 0));     // (kBlockM, kHeadDim)
   Tensor gK = local_tile(mK, TileKV{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)
   Tensor gV = local_tile(mV, TileKV{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)
@@ -97,7 +100,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   // diagonal blocks, the only ones that need masking, come first.
   int n_block = n_block_end - 1;
   load_tile<true>(gmem_copy, tQgQ, tQsQ, tQcQ, q_rows_left, params.head_dim);
-  load_tile<true>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, params.seqlen_k - n_block * kBlockN,
+  load_tile<true>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, seq.seqlen_k - n_block * kBlockN,
                   params.head_dim);
   cp_async_fence();
 
@@ -111,7 +114,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     cp_async_wait<0>();
     __syncthreads();  // K[n_block] has landed, and every warp is done with V[n_block + 1]
     // V streams in while Q·Kᵀ runs. Only the first block visited can be the ragged last one.
-    load_tile<kFirst>(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, params.seqlen_k - n_block * kBlockN,
+    load_tile<kFirst>(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, seq.seqlen_k - n_block * kBlockN,
                       params.head_dim);
     cp_async_fence();
 

@@ -11,16 +11,19 @@ namespace flash {
 
 using namespace cute;
 
-// One head's (seqlen, kHeadDim) matrix of a (batch, seqlen, heads, head_dim) tensor of T; 64-bit offsets.
+// One head's (seqlen, kHeadDim) matrix of a (batch, seqlen, heads, head_dim) tensor of T, starting at row
+// row_start (varlen: the sequence's first row, with batch_stride 0); 64-bit offsets.
 template <int kHeadDim, typename T>
-CUTE_DEVICE auto head_matrix(HeadTensor const &t, int batch, int head, int seqlen) {
-  return make_tensor(make_gmem_ptr(static_cast<T *>(t.ptr) + batch * t.batch_stride + head * t.head_stride),
-                     make_shape(seqlen, Int<kHeadDim>{}), make_stride(t.row_stride, _1{}));
+CUTE_DEVICE auto head_matrix(HeadTensor const &t, int batch, int head, int row_start, int seqlen) {
+  index_t const offset = batch * t.batch_stride + row_start * t.row_stride + head * t.head_stride;
+  return make_tensor(make_gmem_ptr(static_cast<T *>(t.ptr) + offset), make_shape(seqlen, Int<kHeadDim>{}),
+                     make_stride(t.row_stride, _1{}));
 }
 
-// One head's row of a contiguous (batch, heads, seqlen) fp32 tensor (LSE, rowsum(dO * O)).
-CUTE_DEVICE auto row_vector(float *ptr, int batch, int head, int heads, int seqlen) {
-  return make_tensor(make_gmem_ptr(ptr + (int64_t(batch) * heads + head) * seqlen), make_shape(seqlen));
+// One head's (seqlen) values of a per-row fp32 tensor (LSE, rowsum(dO * O)), starting at row row_start.
+CUTE_DEVICE auto row_vector(RowTensor const &t, int batch, int head, int row_start, int seqlen) {
+  return make_tensor(make_gmem_ptr(t.ptr + batch * t.batch_stride + head * t.head_stride + row_start),
+                     make_shape(seqlen));
 }
 
 // An SM80 accumulator ((2,2),MMA_M,MMA_N) seen as (rows, cols) = ((2,MMA_M),(2,MMA_N)):

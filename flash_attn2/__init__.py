@@ -1,6 +1,11 @@
 """flash_attn2: exact attention for PyTorch on hand-written CuTe kernels, after FlashAttention-2."""
 
-from .interface import built_head_dims, flash_attn_func
+from ._checks import set_value_checks
+from ._ops import built_head_dims
+from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 
-__version__ = "0.1.0"
-__all__ = ["flash_attn_func", "built_head_dims", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "built_head_dims",
+           "set_value_checks", "__version__"]

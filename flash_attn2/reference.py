@@ -40,3 +40,26 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, compute_dtype=torch
     p = torch.exp(scores - lse.masked_fill(empty, 0.0).unsqueeze(-1))
     out = p.to(compute_dtype) @ v
     return out.transpose(1, 2), lse.masked_fill(empty, float("inf")).float()
+
+
+def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
+                         compute_dtype=torch.float32):
+    """attention_ref on each sequence of a varlen batch, flash_attn_varlen_func's layout and semantics.
+
+    q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv, head_dim); sequence b is rows
+    cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q and cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v (valid
+    values: from 0, non-decreasing, ending at total). Causal is aligned bottom-right per sequence.
+
+    Returns (out, lse): out (total_q, heads_q, head_dim) in compute_dtype, lse float32 (heads_q, total_q).
+    Differentiable, as attention_ref.
+    """
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        out, lse = attention_ref(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale, causal,
+                                 compute_dtype)
+        outs.append(out[0])
+        lses.append(lse[0])
+    empty_out = q.new_zeros((0, *q.shape[1:]), dtype=compute_dtype)
+    return (torch.cat(outs) if outs else empty_out,
+            torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32))
