@@ -70,7 +70,7 @@ int main() {
         auto launch = [&](auto causal) {
           constexpr bool kCausal = decltype(causal)::value;
           if constexpr (KERNEL == 0) {
-            return flash::launch_kernel(&flash::fwd_kernel<Traits, kCausal>, grid, Traits::kNThreads, kSmem,
+            return flash::launch_kernel(&flash::fwd_kernel<Traits, kCausal, false>, grid, Traits::kNThreads, kSmem,
                                         static_cast<flash::FwdParams const &>(p), 0);
           } else if constexpr (KERNEL == 1) {
             return flash::launch_kernel(&flash::bwd_dq_kernel<Traits, kCausal>, grid, Traits::kNThreads, kSmem, p, 0);

@@ -16,8 +16,14 @@ struct BlockInfo {
   int q_start, k_start;  // first row of the sequence in q, o (k, v); 0 for fixed-length, where batch_stride picks it
   int seqlen_q, seqlen_k;
 
-  CUTE_DEVICE BlockInfo(AttnParams const &p, int batch) : batch(batch) {
-    if (p.cu_seqlens_q == nullptr) {
+  // maybe_varlen: whether cu_seqlens may be given, so that the batch is told apart at run time. The forward,
+  // whose registers are tight, is instantiated for fixed-length batches with false_type, so that their offsets
+  // and lengths fold back to the params: the run-time branch more than doubled its spills and cost D = 128
+  // causal short sequences up to 10% (benchmarks/NOTES.md). The backward kernels showed no cost and keep one
+  // instantiation.
+  template <class MaybeVarlen = cute::true_type>
+  CUTE_DEVICE BlockInfo(AttnParams const &p, int batch, MaybeVarlen maybe_varlen = {}) : batch(batch) {
+    if (!maybe_varlen || p.cu_seqlens_q == nullptr) {
       q_start = k_start = 0;
       seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
     } else {

@@ -20,7 +20,7 @@ using namespace cute;
 template <class Traits>
 constexpr int fwd_smem_size() { return Traits::kSmemSizeM + 2 * Traits::kSmemSizeN; }
 
-template <class Traits, bool Causal>
+template <class Traits, bool Causal, bool Varlen>
 __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant__ const FwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
-  BlockInfo const seq{params, batch};
+  BlockInfo const seq{params, batch, cute::bool_constant<Varlen>{}};
   int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
   if (q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
   Mask<kBlockM, kBlockN, Causal> const mask{seq.seqlen_q, seq.seqlen_k};
