@@ -32,7 +32,7 @@ struct AttnParams {
 
   // Varlen: sequence b is rows [cu_seqlens[b], cu_seqlens[b + 1]) of the (total, heads, head_dim)
   // tensors; (batch + 1,) device arrays, or nullptr for a fixed-length batch. Their values come from the
-  // caller unchecked: seq_info() clamps them into [0, total) so that no kernel leaves the tensors.
+  // caller unchecked: BlockInfo (block_info.h) clamps them into [0, total) so that no kernel leaves the tensors.
   int const *__restrict__ cu_seqlens_q;
   int const *__restrict__ cu_seqlens_k;
   int total_q, total_k;        // rows of the varlen tensors

@@ -46,10 +46,12 @@ def check_features(dropout_p, window_size, softcap, alibi_slopes):
         raise NotImplementedError("alibi_slopes: ALiBi is not implemented in flash_attn2; pass None")
 
 
-def check_inputs(q, k, v, softmax_scale, varlen=False):
+def check_inputs(q, k, v, softmax_scale, varlen=False, names=("q", "k", "v")):
     """q, k, v as the kernels take them: (batch, seqlen, heads, head_dim), or with varlen (total, heads,
-    head_dim); fp16/bf16, a contiguous last dim. Their devices: check_devices, last."""
-    named = (("q", q), ("k", k), ("v", v))
+    head_dim); fp16/bf16, a contiguous last dim. Their devices: check_devices, last. names: what the caller
+    called them (the packed entries pass views of qkv or kv, and name those)."""
+    named = tuple(zip(names, (q, k, v)))
+    qn, kn = names[0], names[1]
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -57,7 +59,7 @@ def check_inputs(q, k, v, softmax_scale, varlen=False):
             raise TypeError(f"{name} has dtype {t.dtype}; flash_attn2 takes torch.float16 or torch.bfloat16")
     for name, t in named[1:]:
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k and v must share one dtype")
+            raise TypeError(f"{name} has dtype {t.dtype} but {qn} has {q.dtype}: q, k and v must share one dtype")
     rank, layout = (3, "(total, heads, head_dim)") if varlen else (4, "(batch, seqlen, heads, head_dim)")
     for name, t in named:
         if t.dim() != rank:
@@ -66,18 +68,18 @@ def check_inputs(q, k, v, softmax_scale, varlen=False):
     rows = "total" if varlen else "seqlen"
     for name, t in named[1:]:
         if not varlen and t.shape[0] != q.shape[0]:
-            raise ValueError(f"{name} has batch {t.shape[0]} but q has batch {q.shape[0]}: they must match")
+            raise ValueError(f"{name} has batch {t.shape[0]} but {qn} has batch {q.shape[0]}: they must match")
         if t.shape[-1] != head_dim:
-            raise ValueError(f"{name} has head_dim {t.shape[-1]} but q has head_dim {head_dim}: they must match")
+            raise ValueError(f"{name} has head_dim {t.shape[-1]} but {qn} has head_dim {head_dim}: they must match")
     if v.shape[-3] != k.shape[-3]:
-        raise ValueError(f"v has {rows} {v.shape[-3]} but k has {rows} {k.shape[-3]}: they must match")
+        raise ValueError(f"{names[2]} has {rows} {v.shape[-3]} but {kn} has {rows} {k.shape[-3]}: they must match")
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v has {v.shape[-2]} heads but k has {k.shape[-2]}: they must match")
+        raise ValueError(f"{names[2]} has heads {v.shape[-2]} but {kn} has heads {k.shape[-2]}: they must match")
     heads_kv = k.shape[-2]
     if heads_kv == 0 or heads % heads_kv != 0:
-        raise ValueError(f"q has {heads} heads, which must be a multiple of the {heads_kv} heads of k and v")
+        raise ValueError(f"{qn} has {heads} heads, which must be a multiple of the {heads_kv} heads of k and v")
     if not 0 < head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q: head_dim is {head_dim}; flash_attn2 supports head dims 1 to {MAX_HEAD_DIM}")
+        raise ValueError(f"{qn}: head_dim is {head_dim}; flash_attn2 supports head dims 1 to {MAX_HEAD_DIM}")
     for name, t in named:
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
@@ -109,10 +111,18 @@ def check_packed(name, packed, count, layout):
                          f"{len(layout) - 3}, got shape {tuple(packed.shape)}")
 
 
-def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    """cu_seqlens and max_seqlen of a varlen call, q and k already checked; devices and values apart."""
-    seqlens = (("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, q),
-               ("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, k))
+VARLEN_NAMES = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+
+
+def _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names):
+    cu_q, cu_k, max_q, max_k = names
+    return ((cu_q, cu_seqlens_q, max_q, max_seqlen_q, q), (cu_k, cu_seqlens_k, max_k, max_seqlen_k, k))
+
+
+def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names=VARLEN_NAMES):
+    """cu_seqlens and max_seqlen of a varlen call, q and k already checked; devices and values apart.
+    names: what the caller called them (the varlen qkvpacked entry has one cu_seqlens and max_seqlen)."""
+    seqlens = _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names)
     for name, cu, max_name, max_seqlen, rows in seqlens:
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -130,22 +140,21 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
             raise ValueError(f"{max_name} must be at least 1 when the sequences hold tokens "
                              f"({rows.shape[0]} rows), got {max_seqlen}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
+        raise ValueError(f"{names[0]} has {cu_seqlens_q.numel()} entries but {names[1]} has "
                          f"{cu_seqlens_k.numel()}: both must be (batch + 1,)")
     if cu_seqlens_q.numel() - 1 > MAX_BATCH:
-        raise ValueError(f"cu_seqlens_q: batch must be at most {MAX_BATCH}, got {cu_seqlens_q.numel() - 1}")
+        raise ValueError(f"{names[0]}: batch must be at most {MAX_BATCH}, got {cu_seqlens_q.numel() - 1}")
     if max(q.shape[0], k.shape[0]) > MAX_SEQLEN:
         raise ValueError(f"q, k: total rows must be below 2^31 - 1024, got {q.shape[0]} and {k.shape[0]}")
 
 
-def check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names=VARLEN_NAMES):
     """cu_seqlens starts at 0, never decreases, ends at the tensor's rows, and no sequence is longer
     than max_seqlen. Reads them to the host (a sync), so only where value checks are on."""
     if not _check_values:
         return
-    seqlens = (("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, q),
-               ("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, k))
-    for name, cu, max_name, max_seqlen, rows in seqlens:
+    for name, cu, max_name, max_seqlen, rows in _seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                         max_seqlen_k, names):
         values = cu.tolist()
         if values[0] != 0:
             raise ValueError(f"{name} must start at 0, got {values[0]}")

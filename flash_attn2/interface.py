@@ -39,7 +39,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     place; its gradient comes back as one tensor of that shape."""
     _checks.check_features(dropout_p, window_size, softcap, alibi_slopes)
     _checks.check_packed("kv", kv, 2, ("batch", "seqlen_k", "2", "heads_kv", "head_dim"))
-    _checks.check_inputs(q, *kv.unbind(2), softmax_scale)
+    _checks.check_inputs(q, *kv.unbind(2), softmax_scale, names=("q", "kv", "kv"))
     _checks.check_devices((("q", q), ("kv", kv)))
     return attention(q, kv, None, softmax_scale, causal, return_attn_probs)
 
@@ -50,6 +50,6 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     its gradient comes back as one tensor of that shape."""
     _checks.check_features(dropout_p, window_size, softcap, alibi_slopes)
     _checks.check_packed("qkv", qkv, 3, ("batch", "seqlen", "3", "heads", "head_dim"))
-    _checks.check_inputs(*qkv.unbind(2), softmax_scale)
+    _checks.check_inputs(*qkv.unbind(2), softmax_scale, names=("qkv",) * 3)
     _checks.check_devices((("qkv", qkv),))
     return attention(qkv, None, None, softmax_scale, causal, return_attn_probs)

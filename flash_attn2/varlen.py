@@ -11,11 +11,13 @@ def _check_block_table(block_table):
         raise NotImplementedError("block_table: paged KV is not implemented in flash_attn2; pass None")
 
 
-def _check_varlen(named, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):
+def _check_varlen(named, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k,
+                  names=_checks.VARLEN_NAMES):
     """The varlen rules for q and k (unpacked views), then every device, then (if on) the values."""
-    _checks.check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    _checks.check_devices((*named, ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)))
-    _checks.check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    args = (q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, names)
+    _checks.check_varlen(*args)
+    _checks.check_devices((*named, (names[0], cu_seqlens_q), (names[1], cu_seqlens_k)))
+    _checks.check_varlen_values(*args)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -53,7 +55,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     its gradient comes back as one tensor of that shape."""
     _checks.check_features(dropout_p, window_size, softcap, alibi_slopes)
     _checks.check_packed("kv", kv, 2, ("total_k", "2", "heads_kv", "head_dim"))
-    _checks.check_inputs(q, *kv.unbind(1), softmax_scale, varlen=True)
+    _checks.check_inputs(q, *kv.unbind(1), softmax_scale, varlen=True, names=("q", "kv", "kv"))
     _check_varlen((("q", q), ("kv", kv)), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, kv[:, 0])
     return attention(q, kv, None, softmax_scale, causal, return_attn_probs, cu_seqlens_q, cu_seqlens_k,
                      max_seqlen_q, max_seqlen_k)
@@ -66,7 +68,8 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     and max_seqlen for all three, read in place; its gradient comes back as one tensor of that shape."""
     _checks.check_features(dropout_p, window_size, softcap, alibi_slopes)
     _checks.check_packed("qkv", qkv, 3, ("total", "3", "heads", "head_dim"))
-    _checks.check_inputs(*qkv.unbind(1), softmax_scale, varlen=True)
-    _check_varlen((("qkv", qkv),), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, qkv[:, 0], qkv[:, 1])
+    _checks.check_inputs(*qkv.unbind(1), softmax_scale, varlen=True, names=("qkv",) * 3)
+    _check_varlen((("qkv", qkv),), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, qkv[:, 0], qkv[:, 1],
+                  names=("cu_seqlens", "cu_seqlens", "max_seqlen", "max_seqlen"))
     return attention(qkv, None, None, softmax_scale, causal, return_attn_probs, cu_seqlens, cu_seqlens, max_seqlen,
                      max_seqlen)

@@ -1,13 +1,16 @@
 """Shared markers, options and helpers; test modules import them with `from conftest import ...`."""
 
 import importlib
+import itertools
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flash_attn2.interface import _fwd
+from flash_attn2.reference import attention_ref, attention_varlen_ref
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -119,14 +122,55 @@ def strided_qkv(layout, batch, seqlen, heads, head_dim, *, dtype, device):
     return tuple(torch.randn(batch, heads, seqlen, head_dim, **like).transpose(1, 2) for _ in "qkv")
 
 
-def forward_into_nan(q, k, v, softmax_scale, causal):
-    """Runs _fwd into NaN-filled out and lse, so that any element it leaves unwritten fails."""
+class Varlen(NamedTuple):
+    """Where the sequences of a varlen batch lie, in the order flash_attn_varlen_func, _fwd and _bwd take
+    it (so `*varlen` follows q, k, v there): sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q."""
+    cu_seqlens_q: torch.Tensor  # int32 (batch + 1,)
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def varlen_of(lengths_q, lengths_k, device):
+    """The Varlen of sequences of these lengths (one pair per sequence), packed in order."""
+    assert len(lengths_q) == len(lengths_k)
+
+    def cu_seqlens(lengths):
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+    return Varlen(cu_seqlens(lengths_q), cu_seqlens(lengths_k), max(lengths_q, default=0),
+                  max(lengths_k, default=0))
+
+
+def random_varlen(lengths_q, lengths_k, heads_q, heads_kv, head_dim, *, dtype, device):
+    """Random packed q (sum(lengths_q), heads_q, head_dim), k and v (sum(lengths_k), heads_kv, head_dim)
+    in flash_attn_varlen_func's layout, and their Varlen."""
+    q = torch.randn(sum(lengths_q), heads_q, head_dim, dtype=dtype, device=device)
+    k = torch.randn(sum(lengths_k), heads_kv, head_dim, dtype=dtype, device=device)
+    return q, k, torch.randn_like(k), varlen_of(lengths_q, lengths_k, device)
+
+
+def reference(q, k, v, softmax_scale, causal, compute_dtype=torch.float32, varlen=None):
+    """attention_ref, or attention_varlen_ref where varlen (a Varlen) is given: (out, lse)."""
+    if varlen is None:
+        return attention_ref(q, k, v, softmax_scale, causal, compute_dtype)
+    return attention_varlen_ref(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, softmax_scale, causal,
+                                compute_dtype)
+
+
+def lse_shape(q, varlen=None):
+    """(batch, heads_q, seqlen_q), or (heads_q, total_q) for varlen."""
+    return (q.shape[1], q.shape[0]) if varlen is not None else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def forward_into_nan(q, k, v, softmax_scale, causal, varlen=None):
+    """Runs _fwd into NaN-filled out and lse, so that any element it leaves unwritten fails. Varlen
+    where varlen is given (q, k, v then (total, heads, head_dim))."""
     head_dim = q.shape[-1]
     q, k, v = (F.pad(t, (0, -head_dim % 8)) for t in (q, k, v))  # zeros, as flash_attn_func pads
-    batch, seqlen_q, heads_q, _ = q.shape
     out = torch.full_like(q, float("nan"))
-    lse = torch.full((batch, heads_q, seqlen_q), float("nan"), dtype=torch.float32, device=q.device)
-    _fwd(q, k, v, out, lse, softmax_scale, causal)
+    lse = torch.full(lse_shape(q, varlen), float("nan"), dtype=torch.float32, device=q.device)
+    _fwd(q, k, v, out, lse, softmax_scale, causal, *(varlen or ()))
     assert (out[..., head_dim:] == 0).all(), "padding columns of out must be 0 (v is 0 there)"
     return out[..., :head_dim], lse
 

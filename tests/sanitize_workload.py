@@ -2,11 +2,17 @@
 backward of every built head dim, both dtypes, causal and not, on ragged and tile-sized seqlens with GQA
 and MHA, so that every kernel instantiation runs at least once on shapes that leave partial tiles.
 
-Shapes are tiny: the sanitizers slow kernels down 100x and more. Run alone, without the sanitizer, it
-also checks each result against the float32 reference (--no-check skips that, as the driver does, so
-that the sanitizers see our kernels and little of PyTorch's).
+Varlen batches too, through flash_attn_varlen_func: a ragged mix with an empty sequence and GQA, and
+cu_seqlens with bad values (decreasing, negative, past the tensors' rows, not starting at 0, sequences
+longer than max_seqlen) that value checks would refuse and that, unchecked, must give wrong rows but no
+access outside the tensors. --varlen-only runs the varlen cases alone.
 
-    python3 tests/sanitize_workload.py [--dtypes fp16 bf16] [--head-dims 64 128] [--no-check]
+Shapes are tiny: the sanitizers slow kernels down 100x and more. Run alone, without the sanitizer, it
+also checks each result of a valid call against the float32 reference (--no-check skips that, as the
+driver does, so that the sanitizers see our kernels and little of PyTorch's; the bad cu_seqlens are
+never checked, their results are garbage by design).
+
+    python3 tests/sanitize_workload.py [--dtypes fp16 bf16] [--head-dims 64 128] [--no-check] [--varlen-only]
 """
 
 import argparse
@@ -17,13 +23,29 @@ from pathlib import Path
 import torch
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's flash_attn2
-from flash_attn2 import flash_attn_func  # noqa: E402
+from flash_attn2 import flash_attn_func, flash_attn_varlen_func, set_value_checks  # noqa: E402
 from flash_attn2.interface import built_head_dims  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv): ragged both ways with GQA (and a batch stride), and
 # a tile-sized MHA one.
 SHAPES = [(2, 113, 203, 2, 1), (1, 217, 128, 4, 2), (1, 128, 64, 2, 2)]
+
+# Varlen: (lengths_q, lengths_k, heads_q, heads_kv), one length each per sequence. Empty sequences, one
+# with no key, one with more queries than keys (causal rows that see none), ragged tiles; GQA.
+VARLEN_SHAPES = [([0, 113, 1, 65, 40], [0, 203, 7, 0, 129], 4, 2), ([130], [64], 2, 2)]
+# Bad cu_seqlens for q (TOTAL_Q rows) and k (TOTAL_K rows), with max_seqlen_q and max_seqlen_k: (name,
+# cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k). Each pair has one entry more than the batch.
+TOTAL_Q, TOTAL_K = 150, 200
+INT32_MAX = 2 ** 31 - 1
+BAD_CU_SEQLENS = [
+    ("decreasing", [0, 100, 40, 150], [0, 150, 30, 200], 150, 150),
+    ("past-total", [0, 60, 400, 100_000], [0, 250, 300, 1_000_000], 100_000, 1_000_000),
+    ("negative", [0, -50, 70, 150], [-100, -20, 150, 200], 150, 250),
+    ("not-from-0", [30, 80, 150], [50, 120, 200], 70, 80),
+    ("longer-than-max", [0, 150], [0, 200], 64, 100),
+    ("int32-extremes", [-2 ** 31, INT32_MAX, INT32_MAX], [0, INT32_MAX, -2 ** 31], 150, 200),
+]
 
 
 def parse_args():
@@ -32,7 +54,37 @@ def parse_args():
     parser.add_argument("--head-dims", nargs="+", type=int, default=None,
                         help="head dims to run (default: every kernel built); 59 runs the zero-padded path")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the reference")
+    parser.add_argument("--varlen-only", action="store_true", help="run the varlen cases alone")
     return parser.parse_args()
+
+
+def forward_backward(qkv, causal, varlen=None):
+    """out, lse (detached), dout and the gradients of flash_attn_func, or of flash_attn_varlen_func where
+    varlen (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) is given, on leaves with qkv's values."""
+    leaves = [t.detach().requires_grad_() for t in qkv]
+    if varlen is None:
+        out, lse, _ = flash_attn_func(*leaves, causal=causal, return_attn_probs=True)
+    else:
+        out, lse, _ = flash_attn_varlen_func(*leaves, *varlen, causal=causal, return_attn_probs=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    torch.cuda.synchronize()
+    return out.detach(), lse, dout, grads
+
+
+def checked(qkv, causal, results, varlen=None):
+    """What check_fwd or check_bwd found wrong in results (forward_backward's), or None."""
+    from test_bwd_gpu import check_bwd  # this script's folder is on sys.path
+    from test_fwd_gpu import check_fwd
+
+    out, lse, dout, grads = results
+    softmax_scale = qkv[0].shape[-1] ** -0.5
+    try:
+        check_fwd(out, lse, *qkv, softmax_scale, causal, varlen)
+        check_bwd(grads, dout, *qkv, softmax_scale, causal, varlen)
+    except AssertionError as error:
+        return str(error).splitlines()[0]
+    return None
 
 
 def run_case(shape, head_dim, dtype, causal, check):
@@ -40,23 +92,47 @@ def run_case(shape, head_dim, dtype, causal, check):
     batch, seqlen_q, seqlen_k, heads_q, heads_kv = shape
     q = torch.randn(batch, seqlen_q, heads_q, head_dim, dtype=dtype, device="cuda")
     k, v = (torch.randn(batch, seqlen_k, heads_kv, head_dim, dtype=dtype, device="cuda") for _ in "kv")
-    dout = torch.randn_like(q)
-    qkv = [t.requires_grad_() for t in (q, k, v)]
-    out, lse, _ = flash_attn_func(*qkv, causal=causal, return_attn_probs=True)
-    grads = torch.autograd.grad(out, qkv, dout)
-    torch.cuda.synchronize()
-    if not check:
-        return None
-    from test_bwd_gpu import check_bwd  # this script's folder is on sys.path
-    from test_fwd_gpu import check_fwd
+    results = forward_backward((q, k, v), causal)
+    return checked((q, k, v), causal, results) if check else None
 
-    try:
-        detached = [t.detach() for t in qkv]
-        check_fwd(out.detach(), lse, *detached, head_dim ** -0.5, causal)
-        check_bwd(grads, dout, *detached, head_dim ** -0.5, causal)
-    except AssertionError as error:
-        return str(error).splitlines()[0]
-    return None
+
+def run_varlen_case(shape, head_dim, dtype, causal, check):
+    """One varlen forward and backward on valid cu_seqlens; returns what the checks found wrong, or None."""
+    from conftest import random_varlen
+
+    lengths_q, lengths_k, heads_q, heads_kv = shape
+    *qkv, varlen = random_varlen(lengths_q, lengths_k, heads_q, heads_kv, head_dim, dtype=dtype, device="cuda")
+    results = forward_backward(qkv, causal, varlen)
+    return checked(qkv, causal, results, varlen) if check else None
+
+
+def run_bad_cu_seqlens(bad, head_dim, dtype, causal):
+    """One varlen forward and backward on bad cu_seqlens, value checks off: the results are garbage (rows
+    outside every sequence are never written) and are not looked at; only the sanitizer's verdict counts.
+    q, k, v are random, not torch.empty: the kernels read every row that a clamped sequence covers, and
+    initcheck would report uninitialized inputs. MHA: with GQA the per-query-head dK, dV that the binding
+    sums hold unwritten rows here, and initcheck would report PyTorch's sum reading them."""
+    _, cu_q, cu_k, max_q, max_k = bad
+    q = torch.randn(TOTAL_Q, 2, head_dim, dtype=dtype, device="cuda")
+    k, v = (torch.randn(TOTAL_K, 2, head_dim, dtype=dtype, device="cuda") for _ in "kv")
+    varlen = (torch.tensor(cu_q, dtype=torch.int32, device="cuda"),
+              torch.tensor(cu_k, dtype=torch.int32, device="cuda"), max_q, max_k)
+    forward_backward((q, k, v), causal, varlen)
+
+
+def cases(args, head_dims):
+    """(description, run(check)) for every case the arguments ask for."""
+    product = itertools.product(head_dims, args.dtypes, (False, True))
+    for head_dim, dtype, causal in product:
+        what = f"d{head_dim} {dtype} {'causal' if causal else 'full'}"
+        like = (head_dim, DTYPES[dtype], causal)
+        if not args.varlen_only:
+            for shape in SHAPES:
+                yield f"{what} {shape}", lambda check, shape=shape, like=like: run_case(shape, *like, check)
+        for shape in VARLEN_SHAPES:
+            yield f"{what} varlen {shape}", lambda check, shape=shape, like=like: run_varlen_case(shape, *like, check)
+        for bad in BAD_CU_SEQLENS:
+            yield f"{what} bad cu_seqlens {bad[0]}", lambda check, bad=bad, like=like: run_bad_cu_seqlens(bad, *like)
 
 
 def main():
@@ -67,14 +143,15 @@ def main():
     if not head_dims:
         sys.exit("flash_attn2._C has no kernels built")
     torch.manual_seed(0)
-    failures, cases = [], 0
-    for head_dim, dtype, causal, shape in itertools.product(head_dims, args.dtypes, (False, True), SHAPES):
-        error = run_case(shape, head_dim, DTYPES[dtype], causal, check=not args.no_check)
-        cases += 1
+    set_value_checks(False)  # the bad cu_seqlens must reach the kernels, whatever FLASH_ATTN2_CHECK_VALUES says
+    failures, count = [], 0
+    for what, run in cases(args, head_dims):
+        error = run(check=not args.no_check)
+        count += 1
         if error:
-            failures.append(f"d{head_dim} {dtype} {'causal' if causal else 'full'} {shape}: {error}")
-    print(f"sanitize_workload: {cases} forward+backward cases, head dims {head_dims}, {' '.join(args.dtypes)}"
-          + ("" if args.no_check else f", {len(failures)} wrong"))
+            failures.append(f"{what}: {error}")
+    print(f"sanitize_workload: {count} forward+backward cases{' (varlen only)' if args.varlen_only else ''}, "
+          f"head dims {head_dims}, {' '.join(args.dtypes)}" + ("" if args.no_check else f", {len(failures)} wrong"))
     for failure in failures:
         print("  WRONG", failure)
     sys.exit(1 if failures else 0)

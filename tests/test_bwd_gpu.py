@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (check_close, grid_qkv, on_kernel_grid, forward_into_nan, random_qkv,
+from conftest import (check_close, grid_qkv, on_kernel_grid, forward_into_nan, random_qkv, reference,
                       requires_ext, requires_gpu, skip_unless_built, strided_qkv)
 from flash_attn2 import flash_attn_func
 from flash_attn2.interface import _bwd
-from flash_attn2.reference import attention_ref
 
 pytestmark = [requires_gpu, requires_ext]
 
@@ -22,33 +21,36 @@ GRADS = ("dq", "dk", "dv")
 GRAD_ERROR_FACTOR = 3
 
 
-def backward_into_nan(dout, q, k, v, out, lse, softmax_scale, causal):
-    """Runs _bwd into NaN-filled dq, dk, dv, so that any element it leaves unwritten fails."""
+def backward_into_nan(dout, q, k, v, out, lse, softmax_scale, causal, varlen=None):
+    """Runs _bwd into NaN-filled dq, dk, dv, so that any element it leaves unwritten fails. Varlen
+    where varlen (a conftest.Varlen) is given."""
     head_dim = q.shape[-1]
     dout, q, k, v, out = (F.pad(t, (0, -head_dim % 8)) for t in (dout, q, k, v, out))  # zeros
     grads = tuple(torch.full_like(t, NAN) for t in (q, k, v))
-    _bwd(dout, q, k, v, out, lse, *grads, softmax_scale, causal)
+    _bwd(dout, q, k, v, out, lse, *grads, softmax_scale, causal, *(varlen or ()))
     for name, grad in zip(GRADS, grads):
         # dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO: in these columns K, Q and dO are 0.
         assert (grad[..., head_dim:] == 0).all(), f"padding columns of {name} must be 0"
     return tuple(grad[..., :head_dim] for grad in grads)
 
 
-def reference_grads(dout, q, k, v, softmax_scale, causal, compute_dtype):
-    """(dq, dk, dv) of attention_ref by autograd with leaves in compute_dtype, and its lse."""
+def reference_grads(dout, q, k, v, softmax_scale, causal, compute_dtype, varlen=None):
+    """(dq, dk, dv) of the reference (per sequence where varlen is given) by autograd with leaves in
+    compute_dtype, and its lse."""
     leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = attention_ref(*leaves, softmax_scale, causal, compute_dtype=compute_dtype)
+    out, lse = reference(*leaves, softmax_scale, causal, compute_dtype=compute_dtype, varlen=varlen)
     return torch.autograd.grad(out, leaves, dout.to(compute_dtype)), lse
 
 
-def check_bwd(grads, dout, q, k, v, softmax_scale, causal):
-    """dq, dk, dv against the fp32 reference by the 3x rule; rows that see no key get dq 0."""
-    grads_ref, lse_ref = reference_grads(dout, q, k, v, softmax_scale, causal, torch.float32)
-    grads_pt, _ = reference_grads(dout, q, k, v, softmax_scale, causal, q.dtype)
+def check_bwd(grads, dout, q, k, v, softmax_scale, causal, varlen=None):
+    """dq, dk, dv against the fp32 reference by the 3x rule; rows that see no key get dq 0. Varlen (per
+    sequence) where varlen, a conftest.Varlen, is given."""
+    grads_ref, lse_ref = reference_grads(dout, q, k, v, softmax_scale, causal, torch.float32, varlen)
+    grads_pt, _ = reference_grads(dout, q, k, v, softmax_scale, causal, q.dtype, varlen)
     for name, grad, like, ref, pt in zip(GRADS, grads, (q, k, v), grads_ref, grads_pt):
         assert grad.dtype == like.dtype and grad.shape == like.shape, f"{name}: dtype or shape"
         check_close(grad, ref, pt, name, factor=GRAD_ERROR_FACTOR)
-    no_key = torch.isinf(lse_ref).transpose(1, 2)  # (batch, seqlen_q, heads_q)
+    no_key = torch.isinf(lse_ref).transpose(-2, -1)  # (batch, seqlen_q, heads_q), or (total_q, heads_q)
     assert (grads[0][no_key] == 0).all(), "rows that see no key must give dq 0"
 
 

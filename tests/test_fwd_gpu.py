@@ -5,24 +5,26 @@ import math
 import pytest
 import torch
 
-from conftest import (check_close, grid_qkv, on_kernel_grid, forward_into_nan, random_qkv,
+from conftest import (check_close, grid_qkv, on_kernel_grid, forward_into_nan, random_qkv, reference,
                       requires_ext, requires_gpu, skip_unless_built, strided_qkv)
 from flash_attn2 import flash_attn_func
-from flash_attn2.reference import attention_ref
 
 pytestmark = [requires_gpu, requires_ext]
 
 NAN, INF = float("nan"), float("inf")
 
 
-def check_fwd(out, lse, q, k, v, softmax_scale, causal):
-    """out and lse against the fp32 reference by the 2x rule; rows that see no key: 0 and +inf."""
-    out_ref, lse_ref = attention_ref(q, k, v, softmax_scale, causal)
-    out_pt, lse_pt = attention_ref(q, k, v, softmax_scale, causal, compute_dtype=q.dtype)
+def check_fwd(out, lse, q, k, v, softmax_scale, causal, varlen=None):
+    """out and lse against the fp32 reference by the 2x rule; rows that see no key: 0 and +inf.
+    Varlen (per sequence) where varlen, a conftest.Varlen, is given."""
+    out_ref, lse_ref = reference(q, k, v, softmax_scale, causal, varlen=varlen)
+    out_pt, lse_pt = reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype, varlen=varlen)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == lse_ref.shape
-    no_key = torch.isinf(lse_ref)  # (batch, heads_q, seqlen_q)
-    assert (out.transpose(1, 2)[no_key] == 0).all(), "rows that see no key must give out 0"
+    no_key = torch.isinf(lse_ref)  # (batch, heads_q, seqlen_q), or (heads_q, total_q)
+    # out with its heads before its rows, (batch, heads_q, seqlen_q, head_dim) or (heads_q, total_q,
+    # head_dim), to be indexed as lse is.
+    assert (out.transpose(-3, -2)[no_key] == 0).all(), "rows that see no key must give out 0"
     assert (lse[no_key] == INF).all(), "rows that see no key must give lse +inf"
     check_close(out, out_ref, out_pt, "out")
     check_close(lse[~no_key], lse_ref[~no_key], lse_pt[~no_key], "lse")

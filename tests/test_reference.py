@@ -1,4 +1,5 @@
-"""The reference itself, on CPU, against attention written out one query row at a time."""
+"""The reference itself, on CPU, against attention written out one query row at a time; the varlen
+reference against the fixed-length one run per sequence."""
 
 import functools
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import conftest
-from flash_attn2.reference import attention_ref
+from flash_attn2.reference import attention_ref, attention_varlen_ref
 
 INF = float("inf")
 
@@ -106,3 +107,80 @@ def test_differentiable_with_rows_without_keys():
     lse[..., 1:].sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
     assert (q.grad[:, 0] == 0).all()
+
+
+# Varlen: (lengths_q, lengths_k), one pair per sequence: an empty sequence, no keys for some queries,
+# no queries for some keys, and more queries than keys (causal rows with no key).
+VARLEN_MIXES = {"ragged": ([3, 0, 7, 1, 5], [3, 0, 4, 6, 0]), "no-queries": ([0, 2], [5, 3]),
+                "single": ([4], [9]), "all-empty": ([0, 0], [0, 0])}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mix", VARLEN_MIXES)
+def test_varlen_matches_per_sequence(mix, causal):
+    lengths_q, lengths_k = VARLEN_MIXES[mix]
+    q, k, v, varlen = conftest.random_varlen(lengths_q, lengths_k, 6, 2, 5, dtype=torch.float64, device="cpu")
+    bounds_q, bounds_k = varlen.cu_seqlens_q.tolist(), varlen.cu_seqlens_k.tolist()
+    for compute_dtype in (torch.float64, torch.float32, torch.bfloat16):
+        out, lse = attention_varlen_ref(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, 0.7, causal,
+                                        compute_dtype)
+        assert out.shape == q.shape and out.dtype == compute_dtype
+        assert lse.shape == (6, q.shape[0]) and lse.dtype == torch.float32
+        for b in range(len(lengths_q)):
+            rows, keys = slice(*bounds_q[b:b + 2]), slice(*bounds_k[b:b + 2])
+            out_b, lse_b = attention_ref(q[None, rows], k[None, keys], v[None, keys], 0.7, causal, compute_dtype)
+            # The same arithmetic on the same rows: bit-identical, also in low precision.
+            assert torch.equal(out[rows], out_b[0]) and torch.equal(lse[:, rows], lse_b[0])
+
+    # And against the formula: each sequence on its own through naive_attention.
+    out, lse = attention_varlen_ref(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, 0.7, causal,
+                                    torch.float64)
+    for b in range(len(lengths_q)):
+        rows, keys = slice(*bounds_q[b:b + 2]), slice(*bounds_k[b:b + 2])
+        out_naive, lse_naive = naive_attention(q[None, rows], k[None, keys], v[None, keys], 0.7, causal)
+        torch.testing.assert_close(out[rows], out_naive[0], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(lse[:, rows], lse_naive[0].float())
+
+
+def test_varlen_rows_without_keys():
+    # Sequence 0 has 2 queries and no key; in sequence 1 (4 queries, 2 keys) causal queries 0 and 1
+    # see no key: out 0 and lse +inf there, never NaN.
+    q, k, v, varlen = conftest.random_varlen([2, 4], [0, 2], 2, 1, 4, dtype=torch.float64, device="cpu")
+    out, lse = attention_varlen_ref(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, causal=True)
+    no_key = torch.tensor([True, True, True, True, False, False])
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[no_key] == 0).all() and (lse[:, no_key] == INF).all()
+    assert torch.isfinite(lse[:, ~no_key]).all()
+
+
+def test_varlen_empty_batch():
+    # cu_seqlens of one entry: no sequence, no rows.
+    q, k, v, varlen = conftest.random_varlen([], [], 4, 2, 8, dtype=torch.float32, device="cpu")
+    out, lse = attention_varlen_ref(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, causal=True,
+                                    compute_dtype=torch.float16)
+    assert out.shape == (0, 4, 8) and out.dtype == torch.float16
+    assert lse.shape == (4, 0) and lse.dtype == torch.float32
+
+
+def test_varlen_default_scale():
+    q, k, v, varlen = conftest.random_varlen([3, 5], [4, 2], 2, 2, 16, dtype=torch.float64, device="cpu")
+    out, lse = attention_varlen_ref(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, compute_dtype=torch.float64)
+    out_scaled, lse_scaled = attention_varlen_ref(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, 16 ** -0.5,
+                                                  compute_dtype=torch.float64)
+    assert torch.equal(out, out_scaled) and torch.equal(lse, lse_scaled)
+
+
+def test_varlen_differentiable():
+    # Through every sequence, the empty one and rows without keys too: gradients are the per-sequence
+    # ones, and 0 (not NaN) where nothing is seen.
+    q, k, v, varlen = conftest.random_varlen([2, 0, 3], [1, 2, 3], 2, 1, 3, dtype=torch.float64, device="cpu")
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+
+    def out_only(q, k, v):
+        return attention_varlen_ref(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, causal=True,
+                                    compute_dtype=torch.float64)[0]
+
+    assert torch.autograd.gradcheck(out_only, leaves)
+    dq, dk, dv = torch.autograd.grad(out_only(*leaves), leaves, torch.ones(5, 2, 3, dtype=torch.float64))
+    assert (dq[0] == 0).all()  # causal, 2 queries on 1 key: query 0 sees none
+    assert (dk[1:3] == 0).all() and (dv[1:3] == 0).all()  # the keys of the sequence with no query
