@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
 
   BlockInfo const seq{params, batch, cute::bool_constant<Varlen>{}};
   int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
-  if (q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
+  if (Varlen && q_rows_left <= 0) { return; }  // the grid is sized for the longest sequence
   Mask<kBlockM, kBlockN, Causal> const mask{seq.seqlen_q, seq.seqlen_k};
   int const n_block_end = mask.n_block_end(m_block);
 
