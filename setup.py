@@ -40,7 +40,7 @@ def cmdclass():
 
 setup(
     name="flash_attn2",
-    version="0.1.0",
+    version="0.2.0",
     description="Exact attention for PyTorch: FlashAttention-2 written on CUTLASS/CuTe",
     packages=find_packages(include=["flash_attn2", "flash_attn2.*"]),
     ext_modules=[extension()],
