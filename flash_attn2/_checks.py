@@ -26,10 +26,6 @@ def set_value_checks(enabled):
     return previous
 
 
-def value_checks_enabled():
-    return _check_values
-
-
 def check_features(dropout_p, window_size, softcap, alibi_slopes):
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p={dropout_p}: dropout is not implemented in flash_attn2; pass 0.0")
