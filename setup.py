@@ -11,11 +11,26 @@ import build_config  # noqa: E402
 import generate_instantiations  # noqa: E402
 
 
+def write_build_info(archs, dims):
+    """flash_attn2/_build_info.py: the torch and archs this build is for, which flash_attn2._extension
+    compares with the running torch and GPU to explain an extension that does not load or has no kernel
+    for the GPU. Generated (git-ignored); a wheel carries it."""
+    import torch
+
+    (ROOT / "flash_attn2" / "_build_info.py").write_text(
+        '"""Written by setup.py at build time; read by flash_attn2._extension."""\n\n'
+        f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+        f"CUDA_VERSION = {torch.version.cuda!r}\n"
+        f"CUDA_ARCHS = {tuple(archs)!r}\n"
+        f"HEAD_DIMS = {tuple(dims)!r}\n")
+
+
 def extension():
     from torch.utils.cpp_extension import CUDAExtension
 
     archs = build_config.cuda_archs()
     dims = build_config.head_dims()
+    write_build_info(archs, dims)
     generate_instantiations.write_all()
     built = f"-DFLASH_ATTN2_BUILT_HEAD_DIMS={','.join(map(str, dims))}"
     sources = [ROOT / "csrc" / "flash_api.cpp", *build_config.kernel_sources(dims)]

@@ -10,10 +10,8 @@ from typing import Optional
 
 import torch
 
-try:
-    from . import _C
-except ImportError as _error:  # not built: checks and the reference still work
-    _C, _C_ERROR = None, _error
+from . import _extension
+from ._extension import C as _C  # None where it is not built: checks and the reference still work
 
 
 def built_head_dims():
@@ -22,9 +20,8 @@ def built_head_dims():
 
 
 def _ext():
-    if _C is None:
-        raise ImportError(f"flash_attn2._C is not built; run `pip install --no-build-isolation -e .` ({_C_ERROR})")
-    return _C
+    """The kernels; errors that say what to do if they are not built, not for this torch or not for this GPU."""
+    return _extension.ext()
 
 
 def _vector_aligned(t):
