@@ -27,7 +27,7 @@ constexpr int bwd_dkdv_smem_size() {
   return 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN + 4 * Traits::kBlockN * int(sizeof(float)) + p_ds;
 }
 
-template <class Traits, bool Causal>
+template <class Traits, bool Windowed, bool General>  // mask.h, fwd_kernel.h
 __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_constant__ const BwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;  // keys this block owns
@@ -45,12 +45,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
-  BlockInfo const seq{params, batch};
+  BlockInfo const seq{params, batch, cute::bool_constant<General>{}};
   int const k_rows_left = seq.seqlen_k - n_block * kBlockM;
   if (k_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
-  Mask<kBlockN, kBlockM, Causal> const mask{seq.seqlen_q, seq.seqlen_k};  // (query, key) blocks
-  int const m_block_begin = mask.m_block_begin(n_block);
-  int const m_block_end = ceil_div(seq.seqlen_q, kBlockN);
+  Mask<kBlockN, kBlockM, Windowed, General> const mask{params, seq, head};  // (query, key) blocks
+  int const m_block_begin = mask.m_block_begin(n_block), m_block_end = mask.m_block_end(n_block);
 
   Tensor mK = seq.k_rows<kHeadDim, Element const>(params.k, params.kv_head(head));
   Tensor mV = seq.k_rows<kHeadDim, Element const>(params.v, params.kv_head(head));
@@ -201,6 +200,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) { ds(r, c) = p(r, c) * (ds(r, c) - dpsum[c]); }
     }
+    mask.template chain_rule<true>(acc_dp, acc_s, lse_log2, tScS, m_block, n_block);
     Tensor rdS = convert_type<Element>(acc_dp);
     Tensor tdKsQt = smem_copy_bt.get_thread_slice(tid).partition_S(sQt(stage));
     if constexpr (!kShareP) {
@@ -214,11 +214,16 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
     }
   };
 
-  // Query blocks from the first that sees these keys up: the diagonal ones (masked) come first.
+  // Query blocks from the first that sees these keys up: those the window's right edge (the causal
+  // diagonal) crosses come first, those its left edge crosses last; both masked.
   int const m_block_end_masked = min(m_block_end, mask.m_block_end_masked(n_block));
+  int const m_block_unmasked_end = min(m_block_end, mask.m_block_first_masked(n_block));
   int m_block = m_block_begin, stage = 0;
   for (; m_block < m_block_end_masked; ++m_block, stage ^= 1) { step(m_block, stage, cute::true_type{}); }
-  for (; m_block < m_block_end; ++m_block, stage ^= 1) { step(m_block, stage, cute::false_type{}); }
+  for (; m_block < m_block_unmasked_end; ++m_block, stage ^= 1) { step(m_block, stage, cute::false_type{}); }
+  if constexpr (Windowed && General) {
+    for (; m_block < m_block_end; ++m_block, stage ^= 1) { step(m_block, stage, cute::true_type{}); }
+  }
   store();
 }
 

@@ -20,7 +20,7 @@ using namespace cute;
 template <class Traits>
 constexpr int bwd_dq_smem_size() { return 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN; }
 
-template <class Traits, bool Causal>
+template <class Traits, bool Windowed, bool General>  // mask.h, fwd_kernel.h
 __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_constant__ const BwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -35,11 +35,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
-  BlockInfo const seq{params, batch};
+  BlockInfo const seq{params, batch, cute::bool_constant<General>{}};
   int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
   if (q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
-  Mask<kBlockM, kBlockN, Causal> const mask{seq.seqlen_q, seq.seqlen_k};
-  int const n_block_end = mask.n_block_end(m_block);
+  Mask<kBlockM, kBlockN, Windowed, General> const mask{params, seq, head};
+  int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
 
   Tensor mQ = seq.q_rows<kHeadDim, Element const>(params.q, head);
   Tensor mdO = seq.q_rows<kHeadDim, Element const>(params.dout, head);
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor acc_dq = partition_fragment_C(tiled_mma, TileM{});  // (MMA, MMA_M, MMA_K)
   clear(acc_dq);
-  if (n_block_end <= 0) {  // no row here sees a key: dQ = 0
+  if (n_block_end <= n_block_begin) {  // no row here sees a key: dQ = 0
     store_acc_tile<Traits>(tiled_mma, acc_dq, sQ, gdQ, q_rows_left, params.head_dim);
     return;
   }
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   auto step = [&](int n_block, int stage, auto is_masked) __attribute__((always_inline)) {
     cp_async_wait<0>();
     __syncthreads();  // K, V [n_block] have landed, and every warp is done with the other stage
-    if (n_block > 0) {
+    if (n_block > n_block_begin) {
       load_kv(n_block - 1, stage ^ 1, cute::false_type{});
       cp_async_fence();
     }
@@ -150,6 +150,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
       CUTE_UNROLL
       for (int c = 0; c < size<1>(ds); ++c) { ds(r, c) = p(r, c) * (ds(r, c) - dpsum[r]); }
     }
+    mask.chain_rule(acc_dp, acc_s, lse_log2, tScS, m_block, n_block);
 
     Tensor rdS = convert_type<Element>(acc_dp);
     Tensor tdQrdS = make_tensor(rdS.data(), acc_as_operand_a(rdS.layout()));
@@ -157,11 +158,20 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
                   smem_copy_bt);
   };
 
-  // Key blocks from the last down: the ragged and diagonal ones (masked) come first.
+  // Key blocks from the last down: the ragged ones and those the window's right edge crosses (masked) come
+  // first, those its left edge crosses (masked) last.
   int const n_block_first_masked = mask.n_block_first_masked(m_block);
+  int const n_block_unmasked_begin = mask.n_block_unmasked_begin(m_block);
   int n_block = n_block_end - 1, stage = 0;
-  for (; n_block >= 0 && n_block >= n_block_first_masked; --n_block, stage ^= 1) { step(n_block, stage, cute::true_type{}); }
-  for (; n_block >= 0; --n_block, stage ^= 1) { step(n_block, stage, cute::false_type{}); }
+  for (; n_block >= n_block_begin && n_block >= n_block_first_masked; --n_block, stage ^= 1) {
+    step(n_block, stage, cute::true_type{});
+  }
+  for (; n_block >= n_block_begin && n_block >= n_block_unmasked_begin; --n_block, stage ^= 1) {
+    step(n_block, stage, cute::false_type{});
+  }
+  if constexpr (Windowed && General) {
+    for (; n_block >= n_block_begin; --n_block, stage ^= 1) { step(n_block, stage, cute::true_type{}); }
+  }
 
   // dS was taken w.r.t. the scaled scores: the scale comes in once, here.
   CUTE_UNROLL

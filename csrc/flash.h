@@ -38,9 +38,32 @@ struct AttnParams {
   int total_q, total_k;        // rows of the varlen tensors
   int head_dim;                // a multiple of 8, at most the kernel's kHeadDim
 
-  float softmax_scale;         // applied to Q·Kᵀ
-  float softmax_scale_log2;    // softmax_scale * log2(e): the kernels use exp2
-  bool is_causal;              // bottom-right aligned: row i sees columns j <= i + seqlen_k - seqlen_q
+  // The score of query i and key j, for each sequence (Sq, Sk its lengths, mask.h computes it):
+  //   T(softmax_scale * q_i·k_j) - alibi_slope * |i + Sk - Sq - j|,  T(x) = softcap * tanh(x / softcap) or x,
+  // visible iff i + Sk - Sq - window_left <= j <= i + Sk - Sq + window_right (causal: window_right = 0).
+  float softmax_scale;         // applied to Q·Kᵀ; the gradients w.r.t. Q and K carry it
+  // The kernels hold raw scores s = q·k, or t = tanh(s * softcap_premul) with softcap; the score is
+  // s * score_scale with score_scale = softmax_scale, or softcap. The softmax runs in exp2 on those:
+  float softmax_scale_log2;    // score_scale * log2(e)
+  float softcap_premul;        // softmax_scale / softcap, or 0 without softcap
+  // Both sides bounded to the longest sequence (the binding normalises -1 = unbounded to it, where it cuts
+  // nothing), so that the kernels' index arithmetic stays in int. is_windowed picks the kernels that mask
+  // by position at all: causal is the window (unbounded, 0).
+  int window_left, window_right;
+  bool is_windowed;
+  // ALiBi: (heads) or (batch, heads) fp32 slopes, nullptr for none; the kernels divide by score_scale.
+  float const *__restrict__ alibi_slopes;
+  index_t alibi_batch_stride;  // 0 for (heads) slopes
+  float inv_score_scale;       // 1 / score_scale
+  // Learnable sinks (gpt-oss): (heads) fp32 logits, exp(sink) added to every row's softmax denominator
+  // (and LSE); nullptr for none.
+  float const *__restrict__ sinks;
+
+  // Whether the kernels' general variant is needed (mask.h): varlen, ALiBi, or a window's left edge that
+  // hides a key from some row.
+  bool needs_general() const {
+    return cu_seqlens_q != nullptr || alibi_slopes != nullptr || (is_windowed && window_left < seqlen_k - 1);
+  }
 
   // Which kv head serves query head h.
   __host__ __device__ int kv_head(int h) const { return h / (heads / heads_kv); }

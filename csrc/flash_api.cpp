@@ -213,13 +213,63 @@ void check_lse(at::Tensor const &lse, at::Tensor const &q, flash::AttnParams con
   }
 }
 
-void set_softmax(flash::AttnParams &p, double softmax_scale, bool causal) {
+// How scores are made and which are visible (flash.h states the formula). A side of the window given as -1
+// is unbounded; causal bounds the right side at 0.
+struct Scores {
+  double softmax_scale = 0;
+  bool causal = false;
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0;
+  std::optional<at::Tensor> alibi_slopes, sinks;
+};
+
+// A (heads,) or, where allowed, (batch, heads) fp32 vector on q's device with a contiguous last dim.
+void check_per_head(at::Tensor const &t, char const *name, at::Tensor const &q, flash::AttnParams const &p,
+                    bool per_batch) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  bool const heads_only = t.dim() == 1 && t.size(0) == p.heads;
+  bool const batch_heads = per_batch && t.dim() == 2 && t.size(0) == p.batch && t.size(1) == p.heads;
+  std::string const heads = num(int64_t(p.heads)), batch = num(int64_t(p.batch));
+  std::string const expected = per_batch ? "(heads,) = (" + heads + ",) or (batch, heads) = (" + batch + ", " + heads + ")"
+                                         : "(heads,) = (" + heads + ",)";
+  TORCH_CHECK_VALUE(heads_only || batch_heads, name, " must have shape ", expected, ", got ", num(t.sizes()));
+  TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dim (stride 1)");
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
+}
+
+// After set_qkv, which gives the longest sequences.
+void set_scores(flash::AttnParams &p, Scores const &s, at::Tensor const &q) {
   // Masking relies on -inf * scale staying -inf.
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be finite and positive, got ",
-                    num(softmax_scale));
-  p.softmax_scale = float(softmax_scale);
-  p.softmax_scale_log2 = float(softmax_scale * M_LOG2E);
-  p.is_causal = causal;
+  TORCH_CHECK_VALUE(std::isfinite(s.softmax_scale) && s.softmax_scale > 0, "softmax_scale must be finite and positive, "
+                    "got ", num(s.softmax_scale));
+  TORCH_CHECK_VALUE(std::isfinite(s.softcap) && s.softcap >= 0, "softcap must be finite and >= 0 (0 for none), got ",
+                    num(s.softcap));
+  double const score_scale = s.softcap > 0 ? s.softcap : s.softmax_scale;
+  p.softmax_scale = float(s.softmax_scale);
+  p.softcap_premul = s.softcap > 0 ? float(s.softmax_scale / s.softcap) : 0.f;
+  p.softmax_scale_log2 = float(score_scale * M_LOG2E);
+  p.inv_score_scale = float(1.0 / score_scale);
+
+  TORCH_CHECK_VALUE(s.window_left >= -1 && s.window_right >= -1, "window_size entries must be >= -1 (-1: unbounded), "
+                    "got (", num(s.window_left), ", ", num(s.window_right), ")");
+  // Query i of a sequence sees keys j in [i + Sk - Sq - left, i + Sk - Sq + right]: a left side >= Sk - 1 and a
+  // right side >= Sq - 1 cut nothing for any sequence up to the longest, so unbounded sides become those.
+  int64_t const left = s.window_left < 0 ? p.seqlen_k : std::min<int64_t>(s.window_left, p.seqlen_k);
+  int64_t const right = s.causal ? 0 : s.window_right < 0 ? p.seqlen_q : std::min<int64_t>(s.window_right, p.seqlen_q);
+  p.window_left = int(left), p.window_right = int(right);
+  p.is_windowed = left < p.seqlen_k - 1 || right < p.seqlen_q - 1;
+
+  p.alibi_slopes = nullptr, p.alibi_batch_stride = 0;
+  if (s.alibi_slopes) {
+    check_per_head(*s.alibi_slopes, "alibi_slopes", q, p, true);
+    p.alibi_slopes = s.alibi_slopes->data_ptr<float>();
+    p.alibi_batch_stride = s.alibi_slopes->dim() == 2 ? s.alibi_slopes->stride(0) : 0;
+  }
+  p.sinks = nullptr;
+  if (s.sinks) {
+    check_per_head(*s.sinks, "s_aux", q, p, false);
+    p.sinks = s.sinks->data_ptr<float>();
+  }
 }
 
 void set_out(flash::FwdParams &p, at::Tensor const &out, at::Tensor const &lse) {
@@ -246,16 +296,21 @@ void launch(flash::AttnParams const &p, at::ScalarType dtype, Launch &&run) {
 
 // out <- softmax(q·kᵀ·scale)·v and lse <- logsumexp(q·kᵀ·scale) per query row; returns nothing.
 void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
-         double softmax_scale, bool causal, Seqlens const &seqlens) {
+         Scores const &scores, Seqlens const &seqlens) {
   flash::FwdParams p{};
   set_qkv(p, q, k, v, seqlens);
-  set_softmax(p, softmax_scale, causal);
+  set_scores(p, scores, q);
   check_output(out, "out", q, "q");
   check_lse(lse, q, p);
   if (q.numel() == 0) { return; }
-  if (nothing_attends(p)) {  // e.g. no keys at all: every row sees nothing
+  if (nothing_attends(p)) {  // e.g. no keys at all: every row sees nothing (but the sink)
     out.zero_();
-    lse.fill_(std::numeric_limits<float>::infinity());
+    if (scores.sinks) {
+      lse.copy_(scores.sinks->view(lse.dim() == 2 ? std::vector<int64_t>{-1, 1} : std::vector<int64_t>{1, -1, 1})
+                    .expand_as(lse));
+    } else {
+      lse.fill_(std::numeric_limits<float>::infinity());
+    }
     return;
   }
   set_out(p, out, lse);
@@ -293,11 +348,11 @@ void sum_groups(at::Tensor &grad, at::Tensor const &grad_heads, int64_t heads_kv
 
 BwdLaunch prepare_bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
                       at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
-                      double softmax_scale, bool causal, Seqlens const &seqlens) {
+                      Scores const &scores, Seqlens const &seqlens) {
   BwdLaunch b;
   flash::BwdParams &p = b.params;
   set_qkv(p, q, k, v, seqlens);
-  set_softmax(p, softmax_scale, causal);
+  set_scores(p, scores, q);
   check_out(out, "out", q, "q");
   check_out(dout, "dout", q, "q");
   check_lse(lse, q, p);
@@ -315,17 +370,18 @@ BwdLaunch prepare_bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor co
   return b;
 }
 
-// dq, dk, dv <- gradients of sum(out * dout) w.r.t. q, k, v, given the forward's out and lse.
-void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
-         at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
-         double softmax_scale, bool causal, Seqlens const &seqlens) {
-  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, seqlens);
+// dq, dk, dv <- gradients of sum(out * dout) w.r.t. q, k, v, given the forward's out and lse. Returns D =
+// rowsum(dout * out), laid out as lse: with a sink, its gradient is -sum(exp(sink - lse) * D).
+at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
+               at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
+               Scores const &scores, Seqlens const &seqlens) {
+  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, scores, seqlens);
   flash::BwdParams const &p = b.params;
   if (nothing_attends(p)) {  // nothing attends to anything
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return;
+    return b.dpsum.zero_();  // out is 0
   }
   c10::cuda::CUDAGuard device_guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -341,6 +397,7 @@ void bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::T
     sum_groups(dk, b.dk_heads, p.heads_kv);
     sum_groups(dv, b.dv_heads, p.heads_kv);
   }
+  return b.dpsum;
 }
 
 // Milliseconds per launch of each kernel on its own (forward, preprocess, dQ, dK/dV), from a launch loop
@@ -351,7 +408,7 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
                                            double softmax_scale, bool causal, int64_t reps) {
   TORCH_CHECK_VALUE(reps > 0, "reps must be positive, got ", num(reps));
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, Seqlens{});
+  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, Scores{softmax_scale, causal}, Seqlens{});
   flash::BwdParams const &p = b.params;
   TORCH_CHECK_VALUE(q.numel() > 0 && k.numel() > 0, "time_kernels needs non-empty q, k and v");
   c10::cuda::CUDAGuard device_guard(q.device());
@@ -390,23 +447,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash_attn2 CUDA kernels (use flash_attn2.flash_attn_func)";
   // Varlen when cu_seqlens_q and cu_seqlens_k are given: q, k, v, out (and gradients) are (total, heads,
   // head_dim) and lse (heads, total_q).
-  m.def("fwd", [](at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
-                  double softmax_scale, bool causal, std::optional<at::Tensor> cu_seqlens_q,
-                  std::optional<at::Tensor> cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
-          fwd(q, k, v, out, lse, softmax_scale, causal, {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
+  // Scores: softcap 0 and window (-1, -1) for none; alibi_slopes fp32 (heads) or (batch, heads), s_aux
+  // (the sinks) fp32 (heads), or None.
+  auto scores = [](double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+                   std::optional<at::Tensor> alibi_slopes, std::optional<at::Tensor> s_aux) {
+    return Scores{softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux};
+  };
+  m.def("fwd", [=](at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
+                   double softmax_scale, bool causal, std::optional<at::Tensor> cu_seqlens_q,
+                   std::optional<at::Tensor> cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                   int64_t window_left, int64_t window_right, double softcap, std::optional<at::Tensor> alibi_slopes,
+                   std::optional<at::Tensor> s_aux) {
+          fwd(q, k, v, out, lse, scores(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux),
+              {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
         }, "Attention forward into out and lse", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("softmax_scale"), py::arg("causal"), py::arg("cu_seqlens_q") = py::none(),
-        py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0);
-  m.def("bwd", [](at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
-                  at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
-                  double softmax_scale, bool causal, std::optional<at::Tensor> cu_seqlens_q,
-                  std::optional<at::Tensor> cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
-          bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal,
-              {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
-        }, "Attention backward into dq, dk and dv", py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("softmax_scale"),
-        py::arg("causal"), py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
-        py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0);
+        py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0,
+        py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0,
+        py::arg("alibi_slopes") = py::none(), py::arg("s_aux") = py::none());
+  m.def("bwd", [=](at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
+                   at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
+                   double softmax_scale, bool causal, std::optional<at::Tensor> cu_seqlens_q,
+                   std::optional<at::Tensor> cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                   int64_t window_left, int64_t window_right, double softcap, std::optional<at::Tensor> alibi_slopes,
+                   std::optional<at::Tensor> s_aux) {
+          return bwd(dout, q, k, v, out, lse, dq, dk, dv,
+                     scores(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux),
+                     {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
+        }, "Attention backward into dq, dk and dv; returns rowsum(dout * out)", py::arg("dout"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("softmax_scale"), py::arg("causal"), py::arg("cu_seqlens_q") = py::none(),
+        py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0,
+        py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0,
+        py::arg("alibi_slopes") = py::none(), py::arg("s_aux") = py::none());
   m.def("time_kernels", &time_kernels, "Milliseconds per launch of each kernel, timed from C++",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("reps"));

@@ -20,7 +20,9 @@ using namespace cute;
 template <class Traits>
 constexpr int fwd_smem_size() { return Traits::kSmemSizeM + 2 * Traits::kSmemSizeN; }
 
-template <class Traits, bool Causal, bool Varlen>
+// General: the variant for varlen batches, ALiBi and windows with a left edge; the other, for the common
+// case, compiles them out (each raises the D = 128 forward's spills several-fold: block_info.h, mask.h).
+template <class Traits, bool Windowed, bool General>
 __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant__ const FwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -35,11 +37,14 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
-  BlockInfo const seq{params, batch, cute::bool_constant<Varlen>{}};
+  BlockInfo const seq{params, batch, cute::bool_constant<General>{}};
   int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
-  if (Varlen && q_rows_left <= 0) { return; }  // the grid is sized for the longest sequence
-  Mask<kBlockM, kBlockN, Causal> const mask{seq.seqlen_q, seq.seqlen_k};
-  int const n_block_end = mask.n_block_end(m_block);
+  if (General && q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
+  Mask<kBlockM, kBlockN, Windowed, General> const mask{params, seq, head};
+  int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
+  // A learnable sink's logit in log2 units, -inf for none: read only where the rows are finished, so that
+  // it holds no register through the main loop.
+  auto sink_log2 = [&] { return params.sinks == nullptr ? -INFINITY : params.sinks[head] * float(M_LOG2E); };
 
   Tensor mQ = seq.q_rows<kHeadDim, Element const>(params.q, head);
   Tensor mK = seq.k_rows<kHeadDim, Element const>(params.k, params.kv_head(head));
@@ -62,11 +67,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor acc_o = partition_fragment_C(tiled_mma, TileQ{});  // (MMA, MMA_M, MMA_K)
 
-  if (n_block_end <= 0) {  // Causal, seqlen_q > seqlen_k: no row here sees a key. O = 0, LSE = +inf.
+  // Only a window can hide every key from every row here (testing it where none can raised the D = 128
+  // forward's spills from 116 to 360 bytes): O = 0, LSE = +inf (or the sink's logit).
+  if (Windowed && n_block_end <= n_block_begin) {
     clear(acc_o);
     store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
     Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});
-    fill(lse, INFINITY);
+    fill(lse, params.sinks == nullptr ? INFINITY : params.sinks[head]);
     store_row_values(tiled_mma, lse, gLSE, TileQ{}, q_rows_left);
     return;
   }
@@ -96,8 +103,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
 
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(TileS{}));  // (row, col) of each score
 
-  // Prologue: Q and the first K block. Key blocks are visited from the last down, so the ragged and
-  // diagonal blocks, the only ones that need masking, come first.
+  // Prologue: Q and the first K block. Key blocks are visited from the last down, so the ragged block and
+  // those the window's right edge crosses come first, and those its left edge crosses last.
   int n_block = n_block_end - 1;
   load_tile<true>(gmem_copy, tQgQ, tQsQ, tQcQ, q_rows_left, params.head_dim);
   load_tile<true>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, seq.seqlen_k - n_block * kBlockN,
@@ -123,7 +130,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
 
     cp_async_wait<0>();
     __syncthreads();  // V[n_block] has landed, and every warp is done with K[n_block]
-    if (n_block > 0) {  // the next K streams in while the softmax and P·V run
+    if (n_block > n_block_begin) {  // the next K streams in while the softmax and P·V run
       load_tile<false>(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, kBlockN, params.head_dim);
       cp_async_fence();
     }
@@ -135,16 +142,24 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   };
 
   int const n_block_first_masked = mask.n_block_first_masked(m_block);
-  if (n_block >= n_block_first_masked) {
+  int const n_block_unmasked_begin = mask.n_block_unmasked_begin(m_block);
+  if (n_block >= n_block_first_masked || n_block < n_block_unmasked_begin) {
     step(n_block, cute::true_type{}, cute::true_type{});
   } else {  // e.g. non-causal with seqlen_k a multiple of kBlockN: no block needs masking
     step(n_block, cute::true_type{}, cute::false_type{});
   }
-  for (--n_block; n_block >= n_block_first_masked; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
-  for (; n_block >= 0; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
+  for (--n_block; n_block >= n_block_first_masked && n_block >= n_block_begin; --n_block) {
+    step(n_block, cute::false_type{}, cute::true_type{});
+  }
+  for (; n_block >= n_block_unmasked_begin && n_block >= n_block_begin; --n_block) {
+    step(n_block, cute::false_type{}, cute::false_type{});
+  }
+  if constexpr (Windowed && General) {  // the blocks the window's left edge crosses
+    for (; n_block >= n_block_begin; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
+  }
 
   // Epilogue: normalise once, then O through shared memory (Q's buffer) and the LSE from registers.
-  Tensor lse = softmax.finalize(acc_o);
+  Tensor lse = softmax.finalize(acc_o, sink_log2());
   store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
   store_row_values(tiled_mma, lse, gLSE, TileQ{}, q_rows_left);
 }

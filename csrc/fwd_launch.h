@@ -13,9 +13,9 @@ template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
   using Traits = TraitsFor<kHeadDim, Element, fwd_tile>;
   dim3 const grid(ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.heads);
-  return bool_switch(params.is_causal, [&](auto causal) {
-    return bool_switch(params.cu_seqlens_q != nullptr, [&](auto varlen) {
-      return launch_kernel(&fwd_kernel<Traits, decltype(causal)::value, decltype(varlen)::value>, grid,
+  return bool_switch(params.is_windowed, [&](auto windowed) {
+    return bool_switch(params.needs_general(), [&](auto general) {
+      return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value, decltype(general)::value>, grid,
                            Traits::kNThreads, fwd_smem_size<Traits>(), params, stream);
     });
   });

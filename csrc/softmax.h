@@ -57,17 +57,29 @@ struct OnlineSoftmax {
   }
 
   // Divides the output rows by their sums; returns the natural-log LSE per row: +inf where the row saw
-  // no key (so the backward's exp(S - LSE) gives 0 there), the output row then being 0.
+  // no key (so the backward's exp(S - LSE) gives 0 there), the output row then being 0. sink_log2: a
+  // learnable sink's logit in log2 units, whose exponential joins every row's sum (and so the LSE) but
+  // adds nothing to the output; -inf for none.
   template <class AccO>
-  CUTE_DEVICE auto finalize(AccO &acc_o) {
+  CUTE_DEVICE auto finalize(AccO &acc_o, float sink_log2) {
     Tensor o = make_tensor(acc_o.data(), rows_cols(acc_o.layout()));
     Tensor lse = make_tensor<float>(Int<kRows>{});
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float const sum = quad_allreduce(row_sum[r], [](float a, float b) { return a + b; });
+      float sum = quad_allreduce(row_sum[r], [](float a, float b) { return a + b; });
+      float max = row_max[r];
+      float rescale = 1.f;  // of the output accumulator, when the sink moves the max
+      if (sink_log2 != -INFINITY) {
+        // Taken to the larger of the row's max and the sink, so that neither exponential overflows;
+        // a row that saw no key (max -inf) keeps only the sink.
+        float const new_max = fmaxf(max, sink_log2);
+        rescale = exp2_approx(max - new_max);
+        sum = sum * rescale + exp2_approx(sink_log2 - new_max);
+        max = new_max;
+      }
       bool const empty = sum == 0.f;
-      lse(r) = empty ? INFINITY : (row_max[r] + log2f(sum)) * float(M_LN2);
-      float const inv_sum = empty ? 0.f : 1.f / sum;
+      lse(r) = empty ? INFINITY : (max + log2f(sum)) * float(M_LN2);
+      float const inv_sum = empty ? 0.f : rescale / sum;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(o); ++c) { o(r, c) *= inv_sum; }
     }

@@ -26,20 +26,55 @@ def set_value_checks(enabled):
     return previous
 
 
-def check_features(dropout_p, window_size, softcap, alibi_slopes):
+def check_dropout(dropout_p):
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p={dropout_p}: dropout is not implemented in flash_attn2; pass 0.0")
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_per_head(name, t, heads, batch=None):
+    """fp32 (heads,), or (batch, heads) where batch is given, with a contiguous last dim."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be torch.float32, got {t.dtype}")
+    shapes = {(heads,): f"(heads,) = ({heads},)"}
+    if batch is not None:
+        shapes[(batch, heads)] = f"(batch, heads) = ({batch}, {heads})"
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"{name} must have shape {' or '.join(shapes.values())}, got {tuple(t.shape)}")
+    if t.numel() > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
+
+
+def check_scores(q, batch, window_size, softcap, alibi_slopes, s_aux, qn="q"):
+    """The score arguments (flash.h states what they do), q already checked: heads from q, batch the
+    number of sequences. Their devices: check_devices, with the tensors'."""
     try:
-        window_size = tuple(window_size)
+        pair = tuple(window_size)
     except TypeError:
-        raise TypeError(f"window_size must be a pair of ints, (-1, -1) for no window; got {window_size!r}") from None
-    if window_size != (-1, -1):
-        raise NotImplementedError(f"window_size={window_size}: sliding-window attention is not implemented "
-                                  "in flash_attn2; pass (-1, -1)")
-    if softcap != 0.0:
-        raise NotImplementedError(f"softcap={softcap}: softcapping is not implemented in flash_attn2; pass 0.0")
+        pair = None
+    if pair is None or len(pair) != 2 or not all(_is_int(w) for w in pair):
+        raise TypeError(f"window_size must be a pair of ints (left, right), -1 for unbounded; got {window_size!r}")
+    if min(pair) < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded on that side), got {pair}")
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
+        raise TypeError(f"softcap must be a float (0.0 for none), got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0.0 for none), got {softcap}")
+    heads = q.shape[-2]
     if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not implemented in flash_attn2; pass None")
+        _check_per_head("alibi_slopes", alibi_slopes, heads, batch)
+    if s_aux is not None:
+        _check_per_head("s_aux", s_aux, heads)
+
+
+def score_tensors(alibi_slopes, s_aux):
+    """The (name, tensor) pairs of the score arguments that are given, for check_devices."""
+    return tuple((name, t) for name, t in (("alibi_slopes", alibi_slopes), ("s_aux", s_aux)) if t is not None)
 
 
 def check_inputs(q, k, v, softmax_scale, varlen=False, names=("q", "k", "v")):

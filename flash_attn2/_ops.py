@@ -36,17 +36,25 @@ def kernel_ready(t):
 
 
 def _fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-         max_seqlen_k=0):
+         max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None):
     """Kernel call into caller-owned buffers (tests poison them). Head dim must be a multiple of 8.
     Varlen when cu_seqlens are given: q, k, v, out (total, heads, head_dim), lse (heads, total_q)."""
-    _ext().fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _ext().fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+               *window, softcap, alibi_slopes, s_aux)
 
 
 def _bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None,
-         max_seqlen_q=0, max_seqlen_k=0):
-    """Kernel call into caller-owned gradient buffers (tests poison them). Head dim a multiple of 8."""
-    _ext().bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
-               max_seqlen_q, max_seqlen_k)
+         max_seqlen_q=0, max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None):
+    """Kernel call into caller-owned gradient buffers (tests poison them). Head dim a multiple of 8.
+    Returns D = rowsum(dout * out) (fp32, laid out as lse), which the sink's gradient needs."""
+    return _ext().bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
+                      max_seqlen_q, max_seqlen_k, *window, softcap, alibi_slopes, s_aux)
+
+
+def _kernel_ready(*tensors):
+    """Odd strides or offsets: one copy, not a fault. Inside the ops, where tensors are real: data_ptr
+    cannot be traced by torch.compile."""
+    return [None if t is None else kernel_ready(t) for t in tensors]
 
 
 def unpack(q, k, v):
@@ -69,57 +77,84 @@ def _lse_shape(q, cu_seqlens_q):
 @torch.library.custom_op("flash_attn2::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
             cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
-            max_seqlen_k: int, softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = unpack(q, k, v)
+            max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
+            softcap: float, alibi_slopes: Optional[torch.Tensor],
+            s_aux: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = unpack(*_kernel_ready(q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32, device=q.device)
-    _fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+         (window_left, window_right), softcap, alibi_slopes, s_aux)
     return out, lse
 
 
 @_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+      window_right, softcap, alibi_slopes, s_aux):
     q, _, _ = unpack(q, k, v)
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+
+
+def _sink_grad(s_aux, lse, dpsum):
+    """d s_aux[h] = -sum over rows of P(sink) * D, with P(sink) = exp(s_aux[h] - lse): the sink's share of
+    each row's softmax takes from every visible key's, and its value is zero."""
+    head_dim = 0 if lse.dim() == 2 else 1  # lse: (heads, total_q) or (batch, heads, seqlen_q)
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    p_sink = torch.exp(s_aux.view(shape) - lse)  # 0 on rows with lse = +inf
+    rows = [d for d in range(lse.dim()) if d != head_dim]
+    return -(p_sink * dpsum).sum(dim=rows)
 
 
 @torch.library.custom_op("flash_attn2::bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
             out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-            causal: bool) -> list[torch.Tensor]:
-    """The gradients of the op's tensor inputs, each shaped like its input (packed ones packed)."""
+            causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+            s_aux: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of the op's tensor inputs q, k, v, each shaped like its input (packed ones packed), then
+    that of s_aux if it is given."""
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v) if t is not None]
     dq, dk, dv = unpack(*grads, *[None] * (3 - len(grads)))
-    _bwd(kernel_ready(dout), *unpack(q, k, v), out, lse, dq, dk, dv, softmax_scale, causal, cu_seqlens_q,
-         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    dpsum = _bwd(kernel_ready(dout), *unpack(*_kernel_ready(q, k, v)), out, lse, dq, dk, dv, softmax_scale, causal,
+                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, (window_left, window_right), softcap,
+                 alibi_slopes, s_aux)
+    if s_aux is not None:
+        grads.append(_sink_grad(s_aux, lse, dpsum))
     return grads
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    return [t.new_empty(t.shape) for t in (q, k, v) if t is not None]
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      window_left, window_right, softcap, alibi_slopes, s_aux):
+    return [t.new_empty(t.shape) for t in (q, k, v, s_aux) if t is not None]
+
+
+_OP_INPUTS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal",
+              "window_left", "window_right", "softcap", "alibi_slopes", "s_aux")
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *args, alibi_slopes, s_aux = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)  # nothing of size seqlen_q x seqlen_k
-    ctx.args = max_seqlen_q, max_seqlen_k, softmax_scale, causal
+    # Nothing of size seqlen_q x seqlen_k is kept.
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux)
+    ctx.args = args  # max_seqlen_q ... softcap
     ctx.mark_non_differentiable(lse)
 
 
 def _fwd_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    grads = iter(_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args))
-    return (*(None if t is None else next(grads) for t in (q, k, v)), None, None, None, None, None, None)
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux = ctx.saved_tensors
+    grads = iter(_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes, s_aux))
+    differentiable = {"q": q, "k": k, "v": v, "s_aux": s_aux}
+    return tuple(next(grads) if differentiable.get(name) is not None else None for name in _OP_INPUTS)
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 def attention(q, k, v, softmax_scale, causal, return_attn_probs, cu_seqlens_q=None, cu_seqlens_k=None,
-              max_seqlen_q=0, max_seqlen_k=0):
+              max_seqlen_q=0, max_seqlen_k=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None):
     """The one path of every entry point, after their checks: q, k, v as the op takes them (packed or
     not), any head dim up to 256. Pads a head dim that is not a multiple of 8, copies views the kernels
     cannot read in place, and slices the padding off out."""
@@ -128,8 +163,8 @@ def attention(q, k, v, softmax_scale, causal, return_attn_probs, cu_seqlens_q=No
     tensors = [t for t in (q, k, v) if t is not None]
     if head_dim % 8 != 0:  # kernels load 16-byte rows; zeros add nothing to q·kᵀ and are sliced off out
         tensors = [torch.nn.functional.pad(t, (0, 8 - head_dim % 8)) for t in tensors]
-    tensors = [kernel_ready(t) for t in tensors]  # odd strides or offsets: one copy, not a fault
     q, k, v = (*tensors, *[None] * (3 - len(tensors)))
-    out, lse = _fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
+    out, lse = _fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
+                       int(window_size[0]), int(window_size[1]), float(softcap), alibi_slopes, s_aux)
     out = out[..., :head_dim]
     return (out, lse, None) if return_attn_probs else out

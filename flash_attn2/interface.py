@@ -7,49 +7,64 @@ from ._ops import _bwd, _fwd, attention, built_head_dims  # noqa: F401  (tests c
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, s_aux=None):
     """Exact attention softmax(q·kᵀ·softmax_scale)·v, as flash_attn 2.x's function of the same name.
 
     q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim), fp16 or bf16 on
     one CUDA device, any strides with a contiguous last dim. heads must be a multiple of heads_kv
     (MQA/GQA; K and V are not copied). head_dim up to 256; non-multiples of 8 are zero-padded.
-    softmax_scale defaults to 1/sqrt(head_dim). causal masks bottom-right aligned: query i sees keys
-    j <= i + seqlen_k - seqlen_q; a row that sees no key gets output 0 and LSE +inf.
-    dropout_p, window_size, softcap and alibi_slopes exist for flash_attn compatibility and raise
-    NotImplementedError unless left at their defaults.
+    softmax_scale defaults to 1/sqrt(head_dim). With Sq, Sk the sequence lengths, the score of query i
+    and key j is
 
-    Differentiable w.r.t. q, k and v (softmax_lse is not). The backward recomputes the attention
+        T(softmax_scale * q_i . k_j) - slope_h * |i + Sk - Sq - j|,   T(x) = softcap * tanh(x / softcap)
+
+    (T the identity where softcap = 0, the ALiBi term only with alibi_slopes), and key j is visible to
+    query i iff i + Sk - Sq - left <= j <= i + Sk - Sq + right, window_size = (left, right), -1 meaning
+    unbounded on that side. causal sets right = 0 (bottom-right aligned). alibi_slopes: fp32 (heads,) or
+    (batch, heads), no gradient. s_aux (learnable sinks, as gpt-oss; beyond flash_attn): fp32 (heads,),
+    exp(s_aux[h]) joins every row's softmax denominator and its LSE; it gets a gradient. A row that sees
+    no key gets output 0 and LSE +inf (s_aux[h] with a sink). dropout_p exists for flash_attn
+    compatibility and raises NotImplementedError unless 0.
+
+    Differentiable w.r.t. q, k, v and s_aux (softmax_lse is not). The backward recomputes the attention
     matrix from q, k, v and the saved LSE, in separate dQ and dK/dV kernels with no atomics, so
     gradients are bit-identical from run to run: deterministic is always true, the argument is
     accepted for compatibility and ignored. With GQA, dK and dV are summed over each group of query
     heads in a fixed order.
 
     Returns out (batch, seqlen_q, heads, head_dim), or (out, softmax_lse, None) if return_attn_probs,
-    with softmax_lse fp32 (batch, heads, seqlen_q), the natural-log logsumexp of the scaled scores.
+    with softmax_lse fp32 (batch, heads, seqlen_q), the natural-log logsumexp of the scores.
     """
-    _checks.check_features(dropout_p, window_size, softcap, alibi_slopes)
+    _checks.check_dropout(dropout_p)
     _checks.check_inputs(q, k, v, softmax_scale)
-    _checks.check_devices((("q", q), ("k", k), ("v", v)))
-    return attention(q, k, v, softmax_scale, causal, return_attn_probs)
+    _checks.check_scores(q, q.shape[0], window_size, softcap, alibi_slopes, s_aux)
+    _checks.check_devices((("q", q), ("k", k), ("v", v), *_checks.score_tensors(alibi_slopes, s_aux)))
+    return attention(q, k, v, softmax_scale, causal, return_attn_probs, window_size=window_size, softcap=softcap,
+                     alibi_slopes=alibi_slopes, s_aux=s_aux)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, s_aux=None):
     """flash_attn_func with k and v packed in one kv (batch, seqlen_k, 2, heads_kv, head_dim), read in
     place; its gradient comes back as one tensor of that shape."""
-    _checks.check_features(dropout_p, window_size, softcap, alibi_slopes)
+    _checks.check_dropout(dropout_p)
     _checks.check_packed("kv", kv, 2, ("batch", "seqlen_k", "2", "heads_kv", "head_dim"))
     _checks.check_inputs(q, *kv.unbind(2), softmax_scale, names=("q", "kv", "kv"))
-    _checks.check_devices((("q", q), ("kv", kv)))
-    return attention(q, kv, None, softmax_scale, causal, return_attn_probs)
+    _checks.check_scores(q, q.shape[0], window_size, softcap, alibi_slopes, s_aux)
+    _checks.check_devices((("q", q), ("kv", kv), *_checks.score_tensors(alibi_slopes, s_aux)))
+    return attention(q, kv, None, softmax_scale, causal, return_attn_probs, window_size=window_size, softcap=softcap,
+                     alibi_slopes=alibi_slopes, s_aux=s_aux)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                              s_aux=None):
     """flash_attn_func with q, k, v packed in one qkv (batch, seqlen, 3, heads, head_dim), read in place;
     its gradient comes back as one tensor of that shape."""
-    _checks.check_features(dropout_p, window_size, softcap, alibi_slopes)
+    _checks.check_dropout(dropout_p)
     _checks.check_packed("qkv", qkv, 3, ("batch", "seqlen", "3", "heads", "head_dim"))
     _checks.check_inputs(*qkv.unbind(2), softmax_scale, names=("qkv",) * 3)
-    _checks.check_devices((("qkv", qkv),))
-    return attention(qkv, None, None, softmax_scale, causal, return_attn_probs)
+    _checks.check_scores(qkv[:, :, 0], qkv.shape[0], window_size, softcap, alibi_slopes, s_aux)
+    _checks.check_devices((("qkv", qkv), *_checks.score_tensors(alibi_slopes, s_aux)))
+    return attention(qkv, None, None, softmax_scale, causal, return_attn_probs, window_size=window_size,
+                     softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux)

@@ -42,12 +42,11 @@ RANK, BATCH, HEAD_DIM, STRIDE = r"(?<!\d)4(?!\d)", "batch", "head_dim|head dim",
 # (id, changed arguments, exception, argument the message names, rule the message states)
 BAD_INPUTS = [
     ("dropout", lambda: dict(dropout_p=0.1), NotImplementedError, "dropout_p", "dropout"),
-    ("window", lambda: dict(window_size=(128, 0)), NotImplementedError, "window_size", "window"),
-    ("window-left", lambda: dict(window_size=(-1, 0)), NotImplementedError, "window_size",
-     "window"),
-    ("softcap", lambda: dict(softcap=30.0), NotImplementedError, "softcap", "softcap"),
-    ("alibi", lambda: dict(alibi_slopes=torch.ones(6)), NotImplementedError, "alibi_slopes",
-     "alibi"),
+    ("window-below-unbounded", lambda: dict(window_size=(-2, 0)), ValueError, "window_size", ">= -1"),
+    ("window-not-pair", lambda: dict(window_size=(4,)), TypeError, "window_size", "pair"),
+    ("softcap-negative", lambda: dict(softcap=-30.0), ValueError, "softcap", ">= 0"),
+    ("alibi-float16", lambda: dict(alibi_slopes=torch.ones(6, dtype=torch.float16)), TypeError, "alibi_slopes",
+     "float32"),
 
     ("q-not-tensor", lambda: dict(q=randn(*Q_SHAPE).tolist()), TypeError, "q", "[Tt]ensor"),
     ("k-not-tensor", lambda: dict(k=randn(*KV_SHAPE).numpy()), TypeError, "k", "[Tt]ensor"),

@@ -42,9 +42,9 @@ def strided_cu(*values):
 # (id, changed arguments, exception, argument the message names, rule the message states)
 VARLEN_BAD_INPUTS = [
     ("dropout", lambda: dict(dropout_p=0.1), NotImplementedError, "dropout_p", "dropout"),
-    ("window", lambda: dict(window_size=(64, 0)), NotImplementedError, "window_size", "window"),
-    ("softcap", lambda: dict(softcap=30.0), NotImplementedError, "softcap", "softcap"),
-    ("alibi", lambda: dict(alibi_slopes=torch.ones(HEADS_Q)), NotImplementedError, "alibi_slopes", "alibi"),
+    ("window-below-unbounded", lambda: dict(window_size=(64, -3)), ValueError, "window_size", ">= -1"),
+    ("softcap-nan", lambda: dict(softcap=float("nan")), ValueError, "softcap", "finite"),
+    ("alibi-heads", lambda: dict(alibi_slopes=torch.ones(HEADS_Q + 1)), ValueError, "alibi_slopes", "shape"),
     ("block-table", lambda: dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), NotImplementedError,
      "block_table", "paged"),
 
@@ -217,7 +217,7 @@ PACKED_BAD_INPUTS = [
      TypeError, NAMED_KV, "dtype"),
     ("kv-q-3d", "kvpacked", lambda: dict(q=randn(8, HEADS_Q, D)), ValueError, "q", "4-D"),
     ("kv-cpu", "kvpacked", lambda: dict(), ValueError, "q", "CUDA"),
-    ("kv-softcap", "kvpacked", lambda: dict(softcap=1.0), NotImplementedError, "softcap", "softcap"),
+    ("kv-softcap", "kvpacked", lambda: dict(softcap=True), TypeError, "softcap", "float"),
 
     ("varlen-qkv-count-2", "varlen_qkvpacked", lambda: dict(qkv=randn(TOTAL_K, 2, HEADS_Q, D)), ValueError, "qkv",
      "with 3 in dim 1"),
@@ -230,8 +230,8 @@ PACKED_BAD_INPUTS = [
     ("varlen-qkv-max-float", "varlen_qkvpacked", lambda: dict(max_seqlen=9.0), TypeError, "max_seqlen", "int"),
     ("varlen-qkv-max-zero", "varlen_qkvpacked", lambda: dict(max_seqlen=0), ValueError, "max_seqlen", "at least 1"),
     ("varlen-qkv-cpu", "varlen_qkvpacked", lambda: dict(), ValueError, "qkv", "CUDA"),
-    ("varlen-qkv-alibi", "varlen_qkvpacked", lambda: dict(alibi_slopes=torch.ones(HEADS_Q)), NotImplementedError,
-     "alibi_slopes", "alibi"),
+    ("varlen-qkv-alibi", "varlen_qkvpacked", lambda: dict(alibi_slopes=torch.ones(HEADS_Q, dtype=torch.int32)),
+     TypeError, "alibi_slopes", "float32"),
 
     ("varlen-kv-count-3", "varlen_kvpacked", lambda: dict(kv=randn(TOTAL_K, 3, HEADS_KV, D)), ValueError, "kv",
      "with 2 in dim 1"),
@@ -244,8 +244,8 @@ PACKED_BAD_INPUTS = [
     ("varlen-kv-max-k-negative", "varlen_kvpacked", lambda: dict(max_seqlen_k=-5), ValueError, "max_seqlen_k",
      r"\[0, 2\^31"),
     ("varlen-kv-cpu", "varlen_kvpacked", lambda: dict(), ValueError, "q", "CUDA"),
-    ("varlen-kv-window", "varlen_kvpacked", lambda: dict(window_size=(-1, 0)), NotImplementedError, "window_size",
-     "window"),
+    ("varlen-kv-window", "varlen_kvpacked", lambda: dict(window_size=(-1.0, 0)), TypeError, "window_size",
+     "pair of ints"),
 
     # Two faults at once: the packed tensor's own shape is checked before what its slices hold.
     ("order-count-dtype", "qkvpacked", lambda: dict(qkv=randn(2, 8, 2, HEADS_Q, D, dtype=F32)), ValueError, "qkv",
