@@ -59,10 +59,11 @@ struct AttnParams {
   // (and LSE); nullptr for none.
   float const *__restrict__ sinks;
 
-  // Whether the kernels' general variant is needed (mask.h): varlen, ALiBi, or a window's left edge that
-  // hides a key from some row.
+  // Whether the kernels' general variant is needed (mask.h): varlen, softcap, ALiBi, or a window's left
+  // edge that hides a key from some row.
   bool needs_general() const {
-    return cu_seqlens_q != nullptr || alibi_slopes != nullptr || (is_windowed && window_left < seqlen_k - 1);
+    return cu_seqlens_q != nullptr || softcap_premul != 0.f || alibi_slopes != nullptr ||
+           (is_windowed && window_left < seqlen_k - 1);
   }
 
   // Which kv head serves query head h.

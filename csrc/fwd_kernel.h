@@ -67,9 +67,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor acc_o = partition_fragment_C(tiled_mma, TileQ{});  // (MMA, MMA_M, MMA_K)
 
-  // Only a window can hide every key from every row here (testing it where none can raised the D = 128
-  // forward's spills from 116 to 360 bytes): O = 0, LSE = +inf (or the sink's logit).
-  if (Windowed && n_block_end <= n_block_begin) {
+  // Only a window, or a varlen sequence with no keys, can hide every key from every row here (testing it
+  // where neither can raised the D = 128 forward's spills from 116 to 360 bytes): O = 0, LSE = +inf (or
+  // the sink's logit).
+  if ((Windowed || General) && n_block_end <= n_block_begin) {
     clear(acc_o);
     store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
     Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});

@@ -19,10 +19,11 @@ using namespace cute;
 
 // Windowed: whether any key is hidden by position (causal, or a sliding window); the window's sides are
 // run-time values, causal being (unbounded, 0), so that causal and windowed calls share instantiations.
-// General: whether the window's left edge and ALiBi may be on (run-time branches then). The kernels are
-// instantiated with and without it, since at D = 128 the left edge's compares and ALiBi's per-element
-// coordinates raise the forward's spills from ~120 to 400-500 bytes even when off (benchmarks/NOTES.md):
-// the common cases (plain, causal, softcap, sinks) run without them. Softcap is a run-time branch per tile.
+// General: whether the window's left edge, softcap and ALiBi may be on (run-time branches then). The
+// kernels are instantiated with and without it: at D = 128 the left edge's compares and ALiBi's
+// per-element coordinates raise the forward's spills from ~120 to 400-500 bytes even when off, and the
+// softcap's branch per tile, between Q·Kᵀ and the softmax, cost the forward 7-20% on the H200 even when
+// off (benchmarks/NOTES.md). The common cases (plain, causal, sinks) run without them.
 template <int kBlockM, int kBlockN, bool Windowed, bool General>
 struct Mask {
   AttnParams const &params;  // the kernel's __grid_constant__ params: its fields are read from constant memory
@@ -118,7 +119,7 @@ struct Mask {
     Tensor c = make_tensor(tScS.data(), rows_cols(tScS.layout()));      // (rows, cols) -> (row, col)
     static_assert(decltype(size(s) == size(c))::value);
     int const query0 = m_block * kBlockM, key0 = n_block * kBlockN;
-    if (params.softcap_premul != 0.f) {
+    if (General && params.softcap_premul != 0.f) {
       CUTE_UNROLL
       for (int i = 0; i < size(s); ++i) { s(i) = tanh_approx(s(i) * params.softcap_premul); }
     }
@@ -163,7 +164,7 @@ struct Mask {
   template <bool Transposed = false, class DS, class P, class Coords>
   CUTE_DEVICE void chain_rule(DS &ds, P const &p, float const *lse_log2, Coords const &tScS, int m_block,
                               int n_block) const {
-    if (params.softcap_premul == 0.f) { return; }
+    if (!General || params.softcap_premul == 0.f) { return; }
     Tensor d = make_tensor(ds.data(), rows_cols(ds.layout()));   // (rows, cols)
     Tensor pr = make_tensor(p.data(), rows_cols(p.layout()));    // (rows, cols)
     Tensor c = make_tensor(tScS.data(), rows_cols(tScS.layout()));

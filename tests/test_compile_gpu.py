@@ -173,7 +173,7 @@ class Block(nn.Module):
         if self.variant == "softcap":
             return dict(softcap=3.0)
         if self.variant == "sinks":
-            return dict(s_aux=self.sinks)
+            return dict(s_aux=self.sinks.float())  # the kernels take fp32 sinks; the model is bf16
         return {}
 
     def forward(self, x, cu_seqlens=None, max_seqlen=0):
