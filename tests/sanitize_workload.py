@@ -55,17 +55,20 @@ def parse_args():
                         help="head dims to run (default: every kernel built); 59 runs the zero-padded path")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the reference")
     parser.add_argument("--varlen-only", action="store_true", help="run the varlen cases alone")
+    parser.add_argument("--variants", action="store_true",
+                        help="run the score variants (window, softcap, ALiBi, sinks) alone, unchecked")
     return parser.parse_args()
 
 
-def forward_backward(qkv, causal, varlen=None):
+def forward_backward(qkv, causal, varlen=None, **scores):
     """out, lse (detached), dout and the gradients of flash_attn_func, or of flash_attn_varlen_func where
-    varlen (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) is given, on leaves with qkv's values."""
+    varlen (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) is given, on leaves with qkv's values.
+    scores: window_size, softcap, alibi_slopes, s_aux."""
     leaves = [t.detach().requires_grad_() for t in qkv]
     if varlen is None:
-        out, lse, _ = flash_attn_func(*leaves, causal=causal, return_attn_probs=True)
+        out, lse, _ = flash_attn_func(*leaves, causal=causal, return_attn_probs=True, **scores)
     else:
-        out, lse, _ = flash_attn_varlen_func(*leaves, *varlen, causal=causal, return_attn_probs=True)
+        out, lse, _ = flash_attn_varlen_func(*leaves, *varlen, causal=causal, return_attn_probs=True, **scores)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     torch.cuda.synchronize()
@@ -120,8 +123,44 @@ def run_bad_cu_seqlens(bad, head_dim, dtype, causal):
     forward_backward((q, k, v), causal, varlen)
 
 
+# (name, causal, score arguments given heads and batch): every kernel path the variants add (the window's
+# two edges, softcap's tanh and its derivative, ALiBi's per-element bias, the sink in the softmax and LSE).
+VARIANTS = [
+    ("window (17, 5)", False, lambda heads, batch: dict(window_size=(17, 5))),
+    ("window (40, 0) causal", True, lambda heads, batch: dict(window_size=(40, 0))),
+    ("softcap 30", False, lambda heads, batch: dict(softcap=30.0)),
+    ("softcap + window causal", True, lambda heads, batch: dict(softcap=30.0, window_size=(33, 0))),
+    ("alibi (heads,)", True, lambda heads, batch: dict(alibi_slopes=torch.rand(heads, device="cuda"))),
+    ("alibi (batch, heads)", False, lambda heads, batch: dict(alibi_slopes=torch.rand(batch, heads, device="cuda"))),
+    ("sink + window causal", True, lambda heads, batch: dict(s_aux=torch.randn(heads, device="cuda"),
+                                                               window_size=(25, 0))),
+]
+
+
+def run_variant(scores, causal, shape, head_dim, dtype, varlen_shape):
+    """One forward and backward of a variant on a fixed-length or varlen shape; unchecked."""
+    from conftest import random_varlen
+
+    if varlen_shape:
+        lengths_q, lengths_k, heads_q, heads_kv = shape
+        *qkv, varlen = random_varlen(lengths_q, lengths_k, heads_q, heads_kv, head_dim, dtype=dtype, device="cuda")
+        batch = len(lengths_q)
+    else:
+        batch, seqlen_q, seqlen_k, heads_q, heads_kv = shape
+        qkv = [torch.randn(batch, n, h, head_dim, dtype=dtype, device="cuda")
+               for n, h in ((seqlen_q, heads_q), (seqlen_k, heads_kv), (seqlen_k, heads_kv))]
+        varlen = None
+    forward_backward(qkv, causal, varlen, **scores(heads_q, batch))
+
+
 def cases(args, head_dims):
     """(description, run(check)) for every case the arguments ask for."""
+    if args.variants:
+        for head_dim, dtype, (name, causal, scores) in itertools.product(head_dims, args.dtypes, VARIANTS):
+            for shape, is_varlen in [(s, False) for s in SHAPES] + [(s, True) for s in VARLEN_SHAPES]:
+                yield (f"d{head_dim} {dtype} {name} {shape}",
+                       lambda check, a=(scores, causal, shape, head_dim, DTYPES[dtype], is_varlen): run_variant(*a))
+        return
     product = itertools.product(head_dims, args.dtypes, (False, True))
     for head_dim, dtype, causal in product:
         what = f"d{head_dim} {dtype} {'causal' if causal else 'full'}"
