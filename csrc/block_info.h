@@ -16,11 +16,10 @@ struct BlockInfo {
   int q_start, k_start;  // first row of the sequence in q, o (k, v); 0 for fixed-length, where batch_stride picks it
   int seqlen_q, seqlen_k;
 
-  // maybe_varlen: whether cu_seqlens may be given, so that the batch is told apart at run time. The forward,
-  // whose registers are tight, is instantiated for fixed-length batches with false_type, so that their offsets
-  // and lengths fold back to the params: the run-time branch more than doubled its spills and cost D = 128
-  // causal short sequences up to 10% (benchmarks/NOTES.md). The backward kernels showed no cost and keep one
-  // instantiation.
+  // maybe_varlen: whether cu_seqlens may be given, so that the batch is told apart at run time. Every kernel
+  // is instantiated for fixed-length batches with false_type (their "common" variant, mask.h), so that the
+  // offsets and lengths fold back to the params: the run-time branch more than doubled the D = 128
+  // forward's spills and cost causal short sequences up to 10% (benchmarks/NOTES.md).
   template <class MaybeVarlen = cute::true_type>
   CUTE_DEVICE BlockInfo(AttnParams const &p, int batch, MaybeVarlen maybe_varlen = {}) : batch(batch) {
     if (!maybe_varlen || p.cu_seqlens_q == nullptr) {
