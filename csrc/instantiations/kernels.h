@@ -3,7 +3,7 @@
 
 #include <cuda_runtime.h>
 
-#include "../flash.h"
+#include "common/flash.h"
 
 namespace flash {
 

@@ -1,0 +1,73 @@
+// Small device helpers shared by every kernel of both architectures: tensor views, accumulator views,
+// conversions, the special-function unit.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/array.h>
+#include <cutlass/numeric_conversion.h>
+
+#include "flash.h"
+
+namespace flash {
+
+using namespace cute;
+
+// One head's (seqlen, kHeadDim) matrix of a (batch, seqlen, heads, head_dim) tensor of T, starting at row
+// row_start (varlen: the sequence's first row, with batch_stride 0); 64-bit offsets.
+template <int kHeadDim, typename T>
+CUTE_DEVICE auto head_matrix(HeadTensor const &t, int batch, int head, int row_start, int seqlen) {
+  index_t const offset = batch * t.batch_stride + row_start * t.row_stride + head * t.head_stride;
+  return make_tensor(make_gmem_ptr(static_cast<T *>(t.ptr) + offset), make_shape(seqlen, Int<kHeadDim>{}),
+                     make_stride(t.row_stride, _1{}));
+}
+
+// One head's (seqlen) values of a per-row fp32 tensor (LSE, rowsum(dO * O)), starting at row row_start.
+CUTE_DEVICE auto row_vector(RowTensor const &t, int batch, int head, int row_start, int seqlen) {
+  return make_tensor(make_gmem_ptr(t.ptr + batch * t.batch_stride + head * t.head_stride + row_start),
+                     make_shape(seqlen));
+}
+
+// An SM80 accumulator ((2,2),MMA_M,MMA_N) seen as (rows, cols) = ((2,MMA_M),(2,MMA_N)):
+// each thread holds two rows (r and r+8) and column pairs of each 16x8 tile.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr auto rows_cols(Layout const &acc) {
+  static_assert(rank(Layout{}) == 3 && size<0>(Layout{}) == 4);
+  return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)), make_layout(get<0, 0>(acc), get<2>(acc)));
+}
+
+// Register tensor of another element type (e.g. fp32 accumulator -> bf16 operand), converted in pairs.
+template <typename To, class Engine, class Layout>
+CUTE_DEVICE auto convert_type(Tensor<Engine, Layout> const &src) {
+  using From = typename Engine::value_type;
+  constexpr int N = decltype(size(src))::value;
+  Tensor dst = make_tensor<To>(src.layout());
+  cutlass::NumericArrayConverter<To, From, N> convert;
+  *reinterpret_cast<cutlass::Array<To, N> *>(dst.data()) =
+      convert(*reinterpret_cast<cutlass::Array<From, N> const *>(src.data()));
+  return dst;
+}
+
+// 2^x on the special-function unit; exp2(-inf) = 0, which masking relies on.
+CUTE_DEVICE float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// tanh on the special-function unit (relative error about 2^-11, below the bf16 rounding of the scores it
+// is applied to): the softcap.
+CUTE_DEVICE float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The four threads of a quad hold the same accumulator rows: reduce across them.
+template <class Op>
+CUTE_DEVICE float quad_allreduce(float x, Op op) {
+  x = op(x, __shfl_xor_sync(0xffffffff, x, 2));
+  x = op(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return x;
+}
+
+}  // namespace flash

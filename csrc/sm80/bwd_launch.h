@@ -1,0 +1,40 @@
+// Host-side launches of the backward kernels for one (head dim, dtype); each is instantiated in its own
+// translation unit. The binding runs: preprocess (D), dQ, dK/dV.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/bwd_preprocess.h"
+#include "common/launch_utils.h"
+
+#include "bwd_dkdv_kernel.h"
+#include "bwd_dq_kernel.h"
+#include "kernel_traits.h"
+
+namespace flash {
+
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
+  using Traits = TraitsFor<kHeadDim, Element, bwd_dq_tile>;
+  dim3 const grid(ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.heads);
+  return bool_switch(params.is_windowed, [&](auto windowed) {
+    return bool_switch(params.needs_general(), [&](auto general) {
+      return launch_kernel(&bwd_dq_kernel<Traits, decltype(windowed)::value, decltype(general)::value>, grid,
+                           Traits::kNThreads, bwd_dq_smem_size<Traits>(), params, stream);
+    });
+  });
+}
+
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
+  using Traits = TraitsFor<kHeadDim, Element, bwd_dkdv_tile>;
+  dim3 const grid(ceil_div(params.seqlen_k, Traits::kBlockM), params.batch, params.heads);
+  return bool_switch(params.is_windowed, [&](auto windowed) {
+    return bool_switch(params.needs_general(), [&](auto general) {
+      return launch_kernel(&bwd_dkdv_kernel<Traits, decltype(windowed)::value, decltype(general)::value>, grid,
+                           Traits::kNThreads, bwd_dkdv_smem_size<Traits>(), params, stream);
+    });
+  });
+}
+
+}  // namespace flash

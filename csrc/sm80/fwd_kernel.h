@@ -1,0 +1,171 @@
+// The forward kernel (FlashAttention-2, Algorithm 1): one thread block per (query block, batch, head);
+// K and V blocks stream through shared memory while the warps, each owning a slice of the query rows,
+// run Q·Kᵀ, the online softmax and P·V on tensor cores.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "common/block_info.h"
+#include "common/flash.h"
+#include "common/mask.h"
+#include "common/softmax.h"
+#include "common/utils.h"
+
+#include "epilogue.h"
+#include "gemm.h"
+#include "tile_copy.h"
+
+namespace flash {
+
+using namespace cute;
+
+// Q, K, V: one buffer each.
+template <class Traits>
+constexpr int fwd_smem_size() { return Traits::kSmemSizeM + 2 * Traits::kSmemSizeN; }
+
+// General: the variant for varlen batches, ALiBi and windows with a left edge; the other, for the common
+// case, compiles them out (each raises the D = 128 forward's spills several-fold: block_info.h, mask.h).
+template <class Traits, bool Windowed, bool General>
+__global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant__ const FwdParams params) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
+  using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
+  using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
+
+  // Scheduler: the query blocks with the most keys (causal) start first, so the grid's tail is short.
+  int const m_block = gridDim.x - 1 - blockIdx.x;
+  int const batch = blockIdx.y, head = blockIdx.z;
+  int const tid = threadIdx.x;
+
+  BlockInfo const seq{params, batch, cute::bool_constant<General>{}};
+  int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
+  if (General && q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
+  Mask<kBlockM, kBlockN, Windowed, General> const mask{params, seq, head};
+  int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
+  // A learnable sink's logit in log2 units, -inf for none: read only where the rows are finished, so that
+  // it holds no register through the main loop.
+  auto sink_log2 = [&] { return params.sinks == nullptr ? -INFINITY : params.sinks[head] * float(M_LOG2E); };
+
+  Tensor mQ = seq.q_rows<kHeadDim, Element const>(params.q, head);
+  Tensor mK = seq.k_rows<kHeadDim, Element const>(params.k, params.kv_head(head));
+  Tensor mV = seq.k_rows<kHeadDim, Element const>(params.v, params.kv_head(head));
+  Tensor mO = seq.q_rows<kHeadDim, Element>(params.o, head);
+  Tensor mLSE = seq.q_values(params.lse, head);
+  Tensor gQ = local_tile(mQ, TileQ{}, make_coord(m_block, 0));     // (kBlockM, kHeadDim)
+  Tensor gK = local_tile(mK, TileKV{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)
+  Tensor gV = local_tile(mV, TileKV{}, make_coord(_, 0));          // (kBlockN, kHeadDim, n)
+  Tensor gO = local_tile(mO, TileQ{}, make_coord(m_block, 0));     // (kBlockM, kHeadDim)
+  Tensor gLSE = local_tile(mLSE, Shape<Int<kBlockM>>{}, make_coord(m_block));  // (kBlockM)
+
+  extern __shared__ char smem[];
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), typename Traits::SmemLayoutM{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutN{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutN{});
+  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutNt{});  // (kHeadDim, kBlockN)
+
+  typename Traits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor acc_o = partition_fragment_C(tiled_mma, TileQ{});  // (MMA, MMA_M, MMA_K)
+
+  // Only a window, or a varlen sequence with no keys, can hide every key from every row here (testing it
+  // where neither can raised the D = 128 forward's spills from 116 to 360 bytes): O = 0, LSE = +inf (or
+  // the sink's logit).
+  if ((Windowed || General) && n_block_end <= n_block_begin) {
+    clear(acc_o);
+    store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
+    Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});
+    fill(lse, params.sinks == nullptr ? INFINITY : params.sinks[head]);
+    store_row_values(tiled_mma, lse, gLSE, TileQ{}, q_rows_left);
+    return;
+  }
+
+  // Global -> shared copies and the (row, col) each one covers, for bounds.
+  typename Traits::GmemTiledCopyLoad gmem_copy;
+  auto gmem_thr_copy = gmem_copy.get_thread_slice(tid);
+  Tensor tQgQ = gmem_thr_copy.partition_S(gQ);  // (CPY, CPY_M, CPY_K)
+  Tensor tQsQ = gmem_thr_copy.partition_D(sQ);
+  Tensor tKgK = gmem_thr_copy.partition_S(gK);  // (CPY, CPY_N, CPY_K, n)
+  Tensor tKsK = gmem_thr_copy.partition_D(sK);
+  Tensor tVgV = gmem_thr_copy.partition_S(gV);
+  Tensor tVsV = gmem_thr_copy.partition_D(sV);
+  Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(TileQ{}));
+  Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(TileKV{}));
+
+  // Shared -> register operands, read with ldmatrix.
+  Tensor tSrQ = make_tensor<Element>(partition_shape_A(tiled_mma, TileQ{}));  // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = make_tensor<Element>(partition_shape_B(tiled_mma, TileKV{}));
+  Tensor tOrVt = make_tensor<Element>(partition_shape_B(tiled_mma, Shape<Int<kHeadDim>, Int<kBlockN>>{}));
+  auto smem_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+  Tensor tSsQ = smem_copy_q.get_thread_slice(tid).partition_S(sQ);
+  Tensor tSsK = smem_copy_k.get_thread_slice(tid).partition_S(sK);
+  Tensor tOsVt = smem_copy_v.get_thread_slice(tid).partition_S(sVt);
+
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(TileS{}));  // (row, col) of each score
+
+  // Prologue: Q and the first K block. Key blocks are visited from the last down, so the ragged block and
+  // those the window's right edge crosses come first, and those its left edge crosses last.
+  int n_block = n_block_end - 1;
+  load_tile<true>(gmem_copy, tQgQ, tQsQ, tQcQ, q_rows_left, params.head_dim);
+  load_tile<true>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, seq.seqlen_k - n_block * kBlockN,
+                  params.head_dim);
+  cp_async_fence();
+
+  clear(acc_o);
+  OnlineSoftmax<2 * decltype(size<1>(acc_o))::value> softmax;  // two rows per 16-row MMA tile
+
+  auto step = [&](int n_block, auto is_first, auto is_masked) __attribute__((always_inline)) {
+    constexpr bool kFirst = decltype(is_first)::value;
+    Tensor acc_s = partition_fragment_C(tiled_mma, TileS{});  // (MMA, MMA_M, MMA_N)
+    clear(acc_s);
+    cp_async_wait<0>();
+    __syncthreads();  // K[n_block] has landed, and every warp is done with V[n_block + 1]
+    // V streams in while Q·Kᵀ runs. Only the first block visited can be the ragged last one.
+    load_tile<kFirst>(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, seq.seqlen_k - n_block * kBlockN,
+                      params.head_dim);
+    cp_async_fence();
+
+    gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_q, smem_copy_k);
+    mask.template apply<decltype(is_masked)::value>(acc_s, tScS, m_block, n_block);
+
+    cp_async_wait<0>();
+    __syncthreads();  // V[n_block] has landed, and every warp is done with K[n_block]
+    if (n_block > n_block_begin) {  // the next K streams in while the softmax and P·V run
+      load_tile<false>(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, kBlockN, params.head_dim);
+      cp_async_fence();
+    }
+
+    softmax.template update<kFirst>(acc_s, acc_o, params.softmax_scale_log2);
+    Tensor rP = convert_type<Element>(acc_s);
+    Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // P as the A operand, in place
+    gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, smem_copy_v);
+  };
+
+  int const n_block_first_masked = mask.n_block_first_masked(m_block);
+  int const n_block_unmasked_begin = mask.n_block_unmasked_begin(m_block);
+  if (n_block >= n_block_first_masked || n_block < n_block_unmasked_begin) {
+    step(n_block, cute::true_type{}, cute::true_type{});
+  } else {  // e.g. non-causal with seqlen_k a multiple of kBlockN: no block needs masking
+    step(n_block, cute::true_type{}, cute::false_type{});
+  }
+  for (--n_block; n_block >= n_block_first_masked && n_block >= n_block_begin; --n_block) {
+    step(n_block, cute::false_type{}, cute::true_type{});
+  }
+  for (; n_block >= n_block_unmasked_begin && n_block >= n_block_begin; --n_block) {
+    step(n_block, cute::false_type{}, cute::false_type{});
+  }
+  if constexpr (Windowed && General) {  // the blocks the window's left edge crosses
+    for (; n_block >= n_block_begin; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
+  }
+
+  // Epilogue: normalise once, then O through shared memory (Q's buffer) and the LSE from registers.
+  Tensor lse = softmax.finalize(acc_o, sink_log2());
+  store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
+  store_row_values(tiled_mma, lse, gLSE, TileQ{}, q_rows_left);
+}
+
+}  // namespace flash

@@ -1,0 +1,25 @@
+// Host-side launch of the forward kernel for one (head dim, dtype); instantiated once per translation unit.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/launch_utils.h"
+
+#include "fwd_kernel.h"
+#include "kernel_traits.h"
+
+namespace flash {
+
+template <int kHeadDim, typename Element>
+cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
+  using Traits = TraitsFor<kHeadDim, Element, fwd_tile>;
+  dim3 const grid(ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.heads);
+  return bool_switch(params.is_windowed, [&](auto windowed) {
+    return bool_switch(params.needs_general(), [&](auto general) {
+      return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value, decltype(general)::value>, grid,
+                           Traits::kNThreads, fwd_smem_size<Traits>(), params, stream);
+    });
+  });
+}
+
+}  // namespace flash
