@@ -5,11 +5,11 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "bwd_dkdv_kernel.h"
-#include "bwd_dq_kernel.h"
-#include "fwd_kernel.h"
-#include "kernel_traits.h"
-#include "launch_utils.h"
+#include "sm80/bwd_dkdv_kernel.h"
+#include "sm80/bwd_dq_kernel.h"
+#include "sm80/fwd_kernel.h"
+#include "sm80/kernel_traits.h"
+#include "common/launch_utils.h"
 
 using Element = cutlass::bfloat16_t;
 #ifndef WARPS_N
