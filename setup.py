@@ -32,14 +32,15 @@ def extension():
     dims = build_config.head_dims()
     write_build_info(archs, dims)
     generate_instantiations.write_all()
-    built = f"-DFLASH_ATTN2_BUILT_HEAD_DIMS={','.join(map(str, dims))}"
-    sources = [ROOT / "csrc" / "flash_api.cpp", *build_config.kernel_sources(dims)]
+    built = [f"-DFLASH_ATTN2_BUILT_HEAD_DIMS={','.join(map(str, dims))}",
+             f"-DFLASH_ATTN2_SM90={int(build_config.builds_sm90(archs))}"]
+    sources = [ROOT / "csrc" / "flash_api.cpp", *build_config.kernel_sources(dims, archs)]
     return CUDAExtension(
         name="flash_attn2._C",
         sources=[str(s.relative_to(ROOT)) for s in sources],
         include_dirs=[str(ROOT / "csrc"), str(build_config.cutlass_include())],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", built],
+            "cxx": ["-O3", "-std=c++17", *built],
             # Only the binding needs the list (nvcc would split a -D value at its commas).
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
                      f"--threads={build_config.nvcc_threads()}", *build_config.gencode_flags(archs)],

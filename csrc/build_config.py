@@ -1,7 +1,8 @@
 """Build choices for setup.py, kept apart so they can be tested without building anything.
 
 Environment switches:
-  FLASH_ATTN2_CUDA_ARCHS  compute capabilities to build machine code for, e.g. "80;90" (the default)
+  FLASH_ATTN2_CUDA_ARCHS  compute capabilities to build machine code for, e.g. "80;90a" (the default); "90a"
+                          (sm_90a: wgmma, TMA) builds the Hopper kernels too, "90" the mma.sync ones only
   FLASH_ATTN2_HEAD_DIMS   kernel head dims to build, e.g. "64,128" (default: all; for fast iteration and CI)
   CUTLASS_DIR             a CUTLASS checkout (its include/ is used), overriding the lookup below
   NVCC_THREADS            threads per nvcc process (default 2: each handles one arch)
@@ -9,28 +10,34 @@ Environment switches:
 """
 
 import os
+import re
 from pathlib import Path
 
 from generate_instantiations import DTYPES, HEAD_DIMS, KERNELS, OUT_DIR, kernel_head_dims, source_name
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ARCHS = "80;90"
+DEFAULT_ARCHS = "80;90a"
 
 
 def cuda_archs(env=os.environ):
-    """'80;90' -> ['80', '90']; sm_80 machine code does not run on sm_90, so both are the default."""
+    """'80;90a' -> ['80', '90a']; sm_80 machine code does not run on sm_90, so both are the default."""
     text = env.get("FLASH_ATTN2_CUDA_ARCHS", DEFAULT_ARCHS)
     archs = [a.strip() for a in text.replace(",", ";").split(";") if a.strip()]
     for arch in archs:
-        if not (arch.isdigit() and int(arch) >= 80):
-            raise ValueError(f"FLASH_ATTN2_CUDA_ARCHS: {arch!r} is not a compute capability >= 80 (e.g. '80;90')")
+        if not (re.fullmatch(r"\d+a?", arch) and int(arch.rstrip("a")) >= 80):
+            raise ValueError(f"FLASH_ATTN2_CUDA_ARCHS: {arch!r} is not a compute capability >= 80 (e.g. '80;90a')")
     if not archs:
-        raise ValueError("FLASH_ATTN2_CUDA_ARCHS is empty; give e.g. '80;90'")
+        raise ValueError("FLASH_ATTN2_CUDA_ARCHS is empty; give e.g. '80;90a'")
     return archs
 
 
 def gencode_flags(archs):
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+def builds_sm90(archs):
+    """Whether the Hopper kernels are built: they need sm_90a machine code (plain sm_90 has no wgmma)."""
+    return "90a" in archs
 
 
 def head_dims(env=os.environ):
@@ -71,9 +78,12 @@ def cutlass_include(env=os.environ, root=ROOT):
         "`git submodule update --init third_party/cutlass`, or set CUTLASS_DIR to a CUTLASS checkout.")
 
 
-def kernel_sources(dims):
+def kernel_sources(dims, archs=("80", "90a")):
+    """The translation units to compile for head dims `dims`: those of kernels for every arch, and those of
+    an arch-specific kernel when `archs` has its arch."""
     return [OUT_DIR / source_name(kernel, d, dtype)
-            for kernel in KERNELS for d in kernel_head_dims(kernel, dims) for dtype in DTYPES]
+            for kernel, k in KERNELS.items() if k.arch is None or k.arch in archs
+            for d in kernel_head_dims(kernel, dims) for dtype in DTYPES]
 
 
 def nvcc_threads(env=os.environ):

@@ -1,5 +1,6 @@
 // The binding: the only file that knows torch. Checks tensors, fills the params structs, picks the
 // kernel for the head dim and dtype, and launches it on the current stream of the inputs' device.
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cutlass/numeric_types.h>
@@ -7,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <algorithm>
 #include <map>
@@ -20,12 +22,34 @@
 namespace {
 
 constexpr int kBuiltHeadDims[] = {FLASH_ATTN2_BUILT_HEAD_DIMS};
+#ifndef FLASH_ATTN2_SM90
+#define FLASH_ATTN2_SM90 0  // setup.py defines it: 1 when the Hopper kernels (sm_90a) are built
+#endif
 
 constexpr bool is_built(int head_dim) {
   for (int d : kBuiltHeadDims) {
     if (d == head_dim) { return true; }
   }
   return false;
+}
+
+constexpr bool has_sm90_fwd(int head_dim) {
+  for (int d : flash::kSm90FwdHeadDims) {
+    if (d == head_dim) { return true; }
+  }
+  return false;
+}
+
+// The Hopper forward (csrc/sm90) takes a call when it is built, the GPU is sm_90 and it covers the call:
+// a head dim that rounds up to one of kSm90FwdHeadDims (checked by the caller) and the common kernel
+// variant (no varlen, softcap, ALiBi or window left edge: mask.h). FLASH_ATTN2_FORCE_SM80=1 sends every
+// call to the mma.sync kernels, for A/B runs and bug reports; it is read at each call.
+bool hopper_fwd(flash::FwdParams const &p) {
+  if (!FLASH_ATTN2_SM90 || p.needs_general()) { return false; }
+  char const *force = std::getenv("FLASH_ATTN2_FORCE_SM80");
+  if (force != nullptr && force[0] != '\0' && std::string(force) != "0") { return false; }
+  cudaDeviceProp const *props = at::cuda::getCurrentDeviceProperties();
+  return props->major == 9 && props->minor == 0;
 }
 
 template <size_t I, class F>
@@ -318,7 +342,12 @@ void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tens
   c10::cuda::CUDAGuard device_guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
-    return flash::run_fwd<decltype(head_dim)::value, decltype(element)>(p, stream);
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    using Element = decltype(element);
+    if constexpr (FLASH_ATTN2_SM90 && has_sm90_fwd(kHeadDim)) {
+      if (hopper_fwd(p)) { return flash::sm90::run_fwd<kHeadDim, Element>(p, stream); }
+    }
+    return flash::run_fwd<kHeadDim, Element>(p, stream);
   });
 }
 
@@ -484,4 +513,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("reps"));
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
+  m.def("has_sm90", [] { return bool(FLASH_ATTN2_SM90); }, "Whether this build has the Hopper (sm_90a) kernels");
 }

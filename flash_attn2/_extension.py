@@ -46,11 +46,13 @@ def runtime_info(device=None):
 
 
 def arch_runs(arch, capability):
-    """Whether machine code for `arch` ("80", "90", "120") runs on a GPU of `capability` (major, minor):
-    the same major version and a minor one at least as high (sm_80 code runs on sm_86, sm_90 never on sm_100).
-    The build embeds no PTX, so nothing is JIT-compiled for newer GPUs."""
-    major, minor = divmod(int(arch), 10)
-    return capability[0] == major and capability[1] >= minor
+    """Whether machine code for `arch` ("80", "90a", "120") runs on a GPU of `capability` (major, minor):
+    the same major version and a minor one at least as high (sm_80 code runs on sm_86, sm_90 never on sm_100);
+    arch-specific code ("90a", with wgmma) only on exactly that capability. The build embeds no PTX, so
+    nothing is JIT-compiled for newer GPUs."""
+    specific = arch.endswith("a")
+    major, minor = divmod(int(arch.rstrip("a")), 10)
+    return capability[0] == major and (capability[1] == minor if specific else capability[1] >= minor)
 
 
 def _sm(capability):

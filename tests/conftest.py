@@ -65,7 +65,10 @@ KV_HEADS = {"mha": lambda heads_q: heads_q, "gqa": lambda heads_q: heads_q // 4,
 
 
 def pytest_generate_tests(metafunc):
-    """Gives the tests that take `seqlens` or `batch_heads` the grid; --large-grid adds to it."""
+    """Gives the tests that take `seqlens` or `batch_heads` the grid; --large-grid adds to it. Tests that
+    use the fixture `fwd_path` run once per forward path."""
+    if "fwd_path" in metafunc.fixturenames:
+        metafunc.parametrize("fwd_path", FWD_PATHS, indirect=True)
     large = metafunc.config.getoption("--large-grid")
     if "seqlens" in metafunc.fixturenames:
         seqlens = SEQLENS + (LARGE_SEQLENS if large else [])
@@ -73,6 +76,32 @@ def pytest_generate_tests(metafunc):
     if "batch_heads" in metafunc.fixturenames:
         batch_heads = BATCH_HEADS + (LARGE_BATCH_HEADS if large else [])
         metafunc.parametrize("batch_heads", batch_heads, ids=lambda bh: "b%dh%d" % bh)
+
+
+# The forward's two paths on an sm_90 GPU: the mma.sync kernels (csrc/sm80) and the Hopper kernel
+# (csrc/sm90), which takes the calls it covers unless FLASH_ATTN2_FORCE_SM80=1. Elsewhere only the first.
+FWD_PATHS = ("mma_sync", "hopper")
+
+
+def hopper_path_available():
+    if not (torch.cuda.is_available() and _extension_built()):
+        return False
+    from flash_attn2._extension import C
+    return C.has_sm90() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture
+def fwd_path(request, monkeypatch):
+    """Runs the test with the forward on one path; a module opts in with
+    `pytestmark = pytest.mark.usefixtures("fwd_path")`. On the Hopper path, calls it does not cover
+    (head dims 32, 96, 192; varlen, softcap, ALiBi, window left edges) still run on mma.sync."""
+    if request.param == "hopper":
+        if not hopper_path_available():
+            pytest.skip("the Hopper forward needs an sm_90 GPU and a build with FLASH_ATTN2_CUDA_ARCHS including 90a")
+        monkeypatch.setenv("FLASH_ATTN2_FORCE_SM80", "0")
+    else:
+        monkeypatch.setenv("FLASH_ATTN2_FORCE_SM80", "1")
+    return request.param
 
 
 def on_kernel_grid(test):

@@ -175,7 +175,7 @@ class ValidCall:
 
 
 @pytest.fixture
-def valid_call():
+def valid_call(fwd_path):
     skip_unless_built(64)
     return ValidCall()
 

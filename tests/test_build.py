@@ -14,19 +14,27 @@ import build_config  # noqa: E402
 import generate_instantiations as gen  # noqa: E402
 
 
-@pytest.mark.parametrize("text, archs", [("80", ["80"]), ("80;90", ["80", "90"]),
+@pytest.mark.parametrize("text, archs", [("80", ["80"]), ("80;90", ["80", "90"]), ("80;90a", ["80", "90a"]),
                                          (" 86 , 90 ", ["86", "90"]), ("90;", ["90"])])
 def test_cuda_archs(text, archs):
     assert build_config.cuda_archs({"FLASH_ATTN2_CUDA_ARCHS": text}) == archs
 
 
 def test_cuda_archs_default():
-    assert build_config.cuda_archs({}) == ["80", "90"]
-    assert build_config.gencode_flags(["80", "90"]) == ["-gencode=arch=compute_80,code=sm_80",
-                                                        "-gencode=arch=compute_90,code=sm_90"]
+    assert build_config.cuda_archs({}) == ["80", "90a"]
+    assert build_config.gencode_flags(["80", "90a"]) == ["-gencode=arch=compute_80,code=sm_80",
+                                                         "-gencode=arch=compute_90a,code=sm_90a"]
 
 
-@pytest.mark.parametrize("text, rule", [("75", "'75'.*>= 80"), ("sm_80", "'sm_80'"),
+@pytest.mark.parametrize("archs, hopper", [(["80", "90a"], True), (["90a"], True), (["80", "90"], False),
+                                           (["80"], False)])
+def test_hopper_kernels_need_sm90a(archs, hopper):
+    assert build_config.builds_sm90(archs) is hopper
+    sm90 = [s for s in build_config.kernel_sources(gen.HEAD_DIMS, archs) if s.parent.name == "sm90"]
+    assert bool(sm90) is hopper
+
+
+@pytest.mark.parametrize("text, rule", [("75", "'75'.*>= 80"), ("sm_80", "'sm_80'"), ("90b", "'90b'"), ("75a", "'75a'"),
                                         ("8.0", "'8.0'"), ("", "empty"), (" ; ", "empty")])
 def test_cuda_archs_errors(text, rule):
     with pytest.raises(ValueError, match=f"FLASH_ATTN2_CUDA_ARCHS.*{rule}"):
@@ -124,12 +132,17 @@ def head_dim_of(path):
 
 def test_kernel_sources():
     # For a head-dim subset, setup.py compiles the generated files of those head dims and those
-    # that serve every head dim, each once; for all head dims, every generated file.
+    # that serve every head dim, each once; for all head dims, every generated file (sm_90a included).
     generated = [path for path in gen.generated_files() if path.suffix == ".cu"]
-    for dims in [(64, 128), gen.HEAD_DIMS]:
+    for dims in [(64, 128), (32, 96), gen.HEAD_DIMS]:
         wanted = {path for path in generated if head_dim_of(path) in (None, *dims)}
-        sources = build_config.kernel_sources(dims)
+        sources = build_config.kernel_sources(dims, ["80", "90a"])
         assert len(sources) == len(set(sources)) and set(sources) == wanted
+
+
+def test_hopper_head_dims_are_kernel_head_dims():
+    # A call goes to the Hopper forward when its head dim rounds up (among HEAD_DIMS) to one of these.
+    assert set(gen.SM90_HEAD_DIMS) <= set(gen.HEAD_DIMS)
 
 
 def test_nvcc_threads():

@@ -14,6 +14,7 @@ H200 = dict(torch="2.11.0+cu130", cuda="13.0", gpu="NVIDIA H200", capability=(9,
     ("80", (8, 0), True), ("80", (8, 6), True), ("80", (8, 9), True), ("86", (8, 0), False),
     ("80", (9, 0), False), ("90", (9, 0), True), ("90", (10, 0), False), ("90", (8, 0), False),
     ("100", (10, 0), True), ("120", (12, 1), True), ("100", (12, 0), False),
+    ("90a", (9, 0), True), ("90a", (9, 1), False), ("90a", (10, 0), False), ("100a", (10, 0), True),
 ])
 def test_arch_runs(arch, capability, runs):
     assert ext.arch_runs(arch, capability) is runs

@@ -9,7 +9,7 @@ from conftest import (check_close, grid_qkv, on_kernel_grid, forward_into_nan, r
                       requires_ext, requires_gpu, skip_unless_built, strided_qkv)
 from flash_attn2 import flash_attn_func
 
-pytestmark = [requires_gpu, requires_ext]
+pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path")]
 
 NAN, INF = float("nan"), float("inf")
 

@@ -20,6 +20,7 @@ import os
 import random
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from conftest import DTYPES, requires_ext, requires_gpu, skip_unless_built, varlen_of
@@ -148,6 +149,7 @@ def pytest_generate_tests(metafunc):
 
 @requires_gpu
 @requires_ext
+@pytest.mark.usefixtures("fwd_path")
 def test_sweep(sweep_case, seed):
     case = sweep_case
     skip_unless_built(case.head_dim)

@@ -22,9 +22,18 @@ struct OnlineSoftmax {
   // scores into unnormalised probabilities in place, and rescales the output accumulator to the new max.
   template <bool First, class Scores, class AccO>
   CUTE_DEVICE void update(Scores &acc_s, AccO &acc_o, float scale_log2) {
+    auto const correction = exp_step<First>(acc_s, scale_log2);
+    if constexpr (!First) { rescale(acc_o, correction); }
+  }
+
+  // update() in two halves, for a kernel whose P·V of the previous block is still in flight when this
+  // block's scores are ready (SM90): the max, exponentials and sums first; the output's rescaling once
+  // the matmul writing it has finished. Returns each row's correction exp2(old max - new max).
+  template <bool First, class Scores>
+  CUTE_DEVICE cute::array<float, kRows> exp_step(Scores &acc_s, float scale_log2) {
     Tensor s = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // (rows, cols)
-    Tensor o = make_tensor(acc_o.data(), rows_cols(acc_o.layout()));  // (rows, head_dim)
     static_assert(decltype(size<0>(s))::value == kRows);
+    cute::array<float, kRows> correction;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float block_max = -INFINITY;
@@ -47,12 +56,22 @@ struct OnlineSoftmax {
       }
       if constexpr (First) {
         row_sum[r] = sum;
+        correction[r] = 1.f;
       } else {
-        float const correction = exp2_approx(prev_max - max_shift);
-        row_sum[r] = row_sum[r] * correction + sum;
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(o); ++c) { o(r, c) *= correction; }
+        correction[r] = exp2_approx(prev_max - max_shift);
+        row_sum[r] = row_sum[r] * correction[r] + sum;
       }
+    }
+    return correction;
+  }
+
+  template <class AccO>
+  CUTE_DEVICE void rescale(AccO &acc_o, cute::array<float, kRows> const &correction) {
+    Tensor o = make_tensor(acc_o.data(), rows_cols(acc_o.layout()));  // (rows, head_dim)
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(o); ++c) { o(r, c) *= correction[r]; }
     }
   }
 

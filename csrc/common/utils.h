@@ -27,12 +27,36 @@ CUTE_DEVICE auto row_vector(RowTensor const &t, int batch, int head, int row_sta
                      make_shape(seqlen));
 }
 
-// An SM80 accumulator ((2,2),MMA_M,MMA_N) seen as (rows, cols) = ((2,MMA_M),(2,MMA_N)):
-// each thread holds two rows (r and r+8) and column pairs of each 16x8 tile.
+// An accumulator seen as (rows, cols). Both architectures' tensor-core accumulators give each thread two
+// rows (r and r+8 of a 16-row slice) and column pairs, the four threads of a quad sharing the rows:
+//   SM80 mma.sync ((2,2),MMA_M,MMA_N)     -> ((2,MMA_M),(2,MMA_N)), one 8-column pair per 16x8 tile;
+//   SM90 wgmma    ((2,2,N/8),MMA_M,MMA_N) -> ((2,MMA_M),(2,N/8,MMA_N)), N/8 pairs per 64xN tile.
 template <class Layout>
 CUTE_HOST_DEVICE constexpr auto rows_cols(Layout const &acc) {
-  static_assert(rank(Layout{}) == 3 && size<0>(Layout{}) == 4);
-  return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)), make_layout(get<0, 0>(acc), get<2>(acc)));
+  static_assert(rank(Layout{}) == 3 && size<0, 0>(Layout{}) == 2 && size<0, 1>(Layout{}) == 2);
+  if constexpr (rank<0>(Layout{}) == 2) {
+    return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)), make_layout(get<0, 0>(acc), get<2>(acc)));
+  } else {
+    static_assert(rank<0>(Layout{}) == 3);
+    return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)),
+                       make_layout(get<0, 0>(acc), get<0, 2>(acc), get<2>(acc)));
+  }
+}
+
+// Writes one fp32 value per accumulator row (the LSE) to gRow (kRows,): in each quad, the thread that
+// holds column 0 writes. tCc: the tile's (row, col) coordinates partitioned like the accumulator. Rows at
+// or past max_row are skipped.
+template <class RowValues, class RowTile, class Coords>
+CUTE_DEVICE void store_row_values(RowValues const &values, RowTile &gRow, Coords const &tCc, int max_row) {
+  Tensor rc = make_tensor(tCc.data(), rows_cols(tCc.layout()));  // (rows, cols) -> (row, col)
+  static_assert(decltype(size<0>(rc) == size(values))::value);
+  if (get<1>(rc(0, 0)) == 0) {
+    CUTE_UNROLL
+    for (int r = 0; r < size(values); ++r) {
+      int const row = get<0>(rc(r, 0));
+      if (row < max_row) { gRow(row) = values(r); }
+    }
+  }
 }
 
 // Register tensor of another element type (e.g. fp32 accumulator -> bf16 operand), converted in pairs.

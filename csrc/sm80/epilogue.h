@@ -1,5 +1,5 @@
-// Writing results: an fp32 accumulator tile goes to global memory through shared memory (so the global
-// stores are 16 bytes wide and coalesced), and per-row statistics go straight from the registers.
+// Writing results: an fp32 accumulator tile goes to global memory through shared memory, so that the
+// global stores are 16 bytes wide and coalesced (per-row statistics: store_row_values, common/utils.h).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -38,23 +38,6 @@ CUTE_DEVICE void store_acc_tile(TiledMma const &tiled_mma, Acc const &acc, SmemT
   Tensor tRr = make_tensor<Element>(shape(tRg));
   copy(gmem_copy, tRs, tRr);
   store_tile(gmem_copy, tRr, tRg, tRc, max_row, head_dim);
-}
-
-// Writes one fp32 value per accumulator row (the LSE) to gRow (kRows,): in each quad, the thread that
-// holds column 0 writes. Rows at or past max_row are skipped.
-template <class TiledMma, class RowValues, class RowTile, class TileShape>
-CUTE_DEVICE void store_row_values(TiledMma const &tiled_mma, RowValues const &values, RowTile &gRow,
-                                  TileShape const &tile_shape, int max_row) {
-  Tensor tCc = tiled_mma.get_thread_slice(threadIdx.x).partition_C(make_identity_tensor(tile_shape));
-  Tensor rc = make_tensor(tCc.data(), rows_cols(tCc.layout()));  // (rows, cols) -> (row, col)
-  static_assert(decltype(size<0>(rc) == size(values))::value);
-  if (get<1>(rc(0, 0)) == 0) {
-    CUTE_UNROLL
-    for (int r = 0; r < size(values); ++r) {
-      int const row = get<0>(rc(r, 0));
-      if (row < max_row) { gRow(row) = values(r); }
-    }
-  }
 }
 
 }  // namespace flash

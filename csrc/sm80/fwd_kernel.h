@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
     Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});
     fill(lse, params.sinks == nullptr ? INFINITY : params.sinks[head]);
-    store_row_values(tiled_mma, lse, gLSE, TileQ{}, q_rows_left);
+    store_row_values(lse, gLSE, thr_mma.partition_C(make_identity_tensor(TileQ{})), q_rows_left);
     return;
   }
 
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   // Epilogue: normalise once, then O through shared memory (Q's buffer) and the LSE from registers.
   Tensor lse = softmax.finalize(acc_o, sink_log2());
   store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
-  store_row_values(tiled_mma, lse, gLSE, TileQ{}, q_rows_left);
+  store_row_values(lse, gLSE, thr_mma.partition_C(make_identity_tensor(TileQ{})), q_rows_left);
 }
 
 }  // namespace flash

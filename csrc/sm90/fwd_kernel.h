@@ -1,0 +1,96 @@
+// The Hopper forward kernel (FlashAttention-3's schedule on FlashAttention-2's algorithm): one thread block
+// per (query block, head, batch); a producer warpgroup whose one thread streams Q, K and V in by TMA, and
+// two consumer warpgroups, 64 query rows each, running Q·Kᵀ, the online softmax and P·V on wgmma with
+// the softmax overlapped with the matmuls (sm90/fwd_mainloop.h).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "common/block_info.h"
+#include "common/flash.h"
+#include "common/mask.h"
+#include "common/softmax.h"
+
+#include "fwd_epilogue.h"
+#include "fwd_mainloop.h"
+#include "kernel_traits.h"
+#include "named_barriers.h"
+
+namespace flash::sm90 {
+
+using namespace cute;
+
+// Windowed: causal or a window without a left edge (mask.h); the general variant (varlen, softcap, ALiBi,
+// left edges) runs on the mma.sync path for now.
+template <class Traits, bool Windowed>
+__global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
+  using Pipeline = typename Traits::Pipeline;
+  using SharedStorage = typename Traits::SharedStorage;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  extern __shared__ char smem[];
+  SharedStorage &shared = *reinterpret_cast<SharedStorage *>(smem);
+  FwdParams const &params = kp.params;
+
+  int const warpgroup = cutlass::canonical_warp_group_idx();  // 0: producer
+  bool const producer = warpgroup == 0;
+  if (threadIdx.x == 0) {
+    prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+    prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+    prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+    prefetch_tma_descriptor(kp.tma_o.get_tma_descriptor());
+    cutlass::arch::ClusterTransactionBarrier::init(&shared.q_full, 1);
+  }
+  typename Pipeline::Params pipeline_params;
+  pipeline_params.transaction_bytes = Traits::kTmaBytesKV;
+  pipeline_params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipeline_params.is_leader = threadIdx.x == 0;
+  pipeline_params.num_consumers = Traits::kConsumerThreads;
+  Pipeline pipeline_k(shared.pipeline_k, pipeline_params, Shape<_1, _1, _1>{});
+  pipeline_params.initializing_warp = 1;
+  Pipeline pipeline_v(shared.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
+  __syncthreads();  // the barriers are initialised before anyone waits on them
+
+  // Scheduler: the query blocks with the most keys (causal) start first, so the grid's tail is short.
+  BlockWork w{int(gridDim.x) - 1 - int(blockIdx.x), int(blockIdx.y), int(blockIdx.z), 0, 0};
+  BlockInfo const seq{params, w.batch, cute::false_type{}};
+  Mask<kBlockM, kBlockN, Windowed, false> const mask{params, seq, w.head};
+  w.n_block_begin = mask.n_block_begin(w.m_block);
+  w.n_block_end = mask.n_block_end(w.m_block);
+  bool const no_keys = Windowed && w.n_block_end <= w.n_block_begin;  // causal rows above the first key
+
+  FwdMainloop<Traits> mainloop{kp, shared, pipeline_k, pipeline_v};
+  if (producer) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    if (threadIdx.x == 0 && !no_keys) {
+      auto write_k = cutlass::make_producer_start_state<Pipeline>();
+      auto write_v = cutlass::make_producer_start_state<Pipeline>();
+      mainloop.load(w, write_k, write_v);
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+    int const thread_idx = threadIdx.x - cutlass::NumThreadsPerWarpGroup;
+    if constexpr (Traits::kPingpong) {  // warpgroup 0 (of the consumers) goes first
+      if (warpgroup == 2) { barrier_arrive(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, 0); }
+    }
+    typename Traits::TiledMmaO mma_o;
+    Tensor acc_o = partition_fragment_C(mma_o, typename Traits::TileQ{});  // (MMA, MMA_M, MMA_N)
+    clear(acc_o);
+    OnlineSoftmax<2> softmax;  // each thread holds two rows of its warpgroup's 64
+    if (!no_keys) {
+      typename Traits::PipelineState read_k, read_v;
+      mainloop.mma(w, mask, softmax, acc_o, thread_idx, read_k, read_v);
+    } else {
+      CUTE_UNROLL
+      for (int r = 0; r < 2; ++r) { softmax.row_max[r] = -INFINITY, softmax.row_sum[r] = 0.f; }
+    }
+    float const sink_log2 = params.sinks == nullptr ? -INFINITY : params.sinks[w.head] * float(M_LOG2E);
+    Tensor lse = softmax.finalize(acc_o, sink_log2);
+    FwdEpilogue<Traits>{kp, shared}.store(w, acc_o, lse, thread_idx);
+  }
+#endif
+}
+
+}  // namespace flash::sm90

@@ -1,0 +1,177 @@
+// The Hopper forward's main loop, in its two roles: the producer (one thread issuing TMA loads of Q and of
+// the K and V blocks into the shared-memory pipelines) and the consumer warpgroups (Q·Kᵀ, mask, online
+// softmax, P·V on wgmma), as FlashAttention-3 composes it.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "common/flash.h"
+#include "common/mask.h"
+#include "common/softmax.h"
+#include "common/utils.h"
+
+#include "gemm.h"
+#include "kernel_traits.h"
+#include "named_barriers.h"
+
+namespace flash::sm90 {
+
+using namespace cute;
+
+// The work of one thread block: a query block of one (batch, head), and the key blocks it visits,
+// [n_block_begin, n_block_end), taken from the last down (the masked ones first, mask.h).
+struct BlockWork {
+  int m_block, head, batch;
+  int n_block_begin, n_block_end;
+};
+
+template <class Traits>
+struct FwdMainloop {
+  using Element = typename Traits::Element;
+  using Pipeline = typename Traits::Pipeline;
+  using PipelineState = typename Traits::PipelineState;
+  static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+
+  typename Traits::KernelParams const &kp;
+  typename Traits::SharedStorage &shared;
+  Pipeline &pipeline_k, &pipeline_v;
+
+  CUTE_DEVICE auto q_gmem(BlockWork const &w) const {  // (kBlockM, kHeadDim): TMA coordinates
+    FwdParams const &p = kp.params;
+    Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seqlen_q, p.head_dim, p.heads, p.batch));
+    return local_tile(mQ(_, _, w.head, w.batch), typename Traits::TileQ{}, make_coord(w.m_block, _0{}));
+  }
+  template <class Tma>
+  CUTE_DEVICE auto kv_gmem(Tma const &tma, BlockWork const &w) const {  // (kBlockN, kHeadDim, n)
+    FwdParams const &p = kp.params;
+    Tensor mKV = tma.get_tma_tensor(make_shape(p.seqlen_k, p.head_dim, p.heads_kv, p.batch));
+    return local_tile(mKV(_, _, p.kv_head(w.head), w.batch), typename Traits::TileKV{}, make_coord(_, _0{}));
+  }
+  CUTE_DEVICE auto smem_q() const { return make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{}); }
+  CUTE_DEVICE auto smem_k() const { return make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutKV{}); }
+  CUTE_DEVICE auto smem_v() const { return make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutKV{}); }
+  CUTE_DEVICE auto smem_vt() const { return make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutVt{}); }
+
+  // ---- Producer: called by one thread ----
+
+  // Q, then K of the first block visited, then, per later block, its K and the previous block's V, so
+  // that the consumers' Q·Kᵀ of block n - 1 and P·V of block n find their operands in that order.
+  CUTE_DEVICE void load(BlockWork const &w, PipelineState &write_k, PipelineState &write_v) const {
+    auto q_copy = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(smem_q()), group_modes<0, 2>(q_gmem(w)));
+    auto k_copy = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(smem_k()),
+                                group_modes<0, 2>(kv_gmem(kp.tma_k, w)));  // (gmem (TMA, n), smem (TMA, stages))
+    auto v_copy = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(smem_v()),
+                                group_modes<0, 2>(kv_gmem(kp.tma_v, w)));
+    auto load_k = [&](int n_block) {
+      pipeline_k.producer_acquire(write_k);
+      copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write_k), 0), get<0>(k_copy)(_, n_block),
+           get<1>(k_copy)(_, write_k.index()));
+      ++write_k;
+    };
+    auto load_v = [&](int n_block) {
+      pipeline_v.producer_acquire(write_v);
+      copy(kp.tma_v.with(*pipeline_v.producer_get_barrier(write_v), 0), get<0>(v_copy)(_, n_block),
+           get<1>(v_copy)(_, write_v.index()));
+      ++write_v;
+    };
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.q_full, Traits::kTmaBytesQ);
+    copy(kp.tma_q.with(shared.q_full, 0), get<0>(q_copy), get<1>(q_copy));
+    int n_block = w.n_block_end - 1;
+    load_k(n_block);
+    for (; n_block > w.n_block_begin; --n_block) {
+      load_k(n_block - 1);
+      load_v(n_block);
+    }
+    load_v(w.n_block_begin);
+  }
+
+  // ---- Consumers: every thread of the consumer warpgroups ----
+
+  // Runs the loop over key blocks for this thread's warpgroup and leaves the unnormalised O in acc_o and
+  // the row statistics in softmax. thread_idx: 0 .. kConsumerThreads - 1.
+  template <class MaskT, class Softmax, class AccO>
+  CUTE_DEVICE void mma(BlockWork const &w, MaskT const &mask, Softmax &softmax, AccO &acc_o, int thread_idx,
+                       PipelineState &read_k, PipelineState &read_v) const {
+    typename Traits::TiledMmaS mma_s;
+    typename Traits::TiledMmaO mma_o;
+    auto thr_s = mma_s.get_thread_slice(thread_idx);
+    auto thr_o = mma_o.get_thread_slice(thread_idx);
+    Tensor tSrQ = thr_s.partition_fragment_A(smem_q());   // descriptors (MMA, MMA_M, MMA_K)
+    Tensor tSrK = thr_s.partition_fragment_B(smem_k());   // (MMA, MMA_N, MMA_K, stages)
+    Tensor tOrV = thr_o.partition_fragment_B(smem_vt());  // (MMA, MMA_N, MMA_K, stages)
+    Tensor tScS = thr_s.partition_C(make_identity_tensor(typename Traits::TileS{}));  // (row, col) of each score
+    Tensor acc_s = partition_fragment_C(mma_s, typename Traits::TileS{});  // (MMA, MMA_M, MMA_N)
+    Tensor tOrP = make_tensor<Element>(acc_as_operand_a(acc_s.layout()));   // P as the A operand of P·V
+    float const scale_log2 = kp.params.softmax_scale_log2;
+
+    // Ping-pong: this warpgroup waits for its turn before issuing matmuls and hands the turn on after.
+    int const warpgroup = thread_idx / cutlass::NumThreadsPerWarpGroup;
+    auto my_turn = [&] {
+      if constexpr (Traits::kPingpong) { barrier_sync(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, warpgroup); }
+    };
+    auto next_turn = [&] {
+      if constexpr (Traits::kPingpong) { barrier_arrive(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, 1 - warpgroup); }
+    };
+    auto to_operand = [&] {  // P, bf16/fp16, into the A operand (the previous P·V has finished reading it)
+      Tensor rP = convert_type<Element>(acc_s);
+      copy(make_tensor(rP.data(), tOrP.layout()), tOrP);
+    };
+
+    cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, 0);
+
+    // The first block: S, mask, softmax; its P·V is issued with the next block's Q·Kᵀ.
+    int n_block = w.n_block_end - 1;
+    pipeline_k.consumer_wait(read_k);
+    my_turn();
+    gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+    next_turn();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_s);
+    pipeline_k.consumer_release(read_k);
+    ++read_k;
+    mask.template apply<true>(acc_s, tScS, w.m_block, n_block);
+    softmax.template exp_step<true>(acc_s, scale_log2);
+    to_operand();
+
+    // Block n_block - 1's Q·Kᵀ and block n_block's P·V in flight together; the softmax of n_block - 1 runs
+    // as soon as its scores are in, while P·V still works; O is rescaled once P·V is done.
+    auto step = [&](int n_block, auto is_masked) __attribute__((always_inline)) {
+      pipeline_k.consumer_wait(read_k);
+      my_turn();
+      gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+      pipeline_v.consumer_wait(read_v);
+      gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), acc_o);
+      next_turn();
+      warpgroup_wait<1>();  // S is in
+      warpgroup_fence_operand(acc_s);
+      pipeline_k.consumer_release(read_k);
+      ++read_k;
+      mask.template apply<decltype(is_masked)::value>(acc_s, tScS, w.m_block, n_block);
+      auto const correction = softmax.template exp_step<false>(acc_s, scale_log2);
+      warpgroup_wait<0>();  // O is in
+      warpgroup_fence_operand(acc_o);
+      pipeline_v.consumer_release(read_v);
+      ++read_v;
+      softmax.rescale(acc_o, correction);
+      to_operand();
+    };
+    int const n_block_first_masked = mask.n_block_first_masked(w.m_block);
+    for (--n_block; n_block >= n_block_first_masked && n_block >= w.n_block_begin; --n_block) {
+      step(n_block, cute::true_type{});
+    }
+    for (; n_block >= w.n_block_begin; --n_block) { step(n_block, cute::false_type{}); }
+
+    // The last block's P·V.
+    pipeline_v.consumer_wait(read_v);
+    my_turn();
+    gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), acc_o);
+    next_turn();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_o);
+    pipeline_v.consumer_release(read_v);
+    ++read_v;
+  }
+};
+
+}  // namespace flash::sm90

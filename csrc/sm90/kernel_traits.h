@@ -1,0 +1,102 @@
+// CuTe types of the Hopper forward for one (head dim, dtype), derived from sm90/tile_config.h: the two
+// warpgroup MMAs, the shared-memory layouts (GMMA's swizzled canonical ones, which TMA writes too), the TMA
+// copies, the pipelines and the shared storage.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include "common/flash.h"
+
+#include "tile_config.h"
+
+namespace flash::sm90 {
+
+using namespace cute;
+
+// (seqlen, head_dim, heads, batch) view of a (batch, seqlen, heads, head_dim) tensor: the TMA descriptors'
+// shape, so that out-of-range rows and columns read as zeros and are not written.
+using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;
+using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
+
+// GMMA's canonical K-major layout with the widest swizzle whose atom the head dim is a multiple of.
+template <typename Element, int kCols>
+using SmemAtomK = std::conditional_t<kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
+                                     std::conditional_t<kCols % 32 == 0, GMMA::Layout_K_SW64_Atom<Element>,
+                                                        GMMA::Layout_K_SW32_Atom<Element>>>;
+
+template <int kHeadDim_, typename Element_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr FwdTile kTile = fwd_tile(kHeadDim_);
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kTile.block_m;
+  static constexpr int kBlockN = kTile.block_n;
+  static constexpr int kStages = kTile.stages;
+  static constexpr bool kIntraWgOverlap = kTile.intra_wg_overlap;
+  static constexpr bool kPingpong = kTile.pingpong;
+  static constexpr int kConsumerWarpgroups = kBlockM / 64;
+  static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
+  static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
+  // setmaxnreg: the producer gives its registers to the consumers (65536 per SM in all).
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+
+  static_assert(kBlockM % 64 == 0 && kBlockN % 16 == 0 && kHeadDim % 16 == 0);
+  static_assert(!kPingpong || kConsumerWarpgroups == 2, "ping-pong alternates two warpgroups");
+  static_assert(kProducerRegisters * cutlass::NumThreadsPerWarpGroup + kConsumerRegisters * kConsumerThreads <= 65536);
+  static_assert(sizeof(Element) == 2);
+
+  using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
+  using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
+  using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
+
+  // Each consumer warpgroup owns 64 rows. S = Q·Kᵀ with both operands in shared memory; O += P·V with P
+  // from registers (the softmax leaves it there) and V read MN-major (its rows are the reduction).
+  using WarpgroupLayout = Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>;
+  using TiledMmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>(), WarpgroupLayout{}));
+  using TiledMmaO = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      WarpgroupLayout{}));
+
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtomK<Element, kHeadDim>{}, TileQ{}));  // O reuses it
+  using SmemLayoutKV = decltype(tile_to_shape(SmemAtomK<Element, kHeadDim>{},
+                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // V seen as (kHeadDim, kBlockN, stages): the B operand of P·V, its head dim contiguous (MN-major).
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const *>(nullptr)), GmemShape{}, GmemStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}, TileQ{}, _1{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}), TileKV{}, _1{}));
+  using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensor{}, SmemLayoutQ{}, TileQ{}, _1{}));
+  static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesKV = kBlockN * kHeadDim * sizeof(Element);
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = typename Pipeline::PipelineState;
+
+  struct SharedStorage {
+    // 128-byte swizzles repeat every 1024 bytes: each tile starts on such a boundary.
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;  // then O
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    alignas(16) uint64_t q_full;  // mbarrier: Q has landed
+    typename Pipeline::SharedStorage pipeline_k, pipeline_v;
+  };
+  static constexpr int kSmemSize = sizeof(SharedStorage);
+  static_assert(kSmemSize <= 227 * 1024, "the tiles outgrow the 227 KB of shared memory a block may have");
+
+  // What the kernel receives: the params and the TMA descriptors built from them on the host.
+  struct KernelParams {
+    FwdParams params;
+    TmaQ tma_q;
+    TmaKV tma_k, tma_v;
+    TmaO tma_o;
+  };
+};
+
+}  // namespace flash::sm90

@@ -1,0 +1,21 @@
+// The named (bar.sync) barriers of the Hopper kernels, by what they order. CUTLASS reserves the first
+// ids; NamedBarrier adds its count to these.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+
+namespace flash::sm90 {
+
+enum class FwdBarrier : uint32_t {
+  OutputReady = 0,       // every consumer has written its O rows to shared memory: the TMA store may read
+  WarpgroupTurn1 = 1,    // ping-pong: warpgroup 1 may issue its matmuls; WarpgroupTurn1 + w for warpgroup w
+};
+
+CUTE_DEVICE void barrier_sync(int threads, FwdBarrier id, int offset = 0) {
+  cutlass::arch::NamedBarrier::sync(threads, static_cast<uint32_t>(id) + offset);
+}
+CUTE_DEVICE void barrier_arrive(int threads, FwdBarrier id, int offset = 0) {
+  cutlass::arch::NamedBarrier::arrive(threads, static_cast<uint32_t>(id) + offset);
+}
+
+}  // namespace flash::sm90
