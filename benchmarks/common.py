@@ -7,6 +7,8 @@ import functools
 import json
 import statistics
 import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -86,6 +88,17 @@ def grid_causals(args):
     return {"both": [False, True], "true": [True], "false": [False]}[args.causal]
 
 
+def grid_dtype_head_dims(args, serves=kernel_serves, why="no kernel built for it"):
+    """(dtype, head_dim) for each of --dtypes x --head-dims, dtype outermost; a head dim that `serves` refuses
+    is skipped, saying `why` on stderr."""
+    for dtype in args.dtypes:
+        for head_dim in args.head_dims:
+            if serves(head_dim):
+                yield dtype, head_dim
+            else:
+                print(f"skipping head_dim {head_dim}: {why}", file=sys.stderr)
+
+
 def add_output_args(parser):
     parser.add_argument("--json", metavar="PATH", help="write every number as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the printed tables to a file")
@@ -107,6 +120,16 @@ def run_meta(**extra):
     """Where and when the numbers were taken, for table headers and JSON."""
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now().isoformat(timespec="minutes"), commit=git_commit(), **extra)
+
+
+def progress(rows, started=None):
+    """Prints `rows` (dicts) to stderr as they are measured, floats to 4 places, after the seconds since
+    `started` (a time.perf_counter()) where given. Returns `rows`, for `all_rows += progress(point(...))`."""
+    if started is not None:
+        print(f"[{time.perf_counter() - started:.0f} s]", file=sys.stderr, flush=True)
+    for row in rows:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, file=sys.stderr, flush=True)
+    return rows
 
 
 def describe(meta):
