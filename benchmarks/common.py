@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Written between timed calls so that no input is still in L2 from the call before; five times
@@ -105,15 +107,23 @@ def add_output_args(parser):
 
 
 def git_commit():
-    """HEAD's short hash; FLASH_ATTN2_COMMIT where git cannot say (a copy of the tree, as on the GPU machine)."""
-    if os.environ.get("FLASH_ATTN2_COMMIT"):
-        return os.environ["FLASH_ATTN2_COMMIT"]
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent)
-    except OSError:
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+    """The commit the numbers come from: HEAD's hash where this tree is a git checkout, with "+dirty" where
+    `git status --porcelain` shows changes (untracked files included); else (a copy of the tree without its
+    .git, as on the GPU machine) FLASH_ATTN2_COMMIT where set; else "unknown"."""
+    def git(*words):
+        try:
+            result = subprocess.run(["git", *words], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    # A copy placed inside some other checkout would otherwise report that checkout's HEAD.
+    top = git("rev-parse", "--show-toplevel")
+    head = git("rev-parse", "HEAD") if top and Path(top).resolve() == REPO_ROOT else None
+    status = git("status", "--porcelain") if head else None
+    if status is not None:
+        return head + ("+dirty" if status else "")
+    return os.environ.get("FLASH_ATTN2_COMMIT") or "unknown"
 
 
 def run_meta(**extra):
