@@ -20,7 +20,7 @@ import sys
 import torch
 
 from common import (unavailable, DTYPES, add_grid_args, add_output_args, describe, fmt, geomean, grid_causals,
-                    markdown_table, run_meta, write_outputs)
+                    grid_dtype_head_dims, markdown_table, progress, run_meta, write_outputs)
 
 BUILDS = ("base", "new")
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv")
@@ -122,17 +122,12 @@ def main():
                        for label in BUILDS})
     torch.manual_seed(0)
     rows = []
-    for dtype in args.dtypes:
-        for head_dim in args.head_dims:
-            if not all(serves(module, head_dim) for module in builds.values()):
-                print(f"skipping head_dim {head_dim}: time_kernels needs a multiple of 8 that both builds serve",
-                      file=sys.stderr)
-                continue
-            for causal in grid_causals(args):
-                for seqlen in args.seqlens:
-                    rows.append(bench_point(args, builds, dtype, head_dim, causal, seqlen))
-                    print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()},
-                          file=sys.stderr, flush=True)  # progress
+    grid = grid_dtype_head_dims(args, serves=lambda d: all(serves(module, d) for module in builds.values()),
+                                why="time_kernels needs a multiple of 8 that both builds serve")
+    for dtype, head_dim in grid:
+        for causal in grid_causals(args):
+            for seqlen in args.seqlens:
+                rows += progress([bench_point(args, builds, dtype, head_dim, causal, seqlen)])
     tables = [table(f"A/B per kernel, {dtype}; {describe(meta)}", mine)
               for dtype in args.dtypes if (mine := [r for r in rows if r["dtype"] == dtype])]
     text = "\n".join([*tables, summary(rows)] if rows else ["no point to time"])

@@ -12,8 +12,8 @@ import sys
 import torch
 
 from common import (unavailable, DTYPES, IMPLS, add_grid_args, add_output_args, csv_of, describe,
-                    fmt, geomean, grid_causals, kernel_serves, make_impls, markdown_table, math_matrix_bytes,
-                    pass_flops, run_meta, tflops, time_ms, timed_call, write_outputs)
+                    fmt, geomean, grid_causals, grid_dtype_head_dims, make_impls, markdown_table,
+                    math_matrix_bytes, pass_flops, progress, run_meta, tflops, time_ms, timed_call, write_outputs)
 
 PASSES = {"fwd": "Forward", "bwd": "Backward", "fwdbwd": "Forward + backward"}
 
@@ -132,19 +132,11 @@ def main():
         write_outputs(args, text, dict(meta=dict(meta, impls=present, passes=args.passes), rows=rows))
         return text
 
-    for dtype in args.dtypes:
-        for head_dim in args.head_dims:
-            if not kernel_serves(head_dim):
-                print(f"skipping head_dim {head_dim}: no kernel built for it", file=sys.stderr)
-                continue
-            for causal in grid_causals(args):
-                for seqlen in args.seqlens:
-                    point = bench_point(args, dtype, head_dim, causal, seqlen)
-                    for row in point:
-                        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
-                              file=sys.stderr, flush=True)  # progress
-                    rows += point
-            report()  # so that a run cut short still leaves what it measured
+    for dtype, head_dim in grid_dtype_head_dims(args):
+        for causal in grid_causals(args):
+            for seqlen in args.seqlens:
+                rows += progress(bench_point(args, dtype, head_dim, causal, seqlen))
+        report()  # so that a run cut short still leaves what it measured
     print("\n" + report())
     return 0
 

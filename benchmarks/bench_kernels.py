@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from common import (unavailable, DTYPES, add_grid_args, add_output_args, describe, fmt,
-                    grid_causals, kernel_serves, loop_times_ms, make_impls, markdown_table, pass_flops, run_meta,
-                    tflops, timed_call, write_outputs)
+from common import (unavailable, DTYPES, add_grid_args, add_output_args, describe, fmt, grid_causals,
+                    grid_dtype_head_dims, kernel_serves, loop_times_ms, make_impls, markdown_table, pass_flops,
+                    progress, run_meta, tflops, timed_call, write_outputs)
 
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv")
 # Ours does the backward's matmuls as 3 in the dQ kernel and 4 in the dK/dV kernel; each kernel is
@@ -81,17 +81,12 @@ def main():
     meta = run_meta(tokens=args.tokens, hidden=args.hidden, reps=args.reps)
     torch.manual_seed(0)
     rows = []
-    for dtype in args.dtypes:
-        for head_dim in args.head_dims:
-            if head_dim % 8 or not kernel_serves(head_dim):
-                print(f"skipping head_dim {head_dim}: time_kernels needs a multiple of 8 with a kernel built",
-                      file=sys.stderr)
-                continue
-            for causal in grid_causals(args):
-                for seqlen in args.seqlens:
-                    rows.append(bench_point(args, dtype, head_dim, causal, seqlen))
-                    print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()},
-                          file=sys.stderr, flush=True)  # progress
+    grid = grid_dtype_head_dims(args, serves=lambda d: d % 8 == 0 and kernel_serves(d),
+                                why="time_kernels needs a multiple of 8 with a kernel built")
+    for dtype, head_dim in grid:
+        for causal in grid_causals(args):
+            for seqlen in args.seqlens:
+                rows += progress([bench_point(args, dtype, head_dim, causal, seqlen)])
     text = "\n".join(table(f"Kernels, {dtype}; {describe(meta)}", [r for r in rows if r["dtype"] == dtype])
                      for dtype in args.dtypes if any(r["dtype"] == dtype for r in rows))
     print("\n" + text)

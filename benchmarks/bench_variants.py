@@ -28,8 +28,8 @@ from typing import NamedTuple
 import torch
 
 from common import (DTYPES, Impl, add_grid_args, add_output_args, csv_of, describe, fmt, geomean, grid_causals,
-                    kernel_serves, markdown_table, pass_flops, run_meta, tflops, time_ms, timed_call, unavailable,
-                    write_outputs)
+                    grid_dtype_head_dims, markdown_table, pass_flops, progress, run_meta, tflops, time_ms, timed_call,
+                    unavailable, write_outputs)
 
 PARTS = ("flex", "cost")
 DEVICE = "cuda"  # one name for every tensor made here, so that a dry run can put them elsewhere
@@ -391,29 +391,18 @@ def main():
         return text
 
     started = time.perf_counter()
-
-    def progress(point):
-        print(f"[{time.perf_counter() - started:.0f} s]", file=sys.stderr, flush=True)
-        for row in point:
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, file=sys.stderr, flush=True)
-        return point
-
-    for dtype in args.dtypes:
-        for head_dim in args.head_dims:
-            if not kernel_serves(head_dim):
-                print(f"skipping head_dim {head_dim}: no kernel built for it", file=sys.stderr)
-                continue
-            if "flex" in args.parts:
-                for name, seqlen, variant in FLEX_POINTS:
-                    rows["flex"] += progress(flex_point(args, dtype, head_dim, name, seqlen or args.flex_seqlen,
-                                                        variant))
-                    report()  # so that a run cut short still leaves what it measured
-            if "cost" in args.parts:
-                for causal in grid_causals(args):
-                    for seqlen in args.seqlens:
-                        rows["cost"] += progress(cost_point(args, dtype, head_dim, causal, seqlen))
-                report()
-            torch.cuda.empty_cache()
+    for dtype, head_dim in grid_dtype_head_dims(args):
+        if "flex" in args.parts:
+            for name, seqlen, variant in FLEX_POINTS:
+                rows["flex"] += progress(flex_point(args, dtype, head_dim, name, seqlen or args.flex_seqlen, variant),
+                                         started)
+                report()  # so that a run cut short still leaves what it measured
+        if "cost" in args.parts:
+            for causal in grid_causals(args):
+                for seqlen in args.seqlens:
+                    rows["cost"] += progress(cost_point(args, dtype, head_dim, causal, seqlen), started)
+            report()
+        torch.cuda.empty_cache()
     print("\n" + report())
     return 0
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import (unavailable, DTYPES, Impl, add_grid_args, add_output_args, csv_of, describe, fmt,
-                    geomean, kernel_serves, markdown_table, pass_flops, run_meta, sdpa, tflops, time_ms,
-                    timed_call, write_outputs)
+                    geomean, grid_dtype_head_dims, markdown_table, pass_flops, progress, run_meta, sdpa, tflops,
+                    time_ms, timed_call, write_outputs)
 
 PARTS = ("equal", "mix")
 PASSES = {"fwd": "Forward", "bwd": "Backward", "fwdbwd": "Forward + backward"}
@@ -344,25 +344,15 @@ def main():
         write_outputs(args, text, dict(meta=dict(meta, passes=args.passes, lengths=lengths), **rows))
         return text
 
-    def progress(point):
-        for row in point:
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, file=sys.stderr,
-                  flush=True)
-        return point
-
-    for dtype in args.dtypes:
-        for head_dim in args.head_dims:
-            if not kernel_serves(head_dim):
-                print(f"skipping head_dim {head_dim}: no kernel built for it", file=sys.stderr)
-                continue
-            if "equal" in args.parts:
-                for causal in causals(args, "equal"):
-                    for seqlen in args.seqlens:
-                        rows["equal"] += progress(equal_point(args, dtype, head_dim, causal, seqlen))
-            if "mix" in args.parts:
-                for causal in causals(args, "mix"):
-                    rows["mix"] += progress(mix_point(args, lengths, dtype, head_dim, causal))
-            report()  # so that a run cut short still leaves what it measured
+    for dtype, head_dim in grid_dtype_head_dims(args):
+        if "equal" in args.parts:
+            for causal in causals(args, "equal"):
+                for seqlen in args.seqlens:
+                    rows["equal"] += progress(equal_point(args, dtype, head_dim, causal, seqlen))
+        if "mix" in args.parts:
+            for causal in causals(args, "mix"):
+                rows["mix"] += progress(mix_point(args, lengths, dtype, head_dim, causal))
+        report()  # so that a run cut short still leaves what it measured
     print("\n" + report())
     return 0
 

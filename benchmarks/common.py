@@ -7,6 +7,8 @@ import functools
 import json
 import statistics
 import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -14,6 +16,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,27 +90,56 @@ def grid_causals(args):
     return {"both": [False, True], "true": [True], "false": [False]}[args.causal]
 
 
+def grid_dtype_head_dims(args, serves=kernel_serves, why="no kernel built for it"):
+    """(dtype, head_dim) for each of --dtypes x --head-dims, dtype outermost; a head dim that `serves` refuses
+    is skipped, saying `why` on stderr."""
+    for dtype in args.dtypes:
+        for head_dim in args.head_dims:
+            if serves(head_dim):
+                yield dtype, head_dim
+            else:
+                print(f"skipping head_dim {head_dim}: {why}", file=sys.stderr)
+
+
 def add_output_args(parser):
     parser.add_argument("--json", metavar="PATH", help="write every number as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the printed tables to a file")
 
 
 def git_commit():
-    """HEAD's short hash; FLASH_ATTN2_COMMIT where git cannot say (a copy of the tree, as on the GPU machine)."""
-    if os.environ.get("FLASH_ATTN2_COMMIT"):
-        return os.environ["FLASH_ATTN2_COMMIT"]
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent)
-    except OSError:
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+    """The commit the numbers come from: HEAD's hash where this tree is a git checkout, with "+dirty" where
+    `git status --porcelain` shows changes (untracked files included); else (a copy of the tree without its
+    .git, as on the GPU machine) FLASH_ATTN2_COMMIT where set; else "unknown"."""
+    def git(*words):
+        try:
+            result = subprocess.run(["git", *words], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    # A copy placed inside some other checkout would otherwise report that checkout's HEAD.
+    top = git("rev-parse", "--show-toplevel")
+    head = git("rev-parse", "HEAD") if top and Path(top).resolve() == REPO_ROOT else None
+    status = git("status", "--porcelain") if head else None
+    if status is not None:
+        return head + ("+dirty" if status else "")
+    return os.environ.get("FLASH_ATTN2_COMMIT") or "unknown"
 
 
 def run_meta(**extra):
     """Where and when the numbers were taken, for table headers and JSON."""
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now().isoformat(timespec="minutes"), commit=git_commit(), **extra)
+
+
+def progress(rows, started=None):
+    """Prints `rows` (dicts) to stderr as they are measured, floats to 4 places, after the seconds since
+    `started` (a time.perf_counter()) where given. Returns `rows`, for `all_rows += progress(point(...))`."""
+    if started is not None:
+        print(f"[{time.perf_counter() - started:.0f} s]", file=sys.stderr, flush=True)
+    for row in rows:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, file=sys.stderr, flush=True)
+    return rows
 
 
 def describe(meta):

@@ -169,21 +169,24 @@ def test_valid_variant_meets_the_device_rule(entry, change):
         call(entry, **change())
 
 
-@requires_gpu
-@pytest.mark.parametrize("name, value", [("alibi_slopes", lambda: ones(HEADS)),
-                                         ("alibi_slopes", lambda: ones(BATCH, HEADS)), ("s_aux", lambda: ones(HEADS))],
-                         ids=["alibi-heads", "alibi-batch-heads", "sink"])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_variant_tensor_on_cpu_beside_cuda(entry, name, value):
-    with pytest.raises(ValueError, match=message(name, "CUDA|device|cpu")):
-        call(entry, device="cuda", **{name: value()})
+# A variant tensor on another device than q: (q's device, the argument, its value, the value's device, what the
+# message may say beside the argument's name). The CPU cases need a GPU, the other-GPU cases two.
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+MISPLACED_VARIANTS = [
+    pytest.param("cuda", "alibi_slopes", lambda: ones(HEADS), "cpu", "CUDA|device|cpu", id="cpu-alibi-heads"),
+    pytest.param("cuda", "alibi_slopes", lambda: ones(BATCH, HEADS), "cpu", "CUDA|device|cpu",
+                 id="cpu-alibi-batch-heads"),
+    pytest.param("cuda", "s_aux", lambda: ones(HEADS), "cpu", "CUDA|device|cpu", id="cpu-sink"),
+    pytest.param("cuda:0", "alibi_slopes", lambda: ones(HEADS), "cuda:1", "device|cuda:1", id="other-gpu-alibi",
+                 marks=TWO_GPUS),
+    pytest.param("cuda:0", "s_aux", lambda: ones(HEADS), "cuda:1", "device|cuda:1", id="other-gpu-sink",
+                 marks=TWO_GPUS),
+]
 
 
 @requires_gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-@pytest.mark.parametrize("name, value", [("alibi_slopes", lambda: ones(HEADS)), ("s_aux", lambda: ones(HEADS))],
-                         ids=["alibi", "sink"])
+@pytest.mark.parametrize("q_device, name, value, device, says", MISPLACED_VARIANTS)
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_variant_tensor_on_another_gpu(entry, name, value):
-    with pytest.raises(ValueError, match=message(name, "device|cuda:1")):
-        call(entry, device="cuda:0", **{name: value().to("cuda:1")})
+def test_variant_tensor_on_another_device(entry, q_device, name, value, device, says):
+    with pytest.raises(ValueError, match=message(name, says)):
+        call(entry, device=q_device, **{name: value().to(device)})
