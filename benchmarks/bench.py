@@ -82,35 +82,41 @@ def bench_point(args, dtype, head_dim, causal, seqlen):
     return rows
 
 
-def ratio(row):
-    ours, flash = row["ours_tflops"], row["sdpa-flash_tflops"]
-    return ours / flash if flash else None
+# The peers ours is compared with: PyTorch's FA2, and cuDNN (SDPA's default on Hopper).
+PEERS = {"flash": "sdpa-flash", "cudnn": "cudnn"}
+
+
+def ratio(row, peer="flash"):
+    ours, theirs = row["ours_tflops"], row[f"{PEERS[peer]}_tflops"]
+    return ours / theirs if theirs else None
 
 
 def table(header, rows, impls):
-    columns = ["D", "causal", "S", "B", "H", *(f"{name} TFLOP/s" for name in impls), "ours/flash",
-               "max abs diff out", "max abs diff dq"]
+    columns = ["D", "causal", "S", "B", "H", *(f"{name} TFLOP/s" for name in impls),
+               *(f"ours/{peer}" for peer in PEERS), "max abs diff out", "max abs diff dq"]
     cells = [[row["head_dim"], row["causal"], row["seqlen"], row["batch"], row["heads"],
-              *(fmt(row[f"{name}_tflops"], ".1f") for name in impls), fmt(ratio(row), ".3f"),
+              *(fmt(row[f"{name}_tflops"], ".1f") for name in impls), *(fmt(ratio(row, p), ".3f") for p in PEERS),
               fmt(row["out_max_diff"], ".1e"), fmt(row["dq_max_diff"], ".1e")] for row in rows]
     lines = [header, "", *markdown_table(columns, cells)]
-    mean = geomean(map(ratio, rows))
-    if mean:
-        lines += ["", f"Geometric mean of ours/flash, {rows[0]['pass']}, {rows[0]['dtype']}, over "
-                      f"{sum(1 for r in rows if ratio(r))} points: {mean:.3f}"]
+    for peer in PEERS:
+        if mean := geomean(ratio(r, peer) for r in rows):
+            lines += ["", f"Geometric mean of ours/{peer}, {rows[0]['pass']}, {rows[0]['dtype']}, over "
+                          f"{sum(1 for r in rows if ratio(r, peer))} points: {mean:.3f}"]
     return "\n".join(lines) + "\n"
 
 
 def summary(rows, passes):
-    """Geometric means of ours/flash: a row per pass, a column per (dtype, D), and one over all."""
+    """Geometric means of ours/peer: a row per (peer, pass), a column per (dtype, D), and one over all."""
     groups = list(dict.fromkeys((r["dtype"], r["head_dim"]) for r in rows))
-    columns = ["pass:", *(f"{dtype} D={d}" for dtype, d in groups), "all"]
+    columns = ["ours/peer, pass:", *(f"{dtype} D={d}" for dtype, d in groups), "all"]
     cells = []
-    for pass_ in passes:
-        mine = [r for r in rows if r["pass"] == pass_]
-        cells.append([pass_, *(fmt(geomean(ratio(r) for r in mine if (r["dtype"], r["head_dim"]) == g), ".3f")
-                               for g in groups), fmt(geomean(map(ratio, mine)), ".3f")])
-    return "\n".join(["Geometric means of ours/flash (TFLOP/s ratio; > 1 is faster than SDPA-flash)", "",
+    for peer in PEERS:
+        for pass_ in passes:
+            mine = [r for r in rows if r["pass"] == pass_]
+            cells.append([f"ours/{peer}, {pass_}",
+                          *(fmt(geomean(ratio(r, peer) for r in mine if (r["dtype"], r["head_dim"]) == g), ".3f")
+                            for g in groups), fmt(geomean(ratio(r, peer) for r in mine), ".3f")])
+    return "\n".join(["Geometric means of ours/peer (TFLOP/s ratio; > 1 is faster than the peer)", "",
                       *markdown_table(columns, cells)]) + "\n"
 
 

@@ -2,9 +2,9 @@
 
 import argparse
 import datetime
-import os
 import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,8 +27,25 @@ L2_FLUSH_BYTES = 256 * 2**20
 
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
-# "math" is attention_ref in the input dtype: PyTorch attention as written by hand, S x S in memory.
-IMPLS = ["ours", *SDPA_BACKENDS, "math"]
+# "ours-mma" is ours with the forward forced onto the mma.sync kernels (FLASH_ATTN2_FORCE_SM80: on Hopper
+# the A/B of the two paths); "math" is attention_ref in the input dtype: PyTorch attention as written by
+# hand, S x S in memory.
+IMPLS = ["ours", "ours-mma", *SDPA_BACKENDS, "math"]
+
+
+def on_mma_sync(f):
+    """f with flash_attn2's forward forced onto the mma.sync kernels; the binding reads the switch at each call."""
+    def call(*args, **kwargs):
+        before = os.environ.get("FLASH_ATTN2_FORCE_SM80")
+        os.environ["FLASH_ATTN2_FORCE_SM80"] = "1"
+        try:
+            return f(*args, **kwargs)
+        finally:
+            if before is None:
+                del os.environ["FLASH_ATTN2_FORCE_SM80"]
+            else:
+                os.environ["FLASH_ATTN2_FORCE_SM80"] = before
+    return call
 
 
 def cuda_ready():
@@ -280,6 +297,10 @@ def make_impls(names, q, k, v, dout, causal, requires_grad):
     if "ours" in names:
         impls["ours"] = Impl(functools.partial(flash_attn_func, *ours_qkv, causal=causal), ours_qkv, dout,
                              lambda t: t)
+    if "ours-mma" in names:
+        mma_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
+        impls["ours-mma"] = Impl(on_mma_sync(functools.partial(flash_attn_func, *mma_qkv, causal=causal)), mma_qkv,
+                                 dout, lambda t: t)
     if "math" in names:
         impls["math"] = Impl(lambda: attention_ref(*ours_qkv, causal=causal, compute_dtype=q.dtype)[0],
                              ours_qkv, dout, lambda t: t)
