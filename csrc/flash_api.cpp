@@ -1,6 +1,5 @@
 // The binding: the only file that knows torch. Checks tensors, fills the params structs, picks the
 // kernel for the head dim and dtype, and launches it on the current stream of the inputs' device.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cutlass/numeric_types.h>
@@ -12,6 +11,7 @@
 #include <limits>
 #include <algorithm>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -40,6 +40,22 @@ constexpr bool has_sm90_fwd(int head_dim) {
   return false;
 }
 
+// Whether a device is compute capability 9.0, asked once per device (not through ATen/cuda/CUDAContext.h,
+// which needs the CUDA math libraries' headers to build).
+bool is_sm90(int device) {
+  static std::map<int, bool> known;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(device);
+  if (it == known.end()) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    it = known.emplace(device, major == 9 && minor == 0).first;
+  }
+  return it->second;
+}
+
 // The Hopper forward (csrc/sm90) takes a call when it is built, the GPU is sm_90 and it covers the call:
 // a head dim that rounds up to one of kSm90FwdHeadDims (checked by the caller) and the common kernel
 // variant (no varlen, softcap, ALiBi or window left edge: mask.h). FLASH_ATTN2_FORCE_SM80=1 sends every
@@ -48,8 +64,7 @@ bool hopper_fwd(flash::FwdParams const &p) {
   if (!FLASH_ATTN2_SM90 || p.needs_general()) { return false; }
   char const *force = std::getenv("FLASH_ATTN2_FORCE_SM80");
   if (force != nullptr && force[0] != '\0' && std::string(force) != "0") { return false; }
-  cudaDeviceProp const *props = at::cuda::getCurrentDeviceProperties();
-  return props->major == 9 && props->minor == 0;
+  return is_sm90(c10::cuda::current_device());
 }
 
 template <size_t I, class F>
