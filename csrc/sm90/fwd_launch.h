@@ -19,9 +19,9 @@ auto gmem_tensor(HeadTensor const &t, int seqlen, int head_dim, int heads, int b
                      GmemStride{t.row_stride, _1{}, t.head_stride, t.batch_stride});
 }
 
-template <int kHeadDim, typename Element>
-cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
-  using Traits = FwdTraits<kHeadDim, Element>;
+template <class Traits>
+cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
+  using Element = typename Traits::Element;
   auto const &p = params;
   typename Traits::KernelParams kp{
       params,
@@ -39,6 +39,11 @@ cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
     return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value>, grid, Traits::kThreads, Traits::kSmemSize,
                          kp, stream);
   });
+}
+
+template <int kHeadDim, typename Element>
+cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
+  return launch_fwd<FwdTraits<kHeadDim, Element>>(params, stream);
 }
 
 }  // namespace flash::sm90

@@ -119,6 +119,38 @@ struct FwdMainloop {
     };
 
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, 0);
+    int const n_block_first_masked = mask.n_block_first_masked(w.m_block);
+
+    if constexpr (!Traits::kIntraWgOverlap) {  // the ablation: each block's two matmuls and softmax in turn
+      auto step = [&](int n_block, auto is_first, auto is_masked) __attribute__((always_inline)) {
+        pipeline_k.consumer_wait(read_k);
+        my_turn();
+        gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+        next_turn();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_s);
+        pipeline_k.consumer_release(read_k);
+        ++read_k;
+        mask.template apply<decltype(is_masked)::value>(acc_s, tScS, w.m_block, n_block);
+        softmax.template update<decltype(is_first)::value>(acc_s, acc_o, scale_log2);
+        to_operand();
+        pipeline_v.consumer_wait(read_v);
+        my_turn();
+        gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), acc_o);
+        next_turn();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        pipeline_v.consumer_release(read_v);
+        ++read_v;
+      };
+      int n_block = w.n_block_end - 1;
+      step(n_block, cute::true_type{}, cute::true_type{});
+      for (--n_block; n_block >= n_block_first_masked && n_block >= w.n_block_begin; --n_block) {
+        step(n_block, cute::false_type{}, cute::true_type{});
+      }
+      for (; n_block >= w.n_block_begin; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
+      return;
+    }
 
     // The first block: S, mask, softmax; its P·V is issued with the next block's Q·Kᵀ.
     int n_block = w.n_block_end - 1;
@@ -156,7 +188,6 @@ struct FwdMainloop {
       softmax.rescale(acc_o, correction);
       to_operand();
     };
-    int const n_block_first_masked = mask.n_block_first_masked(w.m_block);
     for (--n_block; n_block >= n_block_first_masked && n_block >= w.n_block_begin; --n_block) {
       step(n_block, cute::true_type{});
     }

@@ -26,22 +26,25 @@ using SmemAtomK = std::conditional_t<kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<
                                      std::conditional_t<kCols % 32 == 0, GMMA::Layout_K_SW64_Atom<Element>,
                                                         GMMA::Layout_K_SW32_Atom<Element>>>;
 
-template <int kHeadDim_, typename Element_>
+// The tile's fields are template parameters, defaulted from fwd_tile(), so that benchmarks/tile_sweep_sm90.cu
+// can build candidates and ablations beside the chosen one.
+template <int kHeadDim_, typename Element_, int kBlockM_ = fwd_tile(kHeadDim_).block_m,
+          int kBlockN_ = fwd_tile(kHeadDim_).block_n, int kStages_ = fwd_tile(kHeadDim_).stages,
+          bool kIntraWgOverlap_ = fwd_tile(kHeadDim_).intra_wg_overlap, bool kPingpong_ = fwd_tile(kHeadDim_).pingpong>
 struct FwdTraits {
   using Element = Element_;
-  static constexpr FwdTile kTile = fwd_tile(kHeadDim_);
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kTile.block_m;
-  static constexpr int kBlockN = kTile.block_n;
-  static constexpr int kStages = kTile.stages;
-  static constexpr bool kIntraWgOverlap = kTile.intra_wg_overlap;
-  static constexpr bool kPingpong = kTile.pingpong;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr bool kIntraWgOverlap = kIntraWgOverlap_;
+  static constexpr bool kPingpong = kPingpong_;
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
   // setmaxnreg: the producer gives its registers to the consumers (65536 per SM in all).
-  static constexpr int kProducerRegisters = 24;
-  static constexpr int kConsumerRegisters = 240;
+  static constexpr int kProducerRegisters = kConsumerWarpgroups == 2 ? 24 : 32;
+  static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 240 : 160;
 
   static_assert(kBlockM % 64 == 0 && kBlockN % 16 == 0 && kHeadDim % 16 == 0);
   static_assert(!kPingpong || kConsumerWarpgroups == 2, "ping-pong alternates two warpgroups");

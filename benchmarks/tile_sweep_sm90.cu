@@ -1,0 +1,70 @@
+// Times one Hopper-forward candidate (HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG: sm90/kernel_traits.h),
+// torch-free, on the paper's shapes: bf16, 16k tokens, hidden 2048, causal and not. Built and run by
+// benchmarks/tile_sweep_sm90.sh, for the tile choices in sm90/tile_config.h and the ablations in NOTES.md.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "sm90/fwd_launch.h"
+
+using Element = cutlass::bfloat16_t;
+using Traits = flash::sm90::FwdTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG>;
+
+#define CHECK(call)                                                                      \
+  do {                                                                                   \
+    cudaError_t err_ = (call);                                                           \
+    if (err_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(err_)); \
+      std::exit(1);                                                                      \
+    }                                                                                    \
+  } while (0)
+
+// Uniform values in [-1, 1) from a hash of the index: random enough, and never all zeros.
+__global__ void fill_random(Element *p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+    p[i] = Element(float(h >> 8) / float(1 << 23) - 1.f);
+  }
+}
+
+int main() {
+  constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;
+  for (int seqlen : {512, 2048, 8192}) {
+    int const batch = kTokens / seqlen;
+    size_t const n = size_t(kTokens) * kHeads * HDIM;
+    Element *q, *k, *v, *o;
+    float *lse;
+    for (Element **t : {&q, &k, &v, &o}) { CHECK(cudaMalloc(t, n * sizeof(Element))); }
+    CHECK(cudaMalloc(&lse, size_t(kTokens) * kHeads * sizeof(float)));
+    fill_random<<<1024, 256>>>(q, n, 1), fill_random<<<1024, 256>>>(k, n, 2), fill_random<<<1024, 256>>>(v, n, 3);
+    flash::FwdParams p{};
+    int64_t const row = int64_t(kHeads) * HDIM;
+    auto head_tensor = [&](Element *ptr) { return flash::HeadTensor{ptr, row * seqlen, row, HDIM}; };
+    p.q = head_tensor(q), p.k = head_tensor(k), p.v = head_tensor(v), p.o = head_tensor(o);
+    p.lse = {lse, int64_t(kHeads) * seqlen, seqlen};
+    p.batch = batch, p.heads = p.heads_kv = kHeads, p.seqlen_q = p.seqlen_k = seqlen, p.head_dim = HDIM;
+    p.total_q = p.total_k = kTokens;
+    p.softmax_scale = 1.f / std::sqrt(float(HDIM)), p.softmax_scale_log2 = p.softmax_scale * float(M_LOG2E);
+    p.inv_score_scale = 1.f / p.softmax_scale;
+    for (int causal = 0; causal < 2; ++causal) {
+      p.is_windowed = causal, p.window_left = seqlen, p.window_right = causal ? 0 : seqlen;
+      for (int i = 0; i < 5; ++i) { CHECK(flash::sm90::launch_fwd<Traits>(p, 0)); }
+      cudaEvent_t start, stop;
+      CHECK(cudaEventCreate(&start));
+      CHECK(cudaEventCreate(&stop));
+      constexpr int kReps = 30;
+      CHECK(cudaEventRecord(start));
+      for (int i = 0; i < kReps; ++i) { CHECK(flash::sm90::launch_fwd<Traits>(p, 0)); }
+      CHECK(cudaEventRecord(stop));
+      CHECK(cudaEventSynchronize(stop));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1);
+      std::printf("sm90 fwd hdim %3d  tile %3dx%-3d stages %d overlap %d pingpong %d  causal %d  S %5d  %6.1f TFLOP/s\n",
+                  HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, causal, seqlen, flops / (ms / kReps) / 1e9);
+    }
+    for (void *ptr : {(void *)q, (void *)k, (void *)v, (void *)o, (void *)lse}) { CHECK(cudaFree(ptr)); }
+  }
+  return 0;
+}
