@@ -22,13 +22,16 @@ struct FwdEpilogue {
   typename Traits::KernelParams const &kp;
   typename Traits::SharedStorage &shared;
 
-  // acc_o: this thread's normalised O; lse: its rows' LSE. Q's buffer holds O: each warpgroup writes only
-  // its own 64 rows, which only its own Q·Kᵀ read, and that has finished.
+  // acc_o: this thread's normalised O; lse: its rows' LSE. Where O shares Q's buffer (kSeparateO false),
+  // each warpgroup writes only its own 64 rows, which only its own Q·Kᵀ read, and that has finished. The
+  // TMA store is left in flight; the next tile's store() waits for it before writing the buffer again.
   template <class AccO, class Lse>
   CUTE_DEVICE void store(BlockWork const &w, AccO const &acc_o, Lse const &lse, int thread_idx) const {
     FwdParams const &p = kp.params;
     typename Traits::TiledMmaO mma_o;
-    Tensor sO = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sO = make_tensor(make_smem_ptr(shared.o_buffer()), typename Traits::SmemLayoutQ{});
+    if (thread_idx == 0) { tma_store_wait<0>(); }  // the previous tile's O has left the buffer
+    barrier_sync(Traits::kConsumerThreads, FwdBarrier::OutputFree);
     auto smem_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_o);
     auto thr_copy = smem_copy.get_thread_slice(thread_idx);
     Tensor rO = convert_type<Element>(acc_o);
@@ -47,7 +50,6 @@ struct FwdEpilogue {
       auto o_copy = tma_partition(kp.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sO), group_modes<0, 2>(gO));
       copy(kp.tma_o, get<1>(o_copy), get<0>(o_copy));  // (gmem, smem) views: smem -> gmem
       tma_store_arrive();
-      tma_store_wait<0>();  // shared memory stays ours until the store has read it
     }
   }
 };

@@ -1,7 +1,7 @@
-// The Hopper forward kernel (FlashAttention-3's schedule on FlashAttention-2's algorithm): one thread block
-// per (query block, head, batch); a producer warpgroup whose one thread streams Q, K and V in by TMA, and
-// two consumer warpgroups, 64 query rows each, running Q·Kᵀ, the online softmax and P·V on wgmma with
-// the softmax overlapped with the matmuls (sm90/fwd_mainloop.h).
+// The Hopper forward kernel (FlashAttention-3's schedule on FlashAttention-2's algorithm): persistent thread
+// blocks, each walking (query block, head, batch) tiles (sm90/tile_scheduler.h); a producer warpgroup whose
+// one thread streams Q, K and V in by TMA, and two consumer warpgroups, 64 query rows each, running Q·Kᵀ,
+// the online softmax and P·V on wgmma with the softmax overlapped with the matmuls (sm90/fwd_mainloop.h).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -17,6 +17,7 @@
 #include "fwd_mainloop.h"
 #include "kernel_traits.h"
 #include "named_barriers.h"
+#include "tile_scheduler.h"
 
 namespace flash::sm90 {
 
@@ -53,21 +54,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
   Pipeline pipeline_v(shared.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers are initialised before anyone waits on them
 
-  // Scheduler: the query blocks with the most keys (causal) start first, so the grid's tail is short.
-  BlockWork w{int(gridDim.x) - 1 - int(blockIdx.x), int(blockIdx.y), int(blockIdx.z), 0, 0};
-  BlockInfo const seq{params, w.batch, cute::false_type{}};
-  Mask<kBlockM, kBlockN, Windowed, false> const mask{params, seq, w.head};
-  w.n_block_begin = mask.n_block_begin(w.m_block);
-  w.n_block_end = mask.n_block_end(w.m_block);
-  bool const no_keys = Windowed && w.n_block_end <= w.n_block_begin;  // causal rows above the first key
+  TileScheduler<kBlockM> const scheduler{params};
+  // The tile's key blocks; none for causal rows above the first key (O = 0, LSE = +inf or the sink).
+  auto plan = [&](int tile) {
+    BlockWork w = scheduler.work(tile);
+    BlockInfo const seq{params, w.batch, cute::false_type{}};
+    Mask<kBlockM, kBlockN, Windowed, false> const mask{params, seq, w.head};
+    w.n_block_begin = mask.n_block_begin(w.m_block);
+    w.n_block_end = mask.n_block_end(w.m_block);
+    return cute::make_tuple(w, mask);
+  };
+  auto has_keys = [](BlockWork const &w) { return !Windowed || w.n_block_end > w.n_block_begin; };
+  // The producer waits on QueryFree for the consumers and its own warp.
+  constexpr int kQueryFreeThreads = Traits::kConsumerThreads + cutlass::NumThreadsPerWarp;
 
   FwdMainloop<Traits> mainloop{kp, shared, pipeline_k, pipeline_v};
   if (producer) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    if (threadIdx.x == 0 && !no_keys) {
+    if (cutlass::canonical_warp_idx_sync() == 0) {
       auto write_k = cutlass::make_producer_start_state<Pipeline>();
       auto write_v = cutlass::make_producer_start_state<Pipeline>();
-      mainloop.load(w, write_k, write_v);
+      for (int tile = scheduler.first(), i = 0; scheduler.valid(tile); tile = scheduler.next(tile), ++i) {
+        BlockWork const w = get<0>(plan(tile));
+        if (i > 0) { barrier_sync(kQueryFreeThreads, FwdBarrier::QueryFree); }  // Q's buffer is free
+        if (threadIdx.x == 0 && has_keys(w)) { mainloop.load(w, write_k, write_v); }
+        __syncwarp();
+      }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
@@ -75,20 +87,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
     if constexpr (Traits::kPingpong) {  // warpgroup 0 (of the consumers) goes first
       if (warpgroup == 2) { barrier_arrive(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, 0); }
     }
-    typename Traits::TiledMmaO mma_o;
-    Tensor acc_o = partition_fragment_C(mma_o, typename Traits::TileQ{});  // (MMA, MMA_M, MMA_N)
-    clear(acc_o);
-    OnlineSoftmax<2> softmax;  // each thread holds two rows of its warpgroup's 64
-    if (!no_keys) {
-      typename Traits::PipelineState read_k, read_v;
-      mainloop.mma(w, mask, softmax, acc_o, thread_idx, read_k, read_v);
-    } else {
-      CUTE_UNROLL
-      for (int r = 0; r < 2; ++r) { softmax.row_max[r] = -INFINITY, softmax.row_sum[r] = 0.f; }
+    FwdEpilogue<Traits> const epilogue{kp, shared};
+    typename Traits::PipelineState read_k, read_v;
+    int q_phase = 0;
+    for (int tile = scheduler.first(); scheduler.valid(tile); tile = scheduler.next(tile)) {
+      auto [w, mask] = plan(tile);
+      typename Traits::TiledMmaO mma_o;
+      Tensor acc_o = partition_fragment_C(mma_o, typename Traits::TileQ{});  // (MMA, MMA_M, MMA_N)
+      clear(acc_o);
+      OnlineSoftmax<2> softmax;  // each thread holds two rows of its warpgroup's 64
+      if (has_keys(w)) {
+        mainloop.mma(w, mask, softmax, acc_o, thread_idx, read_k, read_v, q_phase);
+        q_phase ^= 1;
+      } else {
+        CUTE_UNROLL
+        for (int r = 0; r < 2; ++r) { softmax.row_max[r] = -INFINITY, softmax.row_sum[r] = 0.f; }
+      }
+      if constexpr (Traits::kSeparateO) { barrier_arrive(kQueryFreeThreads, FwdBarrier::QueryFree); }
+      float const sink_log2 = params.sinks == nullptr ? -INFINITY : params.sinks[w.head] * float(M_LOG2E);
+      Tensor lse = softmax.finalize(acc_o, sink_log2);
+      epilogue.store(w, acc_o, lse, thread_idx);
+      if constexpr (!Traits::kSeparateO) {  // O went out of Q's buffer: wait until it has left
+        if (thread_idx == 0) { tma_store_wait<0>(); }
+        barrier_arrive(kQueryFreeThreads, FwdBarrier::QueryFree);
+      }
     }
-    float const sink_log2 = params.sinks == nullptr ? -INFINITY : params.sinks[w.head] * float(M_LOG2E);
-    Tensor lse = softmax.finalize(acc_o, sink_log2);
-    FwdEpilogue<Traits>{kp, shared}.store(w, acc_o, lse, thread_idx);
+    if (thread_idx == 0) { tma_store_wait<0>(); }  // shared memory stays ours until the last store has read it
   }
 #endif
 }

@@ -1,5 +1,5 @@
 // Host-side launch of the Hopper forward for one (head dim, dtype): TMA descriptors from the params, then
-// the kernel, one thread block per (query block, head, batch).
+// the kernel, a persistent grid of at most one thread block per SM.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,6 +9,7 @@
 
 #include "fwd_kernel.h"
 #include "kernel_traits.h"
+#include "tile_scheduler.h"
 
 namespace flash::sm90 {
 
@@ -34,7 +35,12 @@ cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_STORE{}, gmem_tensor<Element>(p.o, p.seqlen_q, p.head_dim, p.heads, p.batch),
                     typename Traits::SmemLayoutQ{}, typename Traits::TileQ{}, _1{}),
   };
-  dim3 const grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  int device = 0, sm_count = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) { return err; }
+  if (cudaError_t err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device); err != cudaSuccess) {
+    return err;
+  }
+  dim3 const grid(TileScheduler<Traits::kBlockM>::grid(p, sm_count));
   return bool_switch(p.is_windowed, [&](auto windowed) {
     return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value>, grid, Traits::kThreads, Traits::kSmemSize,
                          kp, stream);

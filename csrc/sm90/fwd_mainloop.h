@@ -90,9 +90,10 @@ struct FwdMainloop {
 
   // Runs the loop over key blocks for this thread's warpgroup and leaves the unnormalised O in acc_o and
   // the row statistics in softmax. thread_idx: 0 .. kConsumerThreads - 1.
+  // q_phase: the parity of the tiles whose Q this block has loaded before this one.
   template <class MaskT, class Softmax, class AccO>
   CUTE_DEVICE void mma(BlockWork const &w, MaskT const &mask, Softmax &softmax, AccO &acc_o, int thread_idx,
-                       PipelineState &read_k, PipelineState &read_v) const {
+                       PipelineState &read_k, PipelineState &read_v, int q_phase) const {
     typename Traits::TiledMmaS mma_s;
     typename Traits::TiledMmaO mma_o;
     auto thr_s = mma_s.get_thread_slice(thread_idx);
@@ -118,7 +119,7 @@ struct FwdMainloop {
       copy(make_tensor(rP.data(), tOrP.layout()), tOrP);
     };
 
-    cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, 0);
+    cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, q_phase);
     int const n_block_first_masked = mask.n_block_first_masked(w.m_block);
 
     if constexpr (!Traits::kIntraWgOverlap) {  // the ablation: each block's two matmuls and softmax in turn

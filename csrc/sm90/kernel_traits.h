@@ -43,8 +43,8 @@ struct FwdTraits {
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
   // setmaxnreg: the producer gives its registers to the consumers (65536 per SM in all).
-  static constexpr int kProducerRegisters = kConsumerWarpgroups == 2 ? 24 : 32;
-  static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 240 : 160;
+  static constexpr int kProducerRegisters = kConsumerWarpgroups == 2 ? 40 : 32;
+  static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 232 : 160;
 
   static_assert(kBlockM % 64 == 0 && kBlockN % 16 == 0 && kHeadDim % 16 == 0);
   static_assert(!kPingpong || kConsumerWarpgroups == 2, "ping-pong alternates two warpgroups");
@@ -82,13 +82,20 @@ struct FwdTraits {
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
 
+  // O gets a buffer of its own where shared memory allows, so that the next tile's Q can land while this
+  // tile's O is stored; else it reuses Q's.
+  static constexpr int kTileBytes = (cosize_v<SmemLayoutQ> + 2 * cosize_v<SmemLayoutKV>) * sizeof(Element);
+  static constexpr bool kSeparateO = kTileBytes + cosize_v<SmemLayoutQ> * int(sizeof(Element)) <= 224 * 1024;
+
   struct SharedStorage {
     // 128-byte swizzles repeat every 1024 bytes: each tile starts on such a boundary.
-    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;  // then O
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
-    alignas(16) uint64_t q_full;  // mbarrier: Q has landed
+    alignas(1024) cute::array_aligned<Element, kSeparateO ? cosize_v<SmemLayoutQ> : 0> o;
+    alignas(16) uint64_t q_full;  // mbarrier: this tile's Q has landed
     typename Pipeline::SharedStorage pipeline_k, pipeline_v;
+    CUTE_DEVICE Element *o_buffer() { return kSeparateO ? o.data() : q.data(); }
   };
   static constexpr int kSmemSize = sizeof(SharedStorage);
   static_assert(kSmemSize <= 227 * 1024, "the tiles outgrow the 227 KB of shared memory a block may have");

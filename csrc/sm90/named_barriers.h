@@ -8,7 +8,9 @@ namespace flash::sm90 {
 
 enum class FwdBarrier : uint32_t {
   OutputReady = 0,       // every consumer has written its O rows to shared memory: the TMA store may read
-  WarpgroupTurn1 = 1,    // ping-pong: warpgroup 1 may issue its matmuls; WarpgroupTurn1 + w for warpgroup w
+  OutputFree = 1,        // the previous tile's TMA store has read O's buffer: the consumers may write it
+  QueryFree = 2,         // the consumers are done with Q's buffer: the producer may load the next tile's Q
+  WarpgroupTurn1 = 3,    // ping-pong: warpgroup 1 may issue its matmuls; WarpgroupTurn1 + w for warpgroup w
 };
 
 CUTE_DEVICE void barrier_sync(int threads, FwdBarrier id, int offset = 0) {

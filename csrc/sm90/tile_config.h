@@ -15,7 +15,7 @@ struct FwdTile {
 constexpr FwdTile fwd_tile(int head_dim) {
   return head_dim <= 64    ? FwdTile{128, 128, 2, true, true}
          : head_dim <= 128 ? FwdTile{128, 128, 2, true, true}
-                           : FwdTile{128, 80, 2, true, true};
+                           : FwdTile{128, 64, 2, true, true};
 }
 
 }  // namespace flash::sm90
