@@ -1,4 +1,5 @@
-// Times one Hopper-forward candidate (HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG: sm90/kernel_traits.h),
+// Times one Hopper-forward candidate (HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT:
+// sm90/kernel_traits.h),
 // torch-free, on the paper's shapes: bf16, 16k tokens, hidden 2048, causal and not. Built and run by
 // benchmarks/tile_sweep_sm90.sh, for the tile choices in sm90/tile_config.h and the ablations in NOTES.md.
 #include <cmath>
@@ -8,7 +9,7 @@
 #include "sm90/fwd_launch.h"
 
 using Element = cutlass::bfloat16_t;
-using Traits = flash::sm90::FwdTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG>;
+using Traits = flash::sm90::FwdTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT>;
 
 #define CHECK(call)                                                                      \
   do {                                                                                   \
@@ -61,8 +62,8 @@ int main() {
       float ms;
       CHECK(cudaEventElapsedTime(&ms, start, stop));
       double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1);
-      std::printf("sm90 fwd hdim %3d  tile %3dx%-3d stages %d overlap %d pingpong %d  causal %d  S %5d  %6.1f TFLOP/s\n",
-                  HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, causal, seqlen, flops / (ms / kReps) / 1e9);
+      std::printf("sm90 fwd hdim %3d  tile %3dx%-3d stages %d overlap %d pingpong %d persistent %d  causal %d  S %5d  %6.1f TFLOP/s\n",
+                  HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT, causal, seqlen, flops / (ms / kReps) / 1e9);
     }
     for (void *ptr : {(void *)q, (void *)k, (void *)v, (void *)o, (void *)lse}) { CHECK(cudaFree(ptr)); }
   }

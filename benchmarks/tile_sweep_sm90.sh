@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Hopper-forward candidates, each built as its own binary (in parallel) and timed on the GPU:
-#   bash benchmarks/tile_sweep_sm90.sh "128:128x128:2:1:1 128:128x176:2:1:1 ..."
-#   (hdim:block_m x block_n:stages:intra-warpgroup overlap:ping-pong)
+#   bash benchmarks/tile_sweep_sm90.sh "128:128x128:2:1:1:1 128:128x176:2:1:1:1 ..."
+#   (hdim:block_m x block_n:stages:intra-warpgroup overlap:ping-pong:persistent)
 # Needs nvcc and the CUTLASS headers (CUTLASS_INCLUDE, else found as the build finds them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-candidates=${1:-"128:128x128:2:1:1 128:128x128:2:1:0 128:128x128:2:0:1"}
+candidates=${1:-"128:128x128:2:1:1:1 128:128x128:2:1:0:1 128:128x128:2:0:1:1 128:128x128:2:1:1:0"}
 include=${CUTLASS_INCLUDE:-$(cd csrc && python3 -c "import build_config; print(build_config.cutlass_include())")}
 dir=$(mktemp -d)
 for c in $candidates; do
-  IFS=':x' read -r d m n stages overlap pingpong <<<"$c"
+  IFS=':x' read -r d m n stages overlap pingpong persistent <<<"$c"
   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Icsrc -I"$include" \
-    -DHDIM="$d" -DBLOCK_M="$m" -DBLOCK_N="$n" -DSTAGES="$stages" -DOVERLAP="$overlap" -DPINGPONG="$pingpong" \
+    -DHDIM="$d" -DBLOCK_M="$m" -DBLOCK_N="$n" -DSTAGES="$stages" -DOVERLAP="$overlap" -DPINGPONG="$pingpong" -DPERSISTENT="$persistent" \
     -Xptxas -v benchmarks/tile_sweep_sm90.cu -o "$dir/$c" >"$dir/$c.log" 2>&1 &
 done
 wait

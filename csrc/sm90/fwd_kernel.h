@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
   Pipeline pipeline_v(shared.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers are initialised before anyone waits on them
 
-  TileScheduler<kBlockM> const scheduler{params};
+  TileScheduler<kBlockM, Traits::kPersistent> const scheduler{params};
   // The tile's key blocks; none for causal rows above the first key (O = 0, LSE = +inf or the sink).
   auto plan = [&](int tile) {
     BlockWork w = scheduler.work(tile);

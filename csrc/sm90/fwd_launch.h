@@ -40,7 +40,7 @@ cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
   if (cudaError_t err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device); err != cudaSuccess) {
     return err;
   }
-  dim3 const grid(TileScheduler<Traits::kBlockM>::grid(p, sm_count));
+  dim3 const grid(TileScheduler<Traits::kBlockM, Traits::kPersistent>::grid(p, sm_count));
   return bool_switch(p.is_windowed, [&](auto windowed) {
     return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value>, grid, Traits::kThreads, Traits::kSmemSize,
                          kp, stream);

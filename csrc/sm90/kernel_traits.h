@@ -30,7 +30,8 @@ using SmemAtomK = std::conditional_t<kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<
 // can build candidates and ablations beside the chosen one.
 template <int kHeadDim_, typename Element_, int kBlockM_ = fwd_tile(kHeadDim_).block_m,
           int kBlockN_ = fwd_tile(kHeadDim_).block_n, int kStages_ = fwd_tile(kHeadDim_).stages,
-          bool kIntraWgOverlap_ = fwd_tile(kHeadDim_).intra_wg_overlap, bool kPingpong_ = fwd_tile(kHeadDim_).pingpong>
+          bool kIntraWgOverlap_ = fwd_tile(kHeadDim_).intra_wg_overlap, bool kPingpong_ = fwd_tile(kHeadDim_).pingpong,
+          bool kPersistent_ = fwd_tile(kHeadDim_).persistent>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -39,6 +40,7 @@ struct FwdTraits {
   static constexpr int kStages = kStages_;
   static constexpr bool kIntraWgOverlap = kIntraWgOverlap_;
   static constexpr bool kPingpong = kPingpong_;
+  static constexpr bool kPersistent = kPersistent_;
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer

@@ -10,6 +10,7 @@ struct FwdTile {
   int stages;               // K and V buffers each in the shared-memory pipeline
   bool intra_wg_overlap;    // a warpgroup's softmax of block n overlaps its own Q·Kᵀ of n-1 and P·V of n+1
   bool pingpong;            // the two consumer warpgroups take turns at the tensor cores (named barriers)
+  bool persistent = true;   // at most one block per SM, walking the tiles; else one block per tile
 };
 
 constexpr FwdTile fwd_tile(int head_dim) {

@@ -12,7 +12,8 @@
 
 namespace flash::sm90 {
 
-template <int kBlockM>
+// Persistent false: one block per tile, the hardware handing out the tiles in the same order.
+template <int kBlockM, bool kPersistent>
 struct TileScheduler {
   int m_blocks, heads, num_tiles;
 
@@ -20,7 +21,10 @@ struct TileScheduler {
       : m_blocks(cute::ceil_div(p.seqlen_q, kBlockM)), heads(p.heads), num_tiles(m_blocks * p.heads * p.batch) {}
 
   // One block per SM at most: the kernel's shared memory admits no second one.
-  static int grid(FwdParams const &p, int sm_count) { return std::min(TileScheduler(p).num_tiles, sm_count); }
+  static int grid(FwdParams const &p, int sm_count) {
+    int const tiles = TileScheduler(p).num_tiles;
+    return kPersistent ? std::min(tiles, sm_count) : tiles;
+  }
 
   CUTE_DEVICE int first() const { return blockIdx.x; }
   CUTE_DEVICE int next(int tile) const { return tile + gridDim.x; }
