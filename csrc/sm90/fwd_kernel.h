@@ -54,7 +54,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
   Pipeline pipeline_v(shared.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers are initialised before anyone waits on them
 
-  TileScheduler<kBlockM, Traits::kPersistent> const scheduler{params};
+  // Causal tiles differ in length: a static walk over them left SMs idle at the end (0.73-0.9x on the H200,
+  // benchmarks/NOTES.md), so causal grids get one block per tile, longest first, from the hardware.
+  TileScheduler<kBlockM, Traits::kPersistent && !Windowed> const scheduler{params};
   // The tile's key blocks; none for causal rows above the first key (O = 0, LSE = +inf or the sink).
   auto plan = [&](int tile) {
     BlockWork w = scheduler.work(tile);

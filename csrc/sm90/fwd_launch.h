@@ -40,10 +40,10 @@ cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
   if (cudaError_t err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device); err != cudaSuccess) {
     return err;
   }
-  dim3 const grid(TileScheduler<Traits::kBlockM, Traits::kPersistent>::grid(p, sm_count));
   return bool_switch(p.is_windowed, [&](auto windowed) {
-    return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value>, grid, Traits::kThreads, Traits::kSmemSize,
-                         kp, stream);
+    constexpr bool kWindowed = decltype(windowed)::value;
+    dim3 const grid(TileScheduler<Traits::kBlockM, Traits::kPersistent && !kWindowed>::grid(p, sm_count));
+    return launch_kernel(&fwd_kernel<Traits, kWindowed>, grid, Traits::kThreads, Traits::kSmemSize, kp, stream);
   });
 }
 
