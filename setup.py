@@ -33,7 +33,7 @@ def extension():
     write_build_info(archs, dims)
     generate_instantiations.write_all()
     built = f"-DFLASH_ATTN2_BUILT_HEAD_DIMS={','.join(map(str, dims))}"
-    sources = [ROOT / "csrc" / "flash_api.cpp", *build_config.kernel_sources(dims)]
+    sources = [ROOT / "csrc" / "flash_api.cpp", *build_config.SHARED_SOURCES, *build_config.kernel_sources(dims)]
     return CUDAExtension(
         name="flash_attn2._C",
         sources=[str(s.relative_to(ROOT)) for s in sources],

@@ -4,12 +4,15 @@
 // the A operand of dV += Pᵀ·dO and dK += dSᵀ·Q: no trip through shared memory. With kWarpsN > 1 (large
 // head dims, where one warp cannot hold a whole row of dK and dV) the warps also split the columns, so
 // each holds only part of its rows' Pᵀ and dSᵀ: those go through shared memory, still computed once.
-// Q, dO, LSE and D are double-buffered.
+// Q, dO, LSE and D are double-buffered. With dropout (General only; bwd_dq_kernel.h derives it), dV takes
+// the dropped, rescaled Pᵀ and dSᵀ the undropped Pᵀ with the masked, rescaled dPᵀ; the keep mask is made
+// once per step (dropout.h: the Sᵀ layout costs no more calls) and kept as bits for both.
 #pragma once
 
 #include <cute/tensor.hpp>
 
 #include "common/block_info.h"
+#include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/utils.h"
@@ -53,6 +56,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   if (k_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
   Mask<kBlockN, kBlockM, Windowed, General> const mask{params, seq, head};  // (query, key) blocks
   int const m_block_begin = mask.m_block_begin(n_block), m_block_end = mask.m_block_end(n_block);
+  bool const dropout_on = General && params.has_dropout();
+  Dropout const dropout{params, batch, head};
+  constexpr bool kPaired = Traits::kWarpsN == 1;  // dropout.h
 
   Tensor mK = seq.k_rows<kHeadDim, Element const>(params.k, params.kv_head(head));
   Tensor mV = seq.k_rows<kHeadDim, Element const>(params.v, params.kv_head(head));
@@ -184,7 +190,23 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) { p(r, c) = exp2_approx(p(r, c) * params.softmax_scale_log2 - lse_log2[c]); }
     }
-    Tensor rP = convert_type<Element>(acc_s);
+    // Sᵀ tiles: rows are this block's keys, columns the step's queries.
+    using KeepMask = decltype(dropout.template keep_mask<true, kPaired>(tScS, 0, 0));
+    KeepMask keep{};
+    if constexpr (General) {
+      if (dropout_on) { keep = dropout.template keep_mask<true, kPaired>(tScS, n_block * kBlockM, m_block * kBlockN); }
+    }
+    auto const dropped_p = [&] {  // the Pᵀ that dV takes
+      if constexpr (General) {
+        if (dropout_on) {
+          Tensor pd = make_tensor<float>(acc_s.layout());
+          apply_keep_mask(keep, acc_s, pd, params.dropout_scale);
+          return convert_type<Element>(pd);
+        }
+      }
+      return convert_type<Element>(acc_s);
+    };
+    Tensor rP = dropped_p();
     if constexpr (kShareP) { copy(smem_copy_acc, smem_copy_acc.get_thread_slice(tid).retile_S(rP), tPsPt); }
 
     Tensor acc_dp = partition_fragment_C(tiled_mma, TileS{});  // dPᵀ = V·dOᵀ
@@ -197,6 +219,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
                     smem_copy_bt);
     }
 
+    if constexpr (General) {
+      if (dropout_on) { apply_keep_mask(keep, acc_dp, acc_dp, params.dropout_scale); }
+    }
     Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dSᵀ = Pᵀ∘(dPᵀ - D), in place
     CUTE_UNROLL
     for (int r = 0; r < size<0>(ds); ++r) {
