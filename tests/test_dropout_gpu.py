@@ -75,14 +75,14 @@ def check_dropout_variant(q, k, v, variant, opts, varlen=None):
                   {**opts, "dropout_p": P, "dropout_mask": mask}, varlen)
 
 
-@pytest.mark.parametrize("seqlens", [(113, 203), (1023, 1024)], ids=lambda s: "%dx%d" % s)
+@pytest.mark.parametrize("shape", [(113, 203), (1023, 1024)], ids=lambda s: "%dx%d" % s)
 @pytest.mark.parametrize("variant", DROPOUT_VARIANTS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
-def test_dropout(dtype, head_dim, variant, seqlens):
+def test_dropout(dtype, head_dim, variant, shape):
     # GQA (8 query heads on 2 kv heads), as test_variants_gpu.
     skip_unless_built(head_dim)
-    seqlen_q, seqlen_k = seqlens
+    seqlen_q, seqlen_k = shape
     q, k, v = random_qkv(BATCH, seqlen_q, seqlen_k, HEADS_Q, 2, head_dim, dtype=dtype, device="cuda")
     variant = DROPOUT_VARIANTS[variant]
     check_dropout_variant(q, k, v, variant, options(variant, BATCH, HEADS_Q, seqlen_k))
