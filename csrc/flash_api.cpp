@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "common/dropout.h"
+#include "common/dropout_mask.h"
 #include "instantiations/kernels.h"
 
 namespace {

@@ -205,17 +205,4 @@ CUTE_DEVICE void apply_keep_mask(Mask const &mask, In const &in, Out &out, float
   }
 }
 
-// The debug kernel's arguments: keep (batch, heads, seqlen_q, seqlen_k) uint8 (1 kept, 0 dropped), in each
-// sequence's own coordinates (as the attention kernels use them, varlen included), for (seed, offset) read
-// from rng_state (int64 (2,), as the forward writes it).
-struct DropoutMaskParams {
-  uint8_t *keep;
-  int64_t const *rng_state;
-  int batch, heads, seqlen_q, seqlen_k;
-  uint32_t dropout_threshold;
-};
-
-// Launch of the debug kernel (dropout_mask.cu): for tests at small shapes, not a speed path.
-cudaError_t run_dropout_mask(DropoutMaskParams const &params, cudaStream_t stream);
-
 }  // namespace flash

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "dropout.h"
+#include "dropout_mask.h"
 
 namespace flash {
 
