@@ -85,7 +85,9 @@ def _lse_shape(q, cu_seqlens_q):
     return q.shape[0], q.shape[2], q.shape[1]
 
 
-@torch.library.custom_op("flash_attn2::fwd", mutates_args=())
+# nondeterministic_seeded: with dropout it draws from the CUDA generator, so that torch.compile never merges
+# two calls with the same inputs into one (they must drop different entries).
+@torch.library.custom_op("flash_attn2::fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fwd_op(q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
             cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
             max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,

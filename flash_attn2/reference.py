@@ -162,7 +162,7 @@ def dropout_keep_mask_ref(seed, offset, dropout_p, batch, heads, seqlen_q, seqle
     per entry, dropped iff below max(1, round(p * 2^16))), for tests; small shapes only."""
     import numpy as np
 
-    threshold = max(1, round(dropout_p * 65536)) if dropout_p > 0 else 0
+    threshold = max(1, math.floor(dropout_p * 65536 + 0.5)) if dropout_p > 0 else 0  # llround, as the binding
     b = np.arange(batch, dtype=np.uint64)[:, None, None, None]
     h = np.arange(heads, dtype=np.uint64)[None, :, None, None]
     i = np.arange(seqlen_q, dtype=np.int64)[None, None, :, None]
