@@ -106,6 +106,10 @@ struct Dropout {
     static_assert(kRows % 2 == 0 && kCols % 2 == 0, "rows r, r + 8 and columns c, c + 1 of each m16n8 tile");
     static_assert(!Paired || kCols % 4 == 0);
     constexpr int kStep = Paired ? 4 : 2;  // columns per call
+    // Rows r (even) and r + 1 of the (rows, cols) view are rows g and g + 8 of a 16-row MMA tile, g < 8, so
+    // that their bit 3 is 0 and 1; with Paired, columns col..col + 3 (col a multiple of 4) are c, c + 1,
+    // c + 8, c + 9 with c mod 16 < 8. Then the word of an entry is known at compile time; without Paired
+    // the column's bit 3 is read from its coordinate.
     if constexpr (!Transposed) {
       CUTE_UNROLL
       for (int r = 0; r < kRows; r += 2) {  // rows r (query i) and r + 1 (query i + 8)
@@ -117,8 +121,9 @@ struct Dropout {
           for (int h = 0; h < 2; ++h) {
             CUTE_UNROLL
             for (int e = 0; e < kStep; ++e) {
-              int const q = row0 + get<0>(c(r + h, col + e)), k = col0 + get<1>(c(r + h, col + e));
-              f(r + h, col + e, keep(rand.word[dropout_word(q, k)] >> (16 * (k & 1))));
+              // Key bit 3: e / 2 when Paired, else that of this column's key (the same for e = 0, 1).
+              uint32_t const word = Paired ? rand.word[2 * h + e / 2] : pick(rand, h, (key >> 3) & 1);
+              f(r + h, col + e, keep(word >> (16 * (e & 1))));
             }
           }
         }
@@ -127,22 +132,22 @@ struct Dropout {
       // Rows are keys: this lane holds keys j, j + 8 (parity p = j & 1), the lane ^ 4 keys j ^ 1, j ^ 1 + 8, in
       // the same columns. Each makes the call of the queries of its parity, i + p (and i + p + 8), keeps its
       // own keys' halves and sends the partner's.
-      int const key0 = row0 + get<0>(c(0, 0));
-      uint32_t const parity = uint32_t(key0 & 1);
+      uint32_t const parity = uint32_t((row0 + get<0>(c(0, 0))) & 1);
       CUTE_UNROLL
       for (int r = 0; r < kRows; r += 2) {  // rows r (key j) and r + 1 (key j + 8)
         CUTE_UNROLL
         for (int col = 0; col < kCols; col += kStep) {
           int const key = row0 + get<0>(c(r, col)), query = col0 + get<1>(c(r, col));  // query even
           Philox4x32 const rand = bits(query + int(parity), key);
-          // Words 2 * qh + kh: query i + p (+ 8 qh), key j0 + (8 kh) + half. Own half: p; the partner's: 1 - p.
           CUTE_UNROLL
-          for (int qh = 0; qh < kStep / 2; ++qh) {
-            uint32_t const w0 = rand.word[2 * qh], w1 = rand.word[2 * qh + 1];
-            uint32_t const own = parity ? __byte_perm(w0, w1, 0x7632) : __byte_perm(w0, w1, 0x5410);  // kh 0 | kh 1
+          for (int a = 0; a < kStep / 2; ++a) {  // the n8 tiles: queries i + p (+ 8 when Paired and a = 1)
+            // Query bit 3: a when Paired, else that of this tile's queries.
+            int const qbit = Paired ? a : (query >> 3) & 1;
+            uint32_t const w0 = pick(rand, qbit, 0), w1 = pick(rand, qbit, 1);  // keys j0 (+1), j0 + 8 (+9)
+            uint32_t const own = parity ? __byte_perm(w0, w1, 0x7632) : __byte_perm(w0, w1, 0x5410);  // j | j + 8
             uint32_t const send = parity ? __byte_perm(w0, w1, 0x5410) : __byte_perm(w0, w1, 0x7632);
             uint32_t const recv = __shfl_xor_sync(0xffffffff, send, 4);  // the partner's queries, this lane's keys
-            int const col_own = col + 2 * qh + int(parity), col_other = col + 2 * qh + 1 - int(parity);
+            int const col_own = col + 2 * a + int(parity), col_other = col + 2 * a + 1 - int(parity);
             CUTE_UNROLL
             for (int kh = 0; kh < 2; ++kh) {
               f(r + kh, col_own, keep(own >> (16 * kh)));
@@ -152,6 +157,12 @@ struct Dropout {
         }
       }
     }
+  }
+
+  // Word 2 * query_bit + key_bit of a call, by selects (a run-time index would put rand in local memory).
+  CUTE_DEVICE static uint32_t pick(Philox4x32 const &rand, int query_bit, int key_bit) {
+    uint32_t const lo = key_bit ? rand.word[1] : rand.word[0], hi = key_bit ? rand.word[3] : rand.word[2];
+    return query_bit ? hi : lo;
   }
 
   // Zeroes the dropped entries of a tile of P (fp32 or 16-bit), in place (the forward: kept ones are scaled with
