@@ -4,8 +4,9 @@
 // The random bits come from Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
 // SC 2011): a counter-based generator, so the bits of an entry are a pure function of its coordinates, and
 // kernels that hold the same entry in different thread layouts still agree. 16 bits per entry: an entry is
-// dropped iff they are below round(p * 2^16), so the keep probability is 1 - p within 2^-17 (8 bits, as
-// flash_attn uses, would bias it by up to 1/512, which a kept-fraction test over a few million entries sees).
+// dropped iff they are below max(1, round(p * 2^16)), so the keep probability is 1 - p within 2^-17 (2^-16
+// for p < 2^-17) where 8 bits, as flash_attn uses, would bias it by up to 1/512, which a kept-fraction test
+// over a few million entries sees.
 //
 // One Philox call (128 bits = 8 entries) covers, within a sequence of (batch b, query head h), the queries
 // {i, i + 8} and the keys {j0, j0 + 1, j0 + 8, j0 + 9}, i mod 16 < 8, j0 mod 16 in {0, 2, 4, 6}. That is what
@@ -13,7 +14,9 @@
 // two n8 tiles 8 apart) when rows are queries: the forward and dQ make one call per 8 entries. In the dK/dV
 // kernel rows are keys: a thread holds keys {j, j + 8} and queries {i, i + 1, i + 8, i + 9}, half of two calls,
 // and the lane holding keys {j ^ 1, j ^ 1 + 8} (lane ^ 4) needs the other halves of the same two calls; each of
-// the two makes one and they swap halves with two shuffles: one call per 8 entries there too.
+// the two makes one and they swap halves with two shuffles: one call per 8 entries there too. (Where warps
+// split the columns, as the dK/dV kernel does above D = 128, a thread's n8 tiles are not 8 apart: one call
+// per 4 entries there.)
 //
 // Counter: (key unit, query unit, 64-bit offset + b * heads + h); key: the 64-bit seed. A forward asks the
 // generator for an offset increment of batch * heads (rounded up to 4, as PyTorch requires), so calls that
