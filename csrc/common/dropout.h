@@ -178,15 +178,6 @@ struct Dropout {
     });
   }
 
-  // dP of the dropped P -> dP of P, in place: dropped entries 0, kept ones times 1 / (1 - p) (dQ kernel).
-  template <bool Paired, class Acc, class Coords>
-  CUTE_DEVICE void drop_scaled(Acc &acc, Coords const &tScS, int row0, int col0, float scale) const {
-    Tensor s = make_tensor(acc.data(), rows_cols(acc.layout()));
-    for_each_keep<false, Paired>(tScS, row0, col0, [&](int r, int col, bool kept) {
-      s(r, col) = kept ? s(r, col) * scale : 0.f;
-    });
-  }
-
   // The keep bits of a tile as a bit mask (entry (r, col) of the (rows, cols) view at bit r + rows * col), for a
   // kernel that applies them to two tiles (dK/dV: Pᵀ and dPᵀ) without making the calls twice.
   template <bool Transposed, bool Paired, class Coords>
@@ -202,20 +193,36 @@ struct Dropout {
   }
 };
 
-// acc (an accumulator tile, (rows, cols) entry at bit r + rows * col of mask) -> kept entries times scale,
-// dropped ones 0, into a new fp32 tile of the same layout (or in place, with out = acc).
-template <class Mask, class In, class Out>
-CUTE_DEVICE void apply_keep_mask(Mask const &mask, In const &in, Out &out, float scale) {
-  Tensor i = make_tensor(in.data(), rows_cols(in.layout()));
-  Tensor o = make_tensor(out.data(), rows_cols(out.layout()));
-  constexpr int kRows = decltype(size<0>(i))::value;
+// Whether entry (r, col) of a tile's (rows, cols) view is kept, by a keep_mask of that tile.
+template <int kRows, class Mask>
+CUTE_DEVICE bool kept_in(Mask const &mask, int r, int col) {
+  int const bit = r + kRows * col;
+  return (mask[bit / 32] >> (bit % 32)) & 1u;
+}
+
+// Zeroes the dropped entries of a tile laid out as an accumulator (fp32 or 16-bit), in place.
+template <class Mask, class Acc>
+CUTE_DEVICE void zero_dropped(Mask const &mask, Acc &acc) {
+  Tensor t = make_tensor(acc.data(), rows_cols(acc.layout()));
+  constexpr int kRows = decltype(size<0>(t))::value;
   CUTE_UNROLL
-  for (int col = 0; col < size<1>(i); ++col) {
+  for (int col = 0; col < size<1>(t); ++col) {
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      int const bit = r + kRows * col;
-      o(r, col) = (mask[bit / 32] >> (bit % 32)) & 1u ? i(r, col) * scale : 0.f;
+      if (!kept_in<kRows>(mask, r, col)) { t(r, col) = typename decltype(t)::value_type(0.f); }
     }
+  }
+}
+
+// An fp32 accumulator tile, in place: dropped entries 0, kept ones times scale (dP of the dropped P -> dP of P).
+template <class Mask, class Acc>
+CUTE_DEVICE void apply_keep_mask(Mask const &mask, Acc &acc, float scale) {
+  Tensor t = make_tensor(acc.data(), rows_cols(acc.layout()));
+  constexpr int kRows = decltype(size<0>(t))::value;
+  CUTE_UNROLL
+  for (int col = 0; col < size<1>(t); ++col) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) { t(r, col) = kept_in<kRows>(mask, r, col) ? t(r, col) * scale : 0.f; }
   }
 }
 

@@ -5,8 +5,8 @@
 // head dims, where one warp cannot hold a whole row of dK and dV) the warps also split the columns, so
 // each holds only part of its rows' Pᵀ and dSᵀ: those go through shared memory, still computed once.
 // Q, dO, LSE and D are double-buffered. With dropout (General only; bwd_dq_kernel.h derives it), dV takes
-// the dropped, rescaled Pᵀ and dSᵀ the undropped Pᵀ with the masked, rescaled dPᵀ; the keep mask is made
-// once per step (dropout.h: the Sᵀ layout costs no more calls) and kept as bits for both.
+// the dropped Pᵀ (its 1 / (1 - p) applied once to dV) and dSᵀ the undropped Pᵀ with the masked, rescaled
+// dPᵀ; the keep mask is made once per step (dropout.h: the Sᵀ layout costs no more calls) and kept as bits.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -101,6 +101,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   auto store = [&] {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }  // dS was w.r.t. scaled scores
+    if (dropout_on) {  // dV took the dropped Pᵀ unscaled
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dv); ++i) { acc_dv(i) *= params.dropout_scale; }
+    }
     store_acc_tile<Traits>(tiled_mma, acc_dk, sK, gdK, k_rows_left, params.head_dim);
     store_acc_tile<Traits>(tiled_mma, acc_dv, sV, gdV, k_rows_left, params.head_dim);
   };
@@ -169,6 +173,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
       load_queries(m_block + 1, stage ^ 1);
       cp_async_fence();
     }
+    // The keep bits of this Sᵀ tile (rows keys, columns queries), made where only dK and dV are live (beside
+    // Sᵀ and dPᵀ they raised the variant's spills several-fold), kept for Pᵀ and dPᵀ.
+    using KeepMask = decltype(dropout.template keep_mask<true, kPaired>(tScS, 0, 0));
+    KeepMask keep{};
+    if constexpr (General) {
+      if (dropout_on) { keep = dropout.template keep_mask<true, kPaired>(tScS, n_block * kBlockM, m_block * kBlockN); }
+    }
 
     Tensor acc_s = partition_fragment_C(tiled_mma, TileS{});  // Sᵀ: (MMA, MMA_M, MMA_N)
     clear(acc_s);
@@ -190,23 +201,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) { p(r, c) = exp2_approx(p(r, c) * params.softmax_scale_log2 - lse_log2[c]); }
     }
-    // Sᵀ tiles: rows are this block's keys, columns the step's queries.
-    using KeepMask = decltype(dropout.template keep_mask<true, kPaired>(tScS, 0, 0));
-    KeepMask keep{};
-    if constexpr (General) {
-      if (dropout_on) { keep = dropout.template keep_mask<true, kPaired>(tScS, n_block * kBlockM, m_block * kBlockN); }
+    Tensor rP = convert_type<Element>(acc_s);
+    if constexpr (General) {  // the Pᵀ that dV takes: dropped entries 0 (exact in 16 bits); 1 / (1 - p) at the end
+      if (dropout_on) { zero_dropped(keep, rP); }
     }
-    auto const dropped_p = [&] {  // the Pᵀ that dV takes
-      if constexpr (General) {
-        if (dropout_on) {
-          Tensor pd = make_tensor<float>(acc_s.layout());
-          apply_keep_mask(keep, acc_s, pd, params.dropout_scale);
-          return convert_type<Element>(pd);
-        }
-      }
-      return convert_type<Element>(acc_s);
-    };
-    Tensor rP = dropped_p();
     if constexpr (kShareP) { copy(smem_copy_acc, smem_copy_acc.get_thread_slice(tid).retile_S(rP), tPsPt); }
 
     Tensor acc_dp = partition_fragment_C(tiled_mma, TileS{});  // dPᵀ = V·dOᵀ
@@ -220,7 +218,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
     }
 
     if constexpr (General) {
-      if (dropout_on) { apply_keep_mask(keep, acc_dp, acc_dp, params.dropout_scale); }
+      if (dropout_on) { apply_keep_mask(keep, acc_dp, params.dropout_scale); }
     }
     Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dSᵀ = Pᵀ∘(dPᵀ - D), in place
     CUTE_UNROLL

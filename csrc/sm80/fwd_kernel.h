@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     Tensor rP = convert_type<Element>(acc_s);
     if constexpr (General) {
       // On the 16-bit P (zeroing is exact there): the Philox calls then run beside half the registers that
-      // the fp32 tile would hold (at D = 128 it tripled the variant's spills).
+      // the fp32 tile would hold (at D = 128, dropping the fp32 tile more than doubled the variant's spills).
       if (dropout_on) { dropout.template drop<Traits::kWarpsN == 1>(rP, tScS, m_block * kBlockM, n_block * kBlockN); }
     }
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // P as the A operand, in place
