@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include <cute/tensor.hpp>
 
@@ -77,6 +78,12 @@ CUTE_DEVICE void unpack_rng(RngState const &rng, uint64_t &seed, uint64_t &offse
   }
 }
 
+// What keep_mask returns for a tile partitioned as Coords: one bit per entry.
+template <class Coords>
+using KeepMask = cute::array<uint32_t, (decltype(size(std::declval<Coords>()))::value + 31) / 32>;
+
+// Made where it is used, from the params (constant memory, or the rng_state in global memory): held through
+// a kernel's main loop, its five registers raised the general variant's spills.
 struct Dropout {
   uint32_t seed_lo, seed_hi;
   uint32_t stream_lo, stream_hi;  // offset + batch * heads + head
@@ -102,32 +109,37 @@ struct Dropout {
   // reverse when Transposed (dK/dV). Paired: the n8 tiles 2k and 2k + 1 of a
   // thread lie 8 columns apart (a single warp across the columns, kWarpsN = 1), so that one call serves both;
   // without it, each n8 tile makes its own call (correct for any layout, at twice the calls).
-  template <bool Transposed, bool Paired, class Coords, class F>
+  //
+  // Rolled: one call at a time (a loop, not unrolled), so that only one call's state is live; then f gets run-time
+  // (row, col) and must not index registers with them (keep_mask's bits may). Unrolled, the calls of a step
+  // overlap, and beside the dK, dV (or dQ) accumulators their 4 x 10 live registers raised the general
+  // variant's spills from 84 to ~400 bytes (dK/dV, D = 128).
+  template <bool Transposed, bool Paired, bool Rolled = false, class Coords, class F>
   CUTE_DEVICE void for_each_keep(Coords const &tScS, int row0, int col0, F &&f) const {
     Tensor c = make_tensor(tScS.data(), rows_cols(tScS.layout()));  // (rows, cols) -> (row, col)
     constexpr int kRows = decltype(size<0>(c))::value, kCols = decltype(size<1>(c))::value;
     static_assert(kRows % 2 == 0 && kCols % 2 == 0, "rows r, r + 8 and columns c, c + 1 of each m16n8 tile");
     static_assert(!Paired || kCols % 4 == 0);
     constexpr int kStep = Paired ? 4 : 2;  // columns per call
+    constexpr int kCalls = (kRows / 2) * (kCols / kStep);
+    constexpr int kUnroll = Rolled ? 1 : kCalls;
     // Rows r (even) and r + 1 of the (rows, cols) view are rows g and g + 8 of a 16-row MMA tile, g < 8, so
     // that their bit 3 is 0 and 1; with Paired, columns col..col + 3 (col a multiple of 4) are c, c + 1,
     // c + 8, c + 9 with c mod 16 < 8. Then the word of an entry is known at compile time; without Paired
     // the column's bit 3 is read from its coordinate.
     if constexpr (!Transposed) {
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; r += 2) {  // rows r (query i) and r + 1 (query i + 8)
+#pragma unroll kUnroll
+      for (int call = 0; call < kCalls; ++call) {
+        int const r = 2 * (call % (kRows / 2)), col = kStep * (call / (kRows / 2));  // rows r (query i), r + 1 (i + 8)
+        int const query = row0 + get<0>(c(r, col)), key = col0 + get<1>(c(r, col));
+        Philox4x32 const rand = bits(query, key);
         CUTE_UNROLL
-        for (int col = 0; col < kCols; col += kStep) {
-          int const query = row0 + get<0>(c(r, col)), key = col0 + get<1>(c(r, col));
-          Philox4x32 const rand = bits(query, key);
+        for (int h = 0; h < 2; ++h) {
           CUTE_UNROLL
-          for (int h = 0; h < 2; ++h) {
-            CUTE_UNROLL
-            for (int e = 0; e < kStep; ++e) {
-              // Key bit 3: e / 2 when Paired, else that of this column's key (the same for e = 0, 1).
-              uint32_t const word = Paired ? rand.word[2 * h + e / 2] : pick(rand, h, (key >> 3) & 1);
-              f(r + h, col + e, keep(word >> (16 * (e & 1))));
-            }
+          for (int e = 0; e < kStep; ++e) {
+            // Key bit 3: e / 2 when Paired, else that of this column's key (the same for e = 0, 1).
+            uint32_t const word = Paired ? rand.word[2 * h + e / 2] : pick(rand, h, (key >> 3) & 1);
+            f(r + h, col + e, keep(word >> (16 * (e & 1))));
           }
         }
       }
@@ -136,26 +148,24 @@ struct Dropout {
       // the same columns. Each makes the call of the queries of its parity, i + p (and i + p + 8), keeps its
       // own keys' halves and sends the partner's.
       uint32_t const parity = uint32_t((row0 + get<0>(c(0, 0))) & 1);
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; r += 2) {  // rows r (key j) and r + 1 (key j + 8)
+#pragma unroll kUnroll
+      for (int call = 0; call < kCalls; ++call) {
+        int const r = 2 * (call % (kRows / 2)), col = kStep * (call / (kRows / 2));  // rows r (key j), r + 1 (j + 8)
+        int const key = row0 + get<0>(c(r, col)), query = col0 + get<1>(c(r, col));  // query even
+        Philox4x32 const rand = bits(query + int(parity), key);
         CUTE_UNROLL
-        for (int col = 0; col < kCols; col += kStep) {
-          int const key = row0 + get<0>(c(r, col)), query = col0 + get<1>(c(r, col));  // query even
-          Philox4x32 const rand = bits(query + int(parity), key);
+        for (int a = 0; a < kStep / 2; ++a) {  // the n8 tiles: queries i + p (+ 8 when Paired and a = 1)
+          // Query bit 3: a when Paired, else that of this tile's queries.
+          int const qbit = Paired ? a : (query >> 3) & 1;
+          uint32_t const w0 = pick(rand, qbit, 0), w1 = pick(rand, qbit, 1);  // keys j0 (+1), j0 + 8 (+9)
+          uint32_t const own = parity ? __byte_perm(w0, w1, 0x7632) : __byte_perm(w0, w1, 0x5410);  // j | j + 8
+          uint32_t const send = parity ? __byte_perm(w0, w1, 0x5410) : __byte_perm(w0, w1, 0x7632);
+          uint32_t const recv = __shfl_xor_sync(0xffffffff, send, 4);  // the partner's queries, this lane's keys
+          int const col_own = col + 2 * a + int(parity), col_other = col + 2 * a + 1 - int(parity);
           CUTE_UNROLL
-          for (int a = 0; a < kStep / 2; ++a) {  // the n8 tiles: queries i + p (+ 8 when Paired and a = 1)
-            // Query bit 3: a when Paired, else that of this tile's queries.
-            int const qbit = Paired ? a : (query >> 3) & 1;
-            uint32_t const w0 = pick(rand, qbit, 0), w1 = pick(rand, qbit, 1);  // keys j0 (+1), j0 + 8 (+9)
-            uint32_t const own = parity ? __byte_perm(w0, w1, 0x7632) : __byte_perm(w0, w1, 0x5410);  // j | j + 8
-            uint32_t const send = parity ? __byte_perm(w0, w1, 0x5410) : __byte_perm(w0, w1, 0x7632);
-            uint32_t const recv = __shfl_xor_sync(0xffffffff, send, 4);  // the partner's queries, this lane's keys
-            int const col_own = col + 2 * a + int(parity), col_other = col + 2 * a + 1 - int(parity);
-            CUTE_UNROLL
-            for (int kh = 0; kh < 2; ++kh) {
-              f(r + kh, col_own, keep(own >> (16 * kh)));
-              f(r + kh, col_other, keep(recv >> (16 * kh)));
-            }
+          for (int kh = 0; kh < 2; ++kh) {
+            f(r + kh, col_own, keep(own >> (16 * kh)));
+            f(r + kh, col_other, keep(recv >> (16 * kh)));
           }
         }
       }
@@ -180,14 +190,20 @@ struct Dropout {
 
   // The keep bits of a tile as a bit mask (entry (r, col) of the (rows, cols) view at bit r + rows * col), for a
   // kernel that applies them to two tiles (dK/dV: Pᵀ and dPᵀ) without making the calls twice.
+  // One call at a time (Rolled) where the bits fit one register, whose run-time bit index costs nothing.
   template <bool Transposed, bool Paired, class Coords>
   CUTE_DEVICE auto keep_mask(Coords const &tScS, int row0, int col0) const {
     constexpr int kRows = decltype(size<0>(rows_cols(tScS.layout())))::value;
     constexpr int kSize = decltype(size(tScS))::value;
-    cute::array<uint32_t, (kSize + 31) / 32> mask{};
-    for_each_keep<Transposed, Paired>(tScS, row0, col0, [&](int r, int col, bool kept) {
+    constexpr bool kOneWord = kSize <= 32;
+    KeepMask<Coords> mask{};
+    for_each_keep<Transposed, Paired, kOneWord>(tScS, row0, col0, [&](int r, int col, bool kept) {
       int const bit = r + kRows * col;
-      mask[bit / 32] |= uint32_t(kept) << (bit % 32);
+      if constexpr (kOneWord) {
+        mask[0] |= uint32_t(kept) << bit;
+      } else {
+        mask[bit / 32] |= uint32_t(kept) << (bit % 32);
+      }
     });
     return mask;
   }

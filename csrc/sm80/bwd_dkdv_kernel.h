@@ -57,7 +57,6 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   Mask<kBlockN, kBlockM, Windowed, General> const mask{params, seq, head};  // (query, key) blocks
   int const m_block_begin = mask.m_block_begin(n_block), m_block_end = mask.m_block_end(n_block);
   bool const dropout_on = General && params.has_dropout();
-  Dropout const dropout{params, batch, head};
   constexpr bool kPaired = Traits::kWarpsN == 1;  // dropout.h
 
   Tensor mK = seq.k_rows<kHeadDim, Element const>(params.k, params.kv_head(head));
@@ -175,10 +174,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
     }
     // The keep bits of this Sᵀ tile (rows keys, columns queries), made where only dK and dV are live (beside
     // Sᵀ and dPᵀ they raised the variant's spills several-fold), kept for Pᵀ and dPᵀ.
-    using KeepMask = decltype(dropout.template keep_mask<true, kPaired>(tScS, 0, 0));
-    KeepMask keep{};
+    KeepMask<decltype(tScS)> keep{};
     if constexpr (General) {
-      if (dropout_on) { keep = dropout.template keep_mask<true, kPaired>(tScS, n_block * kBlockM, m_block * kBlockN); }
+      if (dropout_on) { keep = Dropout{params, batch, head}.template keep_mask<true, kPaired>(tScS, n_block * kBlockM, m_block * kBlockN); }
     }
 
     Tensor acc_s = partition_fragment_C(tiled_mma, TileS{});  // Sᵀ: (MMA, MMA_M, MMA_N)

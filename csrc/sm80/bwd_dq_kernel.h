@@ -48,7 +48,6 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   Mask<kBlockM, kBlockN, Windowed, General> const mask{params, seq, head};
   int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
   bool const dropout_on = General && params.has_dropout();
-  Dropout const dropout{params, batch, head};
 
   Tensor mQ = seq.q_rows<kHeadDim, Element const>(params.q, head);
   Tensor mdO = seq.q_rows<kHeadDim, Element const>(params.dout, head);
@@ -138,11 +137,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
     }
     // The keep bits (one register per 32 entries), made here, where only dQ's accumulator is live: made
     // beside S and dP they raised the variant's spills several-fold.
-    using KeepMask = decltype(dropout.template keep_mask<false, Traits::kWarpsN == 1>(tScS, 0, 0));
-    KeepMask keep{};
+    KeepMask<decltype(tScS)> keep{};
     if constexpr (General) {
       if (dropout_on) {
-        keep = dropout.template keep_mask<false, Traits::kWarpsN == 1>(tScS, m_block * kBlockM, n_block * kBlockN);
+        keep = Dropout{params, batch, head}.template keep_mask<false, Traits::kWarpsN == 1>(tScS, m_block * kBlockM, n_block * kBlockN);
       }
     }
 

@@ -60,7 +60,6 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   // Dropout (General only): P's dropped entries are zeroed before P·V, the kept ones' 1 / (1 - p) is applied
   // once to O; the row sums (and LSE) are those of the undropped P.
   bool const dropout_on = General && params.has_dropout();
-  Dropout const dropout{params, batch, head};
   // A learnable sink's logit in log2 units, -inf for none: read only where the rows are finished, so that
   // it holds no register through the main loop.
   auto sink_log2 = [&] { return params.sinks == nullptr ? -INFINITY : params.sinks[head] * float(M_LOG2E); };
@@ -160,7 +159,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     if constexpr (General) {
       // On the 16-bit P (zeroing is exact there): the Philox calls then run beside half the registers that
       // the fp32 tile would hold (at D = 128, dropping the fp32 tile more than doubled the variant's spills).
-      if (dropout_on) { dropout.template drop<Traits::kWarpsN == 1>(rP, tScS, m_block * kBlockM, n_block * kBlockN); }
+      if (dropout_on) { Dropout{params, batch, head}.template drop<Traits::kWarpsN == 1>(rP, tScS, m_block * kBlockM, n_block * kBlockN); }
     }
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // P as the A operand, in place
     gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, smem_copy_v);
