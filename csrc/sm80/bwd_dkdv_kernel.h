@@ -172,11 +172,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
       load_queries(m_block + 1, stage ^ 1);
       cp_async_fence();
     }
-    // The keep bits of this Sᵀ tile (rows keys, columns queries), made where only dK and dV are live (beside
-    // Sᵀ and dPᵀ they raised the variant's spills several-fold), kept for Pᵀ and dPᵀ.
+    // The keep bits of this Sᵀ tile (rows keys, columns queries), kept for Pᵀ and dPᵀ: made here, where only
+    // dK and dV are live (beside Sᵀ and dPᵀ the general variant spilled twice as much: benchmarks/NOTES.md).
     KeepMask<decltype(tScS)> keep{};
     if constexpr (General) {
-      if (dropout_on) { keep = Dropout{params, batch, head}.template keep_mask<true, kPaired>(tScS, n_block * kBlockM, m_block * kBlockN); }
+      if (dropout_on) {
+        keep = Dropout{params, batch, head}.template keep_mask<true, kPaired>(tScS, n_block * kBlockM, m_block * kBlockN);
+      }
     }
 
     Tensor acc_s = partition_fragment_C(tiled_mma, TileS{});  // Sᵀ: (MMA, MMA_M, MMA_N)

@@ -135,8 +135,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
       load_kv(n_block - 1, stage ^ 1, cute::false_type{});
       cp_async_fence();
     }
-    // The keep bits (one register per 32 entries), made here, where only dQ's accumulator is live: made
-    // beside S and dP they raised the variant's spills several-fold.
+    // The keep bits (one register per 32 entries), made here, where only dQ's accumulator is live, as in
+    // the dK/dV kernel.
     KeepMask<decltype(tScS)> keep{};
     if constexpr (General) {
       if (dropout_on) {
