@@ -174,10 +174,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
     }
     // The keep bits of this Sᵀ tile (rows keys, columns queries), kept for Pᵀ and dPᵀ: made here, where only
     // dK and dV are live (beside Sᵀ and dPᵀ the general variant spilled twice as much: benchmarks/NOTES.md).
-    KeepMask<decltype(tScS)> keep{};
+    [[maybe_unused]] KeepMask<decltype(tScS)> keep{};  // used by the general variant only
     if constexpr (General) {
       if (dropout_on) {
-        keep = Dropout{params, batch, head}.template keep_mask<true, kPaired>(tScS, n_block * kBlockM, m_block * kBlockN);
+        keep = Dropout{params, batch, head}.template keep_mask<true, kPaired>(tScS, n_block * kBlockM,
+                                                                              m_block * kBlockN);
       }
     }
 

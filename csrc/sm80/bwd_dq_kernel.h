@@ -137,10 +137,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
     }
     // The keep bits (one register per 32 entries), made here, where only dQ's accumulator is live, as in
     // the dK/dV kernel.
-    KeepMask<decltype(tScS)> keep{};
+    [[maybe_unused]] KeepMask<decltype(tScS)> keep{};  // used by the general variant only
     if constexpr (General) {
       if (dropout_on) {
-        keep = Dropout{params, batch, head}.template keep_mask<false, Traits::kWarpsN == 1>(tScS, m_block * kBlockM, n_block * kBlockN);
+        keep = Dropout{params, batch, head}.template keep_mask<false, Traits::kWarpsN == 1>(tScS, m_block * kBlockM,
+                                                                                             n_block * kBlockN);
       }
     }
 

@@ -159,7 +159,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     if constexpr (General) {
       // On the 16-bit P (zeroing is exact there): the Philox calls then run beside half the registers that
       // the fp32 tile would hold (at D = 128, dropping the fp32 tile more than doubled the variant's spills).
-      if (dropout_on) { Dropout{params, batch, head}.template drop<Traits::kWarpsN == 1>(rP, tScS, m_block * kBlockM, n_block * kBlockN); }
+      if (dropout_on) {
+        Dropout{params, batch, head}.template drop<Traits::kWarpsN == 1>(rP, tScS, m_block * kBlockM, n_block * kBlockN);
+      }
     }
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // P as the A operand, in place
     gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, smem_copy_v);
