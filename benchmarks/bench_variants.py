@@ -1,5 +1,5 @@
-"""Speed of the attention variants of issue 11 (sliding window, softcap, ALiBi, learnable sinks), in two
-parts (--parts), all in one process and one run:
+"""Speed of the attention variants of issue 11 (sliding window, softcap, ALiBi, learnable sinks, dropout), in
+three parts (--parts), all in one process and one run:
 
 flex: flash_attn2 against FlexAttention (torch.compile'd torch.nn.attention.flex_attention with the same
   score_mod, and a block mask from create_block_mask for causal and windowed masks; a sink as FlexAttention
@@ -11,6 +11,9 @@ flex: flash_attn2 against FlexAttention (torch.compile'd torch.nn.attention.flex
 cost: each variant against the plain kernel (the same causal) at the paper grid's points (S 1k..16k,
   batch = tokens // S, heads = hidden // head_dim): slowdown = variant ms / plain ms, and for the window its
   efficiency as above.
+dropout: flash_attn2 with dropout_p = --dropout-p (0.1) against SDPA's flash backend with the same dropout
+  (torch.nn.functional.scaled_dot_product_attention(dropout_p=...) under sdpa_kernel(FLASH_ATTENTION)) on the
+  same grid: speedup = SDPA ms / ours ms; and dropout's cost, ours with it over ours without.
 
 Every implementation of a point is timed alternately on the same values (common.time_ms); forward under
 no_grad, forward + backward by autograd. seqlen_q = seqlen_k and heads_kv = heads throughout. FlexAttention
@@ -31,7 +34,7 @@ from common import (DTYPES, Impl, add_grid_args, add_output_args, csv_of, descri
                     grid_dtype_head_dims, markdown_table, pass_flops, progress, run_meta, tflops, time_ms, timed_call,
                     unavailable, write_outputs)
 
-PARTS = ("flex", "cost")
+PARTS = ("flex", "cost", "dropout")
 DEVICE = "cuda"  # one name for every tensor made here, so that a dry run can put them elsewhere
 PASSES = {"fwd": "Forward", "fwdbwd": "Forward + backward"}
 # What FlexAttention raises where it cannot compile or run a point (out of memory is a RuntimeError).
@@ -81,6 +84,7 @@ def parse_args():
                         help="flex: S of the softcap, ALiBi and sink points (the windows have their own)")
     parser.add_argument("--variants", type=csv_of(choices=COST_VARIANTS), default=",".join(COST_VARIANTS),
                         help="cost: the variants, from " + ",".join(COST_VARIANTS))
+    parser.add_argument("--dropout-p", type=float, default=0.1, help="dropout: the dropout probability")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per implementation and pass")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before them")
     parser.add_argument("--out", metavar="DIR", help="write DIR/bench_variants.md and DIR/bench_variants.json "
@@ -144,6 +148,27 @@ def ours(q, k, v, dout, variant, slopes, s_aux, requires_grad):
     forward = functools.partial(flash_attn_func, *qkv, causal=variant.causal, window_size=variant.window,
                                 softcap=variant.softcap, alibi_slopes=slopes, s_aux=s_aux)
     return Impl(forward, qkv, dout, lambda t: t)
+
+
+def ours_dropout(q, k, v, dout, causal, dropout_p, requires_grad):
+    """flash_attn_func with dropout (and nothing else), on (batch, seqlen, heads, head_dim) leaves."""
+    from flash_attn2 import flash_attn_func
+
+    qkv = leaves((q, k, v), requires_grad)
+    return Impl(functools.partial(flash_attn_func, *qkv, causal=causal, dropout_p=dropout_p), qkv, dout, lambda t: t)
+
+
+def sdpa_flash_dropout(q, k, v, dout, causal, dropout_p, requires_grad):
+    """SDPA's FlashAttention-2 backend with dropout, on (batch, heads, seqlen, head_dim) contiguous copies."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qkv = [t.detach().transpose(1, 2).contiguous().requires_grad_(requires_grad) for t in (q, k, v)]
+
+    def forward():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, is_causal=causal)
+
+    return Impl(forward, qkv, dout.transpose(1, 2).contiguous(), lambda t: t.transpose(1, 2))
 
 
 def allow_recompiles():
@@ -365,6 +390,57 @@ def cost_summary(rows, passes):
     return "\n".join(["Cost of each variant over the plain kernel", "", *markdown_table(columns, cells)]) + "\n"
 
 
+# ---- dropout: flash_attn2 against SDPA-flash, both with dropout, on the paper grid
+
+def dropout_point(args, dtype, head_dim, causal, seqlen):
+    batch, heads = max(1, args.tokens // seqlen), args.hidden // head_dim
+    backward = needs_backward(args)
+    q, k, v, dout = inputs(dtype, batch, seqlen, heads, head_dim)
+    impls = {"ours": ours_dropout(q, k, v, dout, causal, args.dropout_p, backward),
+             "sdpa-flash": sdpa_flash_dropout(q, k, v, dout, causal, args.dropout_p, backward),
+             "ours-plain": ours(q, k, v, dout, Variant(causal), None, None, backward)}
+    for impl in impls.values():
+        run_once(impl, backward)  # both raise their errors: SDPA-flash takes every point of the grid
+    flops = pass_flops(batch, heads, seqlen, head_dim, causal)
+    rows = []
+    for pass_ in args.passes:
+        ms = time_ms({name: timed_call(pass_, impl) for name, impl in impls.items()}, args.reps, args.warmup)
+        rows.append({"dtype": dtype, "pass": pass_, "head_dim": head_dim, "causal": causal, "seqlen": seqlen,
+                     "batch": batch, "heads": heads, "dropout_p": args.dropout_p, "flops": flops[pass_],
+                     "ms": ms["ours"], "sdpa_ms": ms["sdpa-flash"], "plain_ms": ms["ours-plain"],
+                     "speedup": ms["sdpa-flash"] / ms["ours"], "cost": ms["ours"] / ms["ours-plain"],
+                     "tflops": tflops(flops[pass_], ms["ours"]), "sdpa_tflops": tflops(flops[pass_], ms["sdpa-flash"])})
+    return rows
+
+
+def dropout_table(header, rows):
+    columns = ["D", "causal", "S", "B", "H", "pass:", "ours ms", "SDPA-flash ms", "speedup", "ours TFLOP/s",
+               "SDPA-flash TFLOP/s", "ours without dropout ms", "dropout cost"]
+    cells = [[r["head_dim"], r["causal"], r["seqlen"], r["batch"], r["heads"], r["pass"], fmt(r["ms"], ".3f"),
+              fmt(r["sdpa_ms"], ".3f"), fmt(r["speedup"], ".3f"), fmt(r["tflops"], ".1f"), fmt(r["sdpa_tflops"], ".1f"),
+              fmt(r["plain_ms"], ".3f"), fmt(r["cost"], ".3f")] for r in rows]
+    notes = (f"dropout_p {rows[0]['dropout_p']} on both sides. speedup: SDPA-flash ms / ours ms, above 1 is faster; "
+             "dropout cost: ours with dropout ms / ours without, above 1 is slower. TFLOP/s of the attention FLOPs "
+             "(dropout adds none).")
+    return "\n".join([header, "", notes, "", *markdown_table(columns, cells)]) + "\n"
+
+
+def dropout_summary(rows, passes):
+    """Per pass: geometric mean of the speedup over SDPA-flash and of dropout's cost, and the worst point."""
+    cells = []
+    for pass_ in passes:
+        mine = [r for r in rows if r["pass"] == pass_]
+        if not mine:
+            continue
+        worst = min(mine, key=lambda r: r["speedup"])
+        cells.append([pass_, len(mine), fmt(geomean(r["speedup"] for r in mine), ".3f"),
+                      fmt(geomean(r["cost"] for r in mine), ".3f"), fmt(worst["speedup"], ".3f"),
+                      f"{worst['dtype']} D={worst['head_dim']} causal={worst['causal']} S={worst['seqlen']}"])
+    columns = ["pass:", "points", "geomean speedup over SDPA-flash", "geomean dropout cost", "worst speedup",
+               "worst at:"]
+    return "\n".join(["Dropout against SDPA-flash with dropout", "", *markdown_table(columns, cells)]) + "\n"
+
+
 def main():
     args = parse_args()
     if (code := unavailable()) is not None:
@@ -384,8 +460,13 @@ def main():
             if mine := [r for r in rows["cost"] if r["dtype"] == dtype]:
                 tables.append(cost_table(f"Cost of each variant, {dtype}, tokens {args.tokens}, hidden {args.hidden}; "
                                          f"{describe(meta)}", mine))
+            if mine := [r for r in rows["dropout"] if r["dtype"] == dtype]:
+                tables.append(dropout_table(f"Dropout against SDPA-flash, {dtype}, tokens {args.tokens}, hidden "
+                                            f"{args.hidden}; {describe(meta)}", mine))
         if rows["cost"]:
             tables.append(cost_summary(rows["cost"], args.passes))
+        if rows["dropout"]:
+            tables.append(dropout_summary(rows["dropout"], args.passes))
         text = "\n".join(tables)
         write_outputs(args, text, dict(meta=dict(meta, passes=args.passes, parts=args.parts), **rows))
         return text
@@ -401,6 +482,11 @@ def main():
             for causal in grid_causals(args):
                 for seqlen in args.seqlens:
                     rows["cost"] += progress(cost_point(args, dtype, head_dim, causal, seqlen), started)
+            report()
+        if "dropout" in args.parts:
+            for causal in grid_causals(args):
+                for seqlen in args.seqlens:
+                    rows["dropout"] += progress(dropout_point(args, dtype, head_dim, causal, seqlen), started)
             report()
         torch.cuda.empty_cache()
     print("\n" + report())

@@ -86,5 +86,9 @@ def kernel_sources(dims, archs=("80", "90a")):
             for d in kernel_head_dims(kernel, dims) for dtype in DTYPES]
 
 
+# Hand-written translation units that no head dim or dtype selects: the dropout mask's debug kernel.
+SHARED_SOURCES = (ROOT / "csrc" / "common" / "dropout_mask.cu",)
+
+
 def nvcc_threads(env=os.environ):
     return int(env.get("NVCC_THREADS", "2"))

@@ -1,5 +1,6 @@
 // The binding: the only file that knows torch. Checks tensors, fills the params structs, picks the
 // kernel for the head dim and dtype, and launches it on the current stream of the inputs' device.
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cutlass/numeric_types.h>
@@ -17,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/dropout_mask.h"
 #include "instantiations/kernels.h"
 
 namespace {
@@ -316,6 +318,48 @@ void set_out(flash::FwdParams &p, at::Tensor const &out, at::Tensor const &lse) 
   p.lse = row_tensor(lse);
 }
 
+// Dropout: an entry is dropped iff its 16 random bits are below the threshold (dropout.h). At least 1 for any
+// p > 0, so that asking for dropout always turns it on (a p below 2^-17 then drops with probability 2^-16).
+void set_dropout_rate(flash::AttnParams &p, double dropout_p) {
+  TORCH_CHECK_VALUE(std::isfinite(dropout_p) && dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ",
+                    num(dropout_p));
+  if (dropout_p == 0) { return; }
+  p.dropout_threshold = uint32_t(std::max<int64_t>(1, std::llround(dropout_p * 65536.0)));
+  p.dropout_scale = float(1.0 / (1.0 - dropout_p));
+}
+
+void check_rng_state(at::Tensor const &rng_state, at::Tensor const &q) {
+  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong, "rng_state must be int64, got ", rng_state.scalar_type());
+  TORCH_CHECK_VALUE(rng_state.dim() == 1 && rng_state.size(0) == 2 && rng_state.is_contiguous(),
+                    "rng_state must be a contiguous (2,) tensor (seed, offset), got shape ", num(rng_state.sizes()));
+  TORCH_CHECK_VALUE(rng_state.device() == q.device(), "rng_state is on ", rng_state.device(), " but q is on ",
+                    q.device());
+}
+
+// The forward's (seed, offset), from PyTorch's default CUDA generator of q's device, which then moves on by
+// batch * heads (each (sequence, head) has its own Philox stream, dropout.h). Under CUDA-graph capture the
+// generator hands out device pointers that each replay fills afresh; the kernel writes what it read into
+// rng_state either way.
+void draw_rng(flash::FwdParams &p, at::Tensor &rng_state, at::Tensor const &q) {
+  auto *gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(q.device().index()));
+  uint64_t const streams = uint64_t(p.batch) * uint64_t(p.heads);
+  at::PhiloxCudaState state;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    state = gen->philox_cuda_state((streams + 3) / 4 * 4);  // PyTorch wants multiples of 4
+  }
+  if (state.captured_) {
+    p.rng.seed_ptr = state.seed_.ptr;
+    p.rng.offset_ptr = state.offset_.ptr;
+    p.rng.offset_intragraph = state.offset_intragraph_;
+  } else {
+    p.rng.seed = state.seed_.val;
+    p.rng.offset = state.offset_.val;
+  }
+  p.rng_state_out = rng_state.data_ptr<int64_t>();
+}
+
 // Nothing to launch: no sequence, no query or no key (a grid of size 0 is invalid).
 bool nothing_attends(flash::AttnParams const &p) {
   return p.batch == 0 || p.heads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0;
@@ -333,14 +377,24 @@ void launch(flash::AttnParams const &p, at::ScalarType dtype, Launch &&run) {
                     " (rebuild with FLASH_ATTN2_HEAD_DIMS)");
 }
 
-// out <- softmax(q·kᵀ·scale)·v and lse <- logsumexp(q·kᵀ·scale) per query row; returns nothing.
+// out <- softmax(q·kᵀ·scale)·v and lse <- logsumexp(q·kᵀ·scale) per query row; returns nothing. With
+// dropout_p > 0, P's entries are dropped (the rest scaled by 1 / (1 - p)) before P·V, and rng_state ((2,)
+// int64) receives the (seed, offset) that the backward needs to drop the same entries.
 void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
-         Scores const &scores, Seqlens const &seqlens) {
+         Scores const &scores, Seqlens const &seqlens, double dropout_p, std::optional<at::Tensor> rng_state) {
   flash::FwdParams p{};
   set_qkv(p, q, k, v, seqlens);
   set_scores(p, scores, q);
+  set_dropout_rate(p, dropout_p);
   check_output(out, "out", q, "q");
   check_lse(lse, q, p);
+  if (p.has_dropout()) {
+    TORCH_CHECK_VALUE(rng_state.has_value(), "dropout_p > 0 needs an rng_state tensor to write (seed, offset) into");
+    check_rng_state(*rng_state, q);
+  }
+  if (q.numel() == 0 || nothing_attends(p)) {  // nothing is dropped: no draw from the generator
+    if (p.has_dropout()) { rng_state->zero_(); }
+  }
   if (q.numel() == 0) { return; }
   if (nothing_attends(p)) {  // e.g. no keys at all: every row sees nothing (but the sink)
     out.zero_();
@@ -355,6 +409,7 @@ void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tens
   set_out(p, out, lse);
 
   c10::cuda::CUDAGuard device_guard(q.device());
+  if (p.has_dropout()) { draw_rng(p, *rng_state, q); }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
     constexpr int kHeadDim = decltype(head_dim)::value;
@@ -392,11 +447,20 @@ void sum_groups(at::Tensor &grad, at::Tensor const &grad_heads, int64_t heads_kv
 
 BwdLaunch prepare_bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
                       at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
-                      Scores const &scores, Seqlens const &seqlens) {
+                      Scores const &scores, Seqlens const &seqlens, double dropout_p = 0,
+                      std::optional<at::Tensor> const &rng_state = std::nullopt) {
   BwdLaunch b;
   flash::BwdParams &p = b.params;
   set_qkv(p, q, k, v, seqlens);
   set_scores(p, scores, q);
+  set_dropout_rate(p, dropout_p);
+  if (p.has_dropout()) {  // the forward's (seed, offset), read by the kernels from the forward's rng_state
+    TORCH_CHECK_VALUE(rng_state.has_value(), "dropout_p > 0 needs the forward's rng_state");
+    check_rng_state(*rng_state, q);
+    p.rng.seed_ptr = rng_state->data_ptr<int64_t>();
+    p.rng.offset_ptr = p.rng.seed_ptr + 1;
+    p.rng.offset_intragraph = 0;
+  }
   check_out(out, "out", q, "q");
   check_out(dout, "dout", q, "q");
   check_lse(lse, q, p);
@@ -418,8 +482,8 @@ BwdLaunch prepare_bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor co
 // rowsum(dout * out), laid out as lse: with a sink, its gradient is -sum(exp(sink - lse) * D).
 at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
                at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
-               Scores const &scores, Seqlens const &seqlens) {
-  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, scores, seqlens);
+               Scores const &scores, Seqlens const &seqlens, double dropout_p, std::optional<at::Tensor> rng_state) {
+  BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, scores, seqlens, dropout_p, rng_state);
   flash::BwdParams const &p = b.params;
   if (nothing_attends(p)) {  // nothing attends to anything
     dq.zero_();
@@ -485,6 +549,27 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
   return ms;
 }
 
+// The keep mask (uint8, 1 kept) of every (batch, head, query, key) for the (seed, offset) in rng_state, each
+// sequence in its own coordinates: what the kernels drop with it. For tests at small shapes.
+at::Tensor dropout_mask(at::Tensor const &rng_state, double dropout_p, int64_t batch, int64_t heads, int64_t seqlen_q,
+                        int64_t seqlen_k) {
+  flash::AttnParams rate{};
+  set_dropout_rate(rate, dropout_p);
+  TORCH_CHECK_VALUE(rng_state.is_cuda(), "rng_state must be a CUDA tensor, got one on ", rng_state.device());
+  check_rng_state(rng_state, rng_state);
+  TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0 && seqlen_q <= 65535 &&
+                        batch * heads <= 65535,
+                    "dropout_mask: sizes must be >= 0, with seqlen_q and batch * heads at most 65535");
+  at::Tensor keep = at::empty({batch, heads, seqlen_q, seqlen_k}, rng_state.options().dtype(at::kByte));
+  if (keep.numel() == 0) { return keep; }
+  if (!rate.has_dropout()) { return keep.fill_(1); }
+  c10::cuda::CUDAGuard device_guard(rng_state.device());
+  flash::DropoutMaskParams p{keep.data_ptr<uint8_t>(), rng_state.data_ptr<int64_t>(), int(batch), int(heads),
+                             int(seqlen_q), int(seqlen_k), rate.dropout_threshold};
+  C10_CUDA_CHECK(flash::run_dropout_mask(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return keep;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -501,29 +586,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                    double softmax_scale, bool causal, std::optional<at::Tensor> cu_seqlens_q,
                    std::optional<at::Tensor> cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                    int64_t window_left, int64_t window_right, double softcap, std::optional<at::Tensor> alibi_slopes,
-                   std::optional<at::Tensor> s_aux) {
+                   std::optional<at::Tensor> s_aux, double dropout_p, std::optional<at::Tensor> rng_state) {
           fwd(q, k, v, out, lse, scores(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux),
-              {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
-        }, "Attention forward into out and lse", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+              {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k}, dropout_p, rng_state);
+        }, "Attention forward into out and lse (and, with dropout, its (seed, offset) into rng_state)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("softmax_scale"), py::arg("causal"), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0,
         py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0,
-        py::arg("alibi_slopes") = py::none(), py::arg("s_aux") = py::none());
+        py::arg("alibi_slopes") = py::none(), py::arg("s_aux") = py::none(), py::arg("dropout_p") = 0.0,
+        py::arg("rng_state") = py::none());
   m.def("bwd", [=](at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
                    at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
                    double softmax_scale, bool causal, std::optional<at::Tensor> cu_seqlens_q,
                    std::optional<at::Tensor> cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                    int64_t window_left, int64_t window_right, double softcap, std::optional<at::Tensor> alibi_slopes,
-                   std::optional<at::Tensor> s_aux) {
+                   std::optional<at::Tensor> s_aux, double dropout_p, std::optional<at::Tensor> rng_state) {
           return bwd(dout, q, k, v, out, lse, dq, dk, dv,
                      scores(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux),
-                     {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
-        }, "Attention backward into dq, dk and dv; returns rowsum(dout * out)", py::arg("dout"), py::arg("q"),
+                     {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k}, dropout_p, rng_state);
+        }, "Attention backward into dq, dk and dv (dropout: with the forward's rng_state); returns rowsum(dout * out)",
+        py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0,
         py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0,
-        py::arg("alibi_slopes") = py::none(), py::arg("s_aux") = py::none());
+        py::arg("alibi_slopes") = py::none(), py::arg("s_aux") = py::none(), py::arg("dropout_p") = 0.0,
+        py::arg("rng_state") = py::none());
+  m.def("dropout_mask", &dropout_mask, "Keep mask (uint8, 1 kept) that dropout with rng_state drops by",
+        py::arg("rng_state"), py::arg("dropout_p"), py::arg("batch"), py::arg("heads"), py::arg("seqlen_q"),
+        py::arg("seqlen_k"));
   m.def("time_kernels", &time_kernels, "Milliseconds per launch of each kernel, timed from C++",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("reps"));

@@ -27,8 +27,11 @@ def set_value_checks(enabled):
 
 
 def check_dropout(dropout_p):
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p={dropout_p}: dropout is not implemented in flash_attn2; pass 0.0")
+    """dropout_p: a real number (int or float, not bool), finite, in [0, 1)."""
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
+        raise TypeError(f"dropout_p must be a float in [0, 1) (0.0 for none), got {type(dropout_p).__name__}")
+    if not (math.isfinite(dropout_p) and 0 <= dropout_p < 1):
+        raise ValueError(f"dropout_p must be finite and in [0, 1) (0.0 for none), got {dropout_p}")
 
 
 def _is_int(x):

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from . import _extension
+from .reference import attention_scores
 from ._extension import C as _C  # None where it is not built: checks and the reference still work
 
 
@@ -36,19 +37,29 @@ def kernel_ready(t):
 
 
 def _fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-         max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None):
+         max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None, dropout_p=0.0, rng_state=None):
     """Kernel call into caller-owned buffers (tests poison them). Head dim must be a multiple of 8.
-    Varlen when cu_seqlens are given: q, k, v, out (total, heads, head_dim), lse (heads, total_q)."""
+    Varlen when cu_seqlens are given: q, k, v, out (total, heads, head_dim), lse (heads, total_q).
+    dropout_p > 0 draws (seed, offset) from torch's CUDA generator and writes them into rng_state, int64 (2,)."""
     _ext().fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-               *window, softcap, alibi_slopes, s_aux)
+               *window, softcap, alibi_slopes, s_aux, dropout_p, rng_state)
 
 
 def _bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None,
-         max_seqlen_q=0, max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None):
+         max_seqlen_q=0, max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None, dropout_p=0.0,
+         rng_state=None):
     """Kernel call into caller-owned gradient buffers (tests poison them). Head dim a multiple of 8.
-    Returns D = rowsum(dout * out) (fp32, laid out as lse), which the sink's gradient needs."""
+    Returns D = rowsum(dout * out) (fp32, laid out as lse), which the sink's gradient needs. With dropout_p > 0,
+    rng_state is the forward's: the same entries are dropped."""
     return _ext().bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
-                      max_seqlen_q, max_seqlen_k, *window, softcap, alibi_slopes, s_aux)
+                      max_seqlen_q, max_seqlen_k, *window, softcap, alibi_slopes, s_aux, dropout_p, rng_state)
+
+
+def dropout_keep_mask(rng_state, dropout_p, batch, heads, seqlen_q, seqlen_k):
+    """The keep mask (bool (batch, heads, seqlen_q, seqlen_k), True where kept) that a forward with this
+    dropout_p and its rng_state dropped by, each sequence (of a varlen batch too) and head in its own
+    coordinates. From a debug kernel: for tests at small shapes."""
+    return _ext().dropout_mask(rng_state, float(dropout_p), batch, heads, seqlen_q, seqlen_k).bool()
 
 
 def _kernel_ready(*tensors):
@@ -74,25 +85,35 @@ def _lse_shape(q, cu_seqlens_q):
     return q.shape[0], q.shape[2], q.shape[1]
 
 
-@torch.library.custom_op("flash_attn2::fwd", mutates_args=())
+# nondeterministic_seeded: with dropout it draws from the CUDA generator, so that torch.compile never merges
+# two calls with the same inputs into one (they must drop different entries).
+@torch.library.custom_op("flash_attn2::fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fwd_op(q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
             cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
             max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
-            softcap: float, alibi_slopes: Optional[torch.Tensor],
-            s_aux: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            softcap: float, alibi_slopes: Optional[torch.Tensor], s_aux: Optional[torch.Tensor],
+            dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, rng_state): rng_state the (seed, offset) int64 (2,) the kernel dropped with (written by the
+    kernel, so right under CUDA-graph capture too), or an empty int64 tensor without dropout."""
     q, k, v = unpack(*_kernel_ready(q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32, device=q.device)
+    rng_state = torch.empty(_rng_state_shape(dropout_p), dtype=torch.int64, device=q.device)
     _fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-         (window_left, window_right), softcap, alibi_slopes, s_aux)
-    return out, lse
+         (window_left, window_right), softcap, alibi_slopes, s_aux, dropout_p, rng_state if dropout_p > 0 else None)
+    return out, lse, rng_state
+
+
+def _rng_state_shape(dropout_p):
+    return (2,) if dropout_p > 0 else (0,)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-      window_right, softcap, alibi_slopes, s_aux):
+      window_right, softcap, alibi_slopes, s_aux, dropout_p):
     q, _, _ = unpack(q, k, v)
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+    return (q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32),
+            q.new_empty(_rng_state_shape(dropout_p), dtype=torch.int64))
 
 
 def _sink_grad(s_aux, lse, dpsum):
@@ -111,14 +132,14 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: Optional[torch.Tensor], v: O
             out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
             causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
-            s_aux: Optional[torch.Tensor]) -> list[torch.Tensor]:
+            s_aux: Optional[torch.Tensor], dropout_p: float, rng_state: torch.Tensor) -> list[torch.Tensor]:
     """The gradients of the op's tensor inputs q, k, v, each shaped like its input (packed ones packed), then
-    that of s_aux if it is given."""
+    that of s_aux if it is given. rng_state: the forward's (dropout drops the same entries)."""
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v) if t is not None]
     dq, dk, dv = unpack(*grads, *[None] * (3 - len(grads)))
     dpsum = _bwd(kernel_ready(dout), *unpack(*_kernel_ready(q, k, v)), out, lse, dq, dk, dv, softmax_scale, causal,
                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, (window_left, window_right), softcap,
-                 alibi_slopes, s_aux)
+                 alibi_slopes, s_aux, dropout_p, rng_state if dropout_p > 0 else None)
     if s_aux is not None:
         grads.append(_sink_grad(s_aux, lse, dpsum))
     return grads
@@ -126,26 +147,28 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: Optional[torch.Tensor], v: O
 
 @_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right, softcap, alibi_slopes, s_aux):
+      window_left, window_right, softcap, alibi_slopes, s_aux, dropout_p, rng_state):
     return [t.new_empty(t.shape) for t in (q, k, v, s_aux) if t is not None]
 
 
 _OP_INPUTS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal",
-              "window_left", "window_right", "softcap", "alibi_slopes", "s_aux")
+              "window_left", "window_right", "softcap", "alibi_slopes", "s_aux", "dropout_p")
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *args, alibi_slopes, s_aux = inputs
-    out, lse = output
-    # Nothing of size seqlen_q x seqlen_k is kept.
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux)
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *args, alibi_slopes, s_aux, dropout_p = inputs
+    out, lse, rng_state = output
+    # Nothing of size seqlen_q x seqlen_k is kept: the backward regenerates the dropout mask from rng_state.
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux, rng_state)
     ctx.args = args  # max_seqlen_q ... softcap
-    ctx.mark_non_differentiable(lse)
+    ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(lse, rng_state)
 
 
-def _fwd_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux = ctx.saved_tensors
-    grads = iter(_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes, s_aux))
+def _fwd_backward(ctx, dout, _dlse, _drng_state):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux, rng_state = ctx.saved_tensors
+    grads = iter(_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes, s_aux,
+                         ctx.dropout_p, rng_state))
     differentiable = {"q": q, "k": k, "v": v, "s_aux": s_aux}
     return tuple(next(grads) if differentiable.get(name) is not None else None for name in _OP_INPUTS)
 
@@ -154,17 +177,44 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 def attention(q, k, v, softmax_scale, causal, return_attn_probs, cu_seqlens_q=None, cu_seqlens_k=None,
-              max_seqlen_q=0, max_seqlen_k=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None):
+              max_seqlen_q=0, max_seqlen_k=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None,
+              dropout_p=0.0):
     """The one path of every entry point, after their checks: q, k, v as the op takes them (packed or
     not), any head dim up to 256. Pads a head dim that is not a multiple of 8, copies views the kernels
     cannot read in place, and slices the padding off out."""
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
+    dropout_p = float(dropout_p)
+    if return_attn_probs and dropout_p > 0 and cu_seqlens_q is not None:
+        raise NotImplementedError("return_attn_probs with dropout_p > 0 returns the attention probabilities for "
+                                  "flash_attn_func and its packed variants only (as flash_attn); varlen has no "
+                                  "(batch, heads, seqlen_q, seqlen_k) layout for them")
+    unpadded = unpack(q, k, v)
     tensors = [t for t in (q, k, v) if t is not None]
     if head_dim % 8 != 0:  # kernels load 16-byte rows; zeros add nothing to q·kᵀ and are sliced off out
         tensors = [torch.nn.functional.pad(t, (0, 8 - head_dim % 8)) for t in tensors]
     q, k, v = (*tensors, *[None] * (3 - len(tensors)))
-    out, lse = _fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
-                       int(window_size[0]), int(window_size[1]), float(softcap), alibi_slopes, s_aux)
+    out, lse, rng_state = _fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                  bool(causal), int(window_size[0]), int(window_size[1]), float(softcap), alibi_slopes,
+                                  s_aux, dropout_p)
     out = out[..., :head_dim]
-    return (out, lse, None) if return_attn_probs else out
+    if not return_attn_probs:
+        return out
+    probs = None
+    if dropout_p > 0:
+        probs = _dropped_probs(*unpadded[:2], lse, rng_state, dropout_p, scale, causal, window_size, softcap,
+                               alibi_slopes)
+    return out, lse, probs
+
+
+def _dropped_probs(q, k, lse, rng_state, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    """return_attn_probs' third value with dropout, as flash_attn's S_dmask (for tests, small shapes): the
+    softmax probabilities exp(score - lse), fp32 (batch, heads, seqlen_q, seqlen_k), negated where dropout
+    dropped the entry (a dropped 0 stays 0), without the 1 / (1 - p). Scores from the reference's formula,
+    the LSE and mask the kernel's, so that a kernel bug in either shows. Not differentiable."""
+    with torch.no_grad():
+        scores = attention_scores(q, k, softmax_scale, causal, window_size=tuple(window_size), softcap=softcap,
+                                  alibi_slopes=alibi_slopes)
+        probs = torch.exp(scores - lse.unsqueeze(-1))  # lse = +inf on rows that see nothing: 0
+        keep = dropout_keep_mask(rng_state, dropout_p, *probs.shape)
+        return torch.where(keep, probs, -probs)

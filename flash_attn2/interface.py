@@ -23,8 +23,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     unbounded on that side. causal sets right = 0 (bottom-right aligned). alibi_slopes: fp32 (heads,) or
     (batch, heads), no gradient. s_aux (learnable sinks, as gpt-oss; beyond flash_attn): fp32 (heads,),
     exp(s_aux[h]) joins every row's softmax denominator and its LSE; it gets a gradient. A row that sees
-    no key gets output 0 and LSE +inf (s_aux[h] with a sink). dropout_p exists for flash_attn
-    compatibility and raises NotImplementedError unless 0.
+    no key gets output 0 and LSE +inf (s_aux[h] with a sink).
+
+    dropout_p in [0, 1): attention dropout as flash_attn's, on the softmax P: each entry is dropped with
+    probability dropout_p and the kept ones are scaled by 1 / (1 - dropout_p) before P @ v (softmax_lse
+    is that of the undropped P). The mask comes from a counter-based Philox RNG in the kernels, seeded from
+    torch's CUDA generator of q's device: torch.manual_seed reproduces a call, two calls differ, the
+    backward drops the same entries as its forward, and CUDA-graph capture works (each replay draws anew).
+    Any combination with the other arguments (softcap included, which flash_attn refuses).
 
     Differentiable w.r.t. q, k, v and s_aux (softmax_lse is not). The backward recomputes the attention
     matrix from q, k, v and the saved LSE, in separate dQ and dK/dV kernels with no atomics, so
@@ -32,15 +38,18 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     accepted for compatibility and ignored. With GQA, dK and dV are summed over each group of query
     heads in a fixed order.
 
-    Returns out (batch, seqlen_q, heads, head_dim), or (out, softmax_lse, None) if return_attn_probs,
-    with softmax_lse fp32 (batch, heads, seqlen_q), the natural-log logsumexp of the scores.
+    Returns out (batch, seqlen_q, heads, head_dim), or (out, softmax_lse, probs) if return_attn_probs,
+    with softmax_lse fp32 (batch, heads, seqlen_q), the natural-log logsumexp of the scores, and probs None
+    without dropout; with dropout_p > 0, the attention probabilities fp32 (batch, heads, seqlen_q,
+    seqlen_k), exp(score - softmax_lse), negated where dropped (flash_attn's S_dmask; no 1 / (1 - p)), for
+    tests at small shapes: it costs a seqlen_q x seqlen_k tensor and is not differentiable.
     """
     _checks.check_dropout(dropout_p)
     _checks.check_inputs(q, k, v, softmax_scale)
     _checks.check_scores(q, q.shape[0], window_size, softcap, alibi_slopes, s_aux)
     _checks.check_devices((("q", q), ("k", k), ("v", v), *_checks.score_tensors(alibi_slopes, s_aux)))
     return attention(q, k, v, softmax_scale, causal, return_attn_probs, window_size=window_size, softcap=softcap,
-                     alibi_slopes=alibi_slopes, s_aux=s_aux)
+                     alibi_slopes=alibi_slopes, s_aux=s_aux, dropout_p=dropout_p)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -53,7 +62,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     _checks.check_scores(q, q.shape[0], window_size, softcap, alibi_slopes, s_aux)
     _checks.check_devices((("q", q), ("kv", kv), *_checks.score_tensors(alibi_slopes, s_aux)))
     return attention(q, kv, None, softmax_scale, causal, return_attn_probs, window_size=window_size, softcap=softcap,
-                     alibi_slopes=alibi_slopes, s_aux=s_aux)
+                     alibi_slopes=alibi_slopes, s_aux=s_aux, dropout_p=dropout_p)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -67,4 +76,4 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     _checks.check_scores(qkv[:, :, 0], qkv.shape[0], window_size, softcap, alibi_slopes, s_aux)
     _checks.check_devices((("qkv", qkv), *_checks.score_tensors(alibi_slopes, s_aux)))
     return attention(qkv, None, None, softmax_scale, causal, return_attn_probs, window_size=window_size,
-                     softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux)
+                     softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, dropout_p=dropout_p)

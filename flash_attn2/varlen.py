@@ -41,6 +41,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     rows (a sequence longer than max_seqlen is cut at it; rows outside every sequence are not written),
     never an access outside the tensors.
 
+    dropout_p: as flash_attn_func's, each sequence's mask in its own coordinates. return_attn_probs with
+    dropout_p > 0 raises NotImplementedError (the probabilities come only from the fixed-length entries).
+
     Returns out (total_q, heads, head_dim), or (out, softmax_lse, None) if return_attn_probs, with
     softmax_lse fp32 (heads, total_q).
     """
@@ -51,7 +54,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_varlen((("q", q), ("k", k), ("v", v)), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k,
                   scores)
     return attention(q, k, v, softmax_scale, causal, return_attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k, *scores)
+                     max_seqlen_k, *scores, dropout_p=dropout_p)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -66,7 +69,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     _check_varlen((("q", q), ("kv", kv)), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, kv[:, 0],
                   scores)
     return attention(q, kv, None, softmax_scale, causal, return_attn_probs, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k, *scores)
+                     max_seqlen_q, max_seqlen_k, *scores, dropout_p=dropout_p)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -81,4 +84,4 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     _check_varlen((("qkv", qkv),), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, qkv[:, 0], qkv[:, 1], scores,
                   names=("cu_seqlens", "cu_seqlens", "max_seqlen", "max_seqlen"))
     return attention(qkv, None, None, softmax_scale, causal, return_attn_probs, cu_seqlens, cu_seqlens, max_seqlen,
-                     max_seqlen, *scores)
+                     max_seqlen, *scores, dropout_p=dropout_p)

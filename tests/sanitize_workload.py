@@ -56,17 +56,20 @@ def parse_args():
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the reference")
     parser.add_argument("--varlen-only", action="store_true", help="run the varlen cases alone")
     parser.add_argument("--variants", action="store_true",
-                        help="run the score variants (window, softcap, ALiBi, sinks) alone, unchecked")
+                        help="run the score variants (window, softcap, ALiBi, sinks, dropout) alone, unchecked")
     return parser.parse_args()
 
 
 def forward_backward(qkv, causal, varlen=None, **scores):
     """out, lse (detached), dout and the gradients of flash_attn_func, or of flash_attn_varlen_func where
     varlen (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) is given, on leaves with qkv's values.
-    scores: window_size, softcap, alibi_slopes, s_aux."""
+    scores: window_size, softcap, alibi_slopes, s_aux, dropout_p (varlen with dropout gives no lse: None;
+    fixed-length with dropout also runs the dropout mask's debug kernel, for return_attn_probs)."""
     leaves = [t.detach().requires_grad_() for t in qkv]
     if varlen is None:
         out, lse, _ = flash_attn_func(*leaves, causal=causal, return_attn_probs=True, **scores)
+    elif scores.get("dropout_p"):  # varlen gives no attention probabilities
+        out, lse = flash_attn_varlen_func(*leaves, *varlen, causal=causal, **scores), None
     else:
         out, lse, _ = flash_attn_varlen_func(*leaves, *varlen, causal=causal, return_attn_probs=True, **scores)
     dout = torch.randn_like(out)
@@ -134,6 +137,11 @@ VARIANTS = [
     ("alibi (batch, heads)", False, lambda heads, batch: dict(alibi_slopes=torch.rand(batch, heads, device="cuda"))),
     ("sink + window causal", True, lambda heads, batch: dict(s_aux=torch.randn(heads, device="cuda"),
                                                                window_size=(25, 0))),
+    # Dropout: the Philox mask in the forward, dQ and dK/dV (the transposed layout's lane shuffles), the
+    # rng_state the forward writes and the backward reads.
+    ("dropout 0.2", False, lambda heads, batch: dict(dropout_p=0.2)),
+    ("dropout + softcap + sink causal", True, lambda heads, batch: dict(dropout_p=0.3, softcap=30.0,
+                                                                          s_aux=torch.randn(heads, device="cuda"))),
 ]
 
 

@@ -30,7 +30,7 @@ HEAD_DIM = 64
 DTYPE = torch.bfloat16
 
 # The variant arguments of the final schema and the values that switch them off.
-VARIANT_DEFAULTS = dict(window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, s_aux=None)
+VARIANT_DEFAULTS = dict(window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, s_aux=None, dropout_p=0.0)
 
 
 def schema_names(op):
@@ -61,7 +61,7 @@ def variant_built(variant):
     the kernels have it)."""
     q = torch.randn(1, 8, 4, HEAD_DIM, device="cuda", dtype=DTYPE)
     kwargs = {"window": dict(window_size=(2, 0)), "softcap": dict(softcap=5.0),
-              "sinks": dict(s_aux=torch.zeros(4, device="cuda"))}[variant]
+              "sinks": dict(s_aux=torch.zeros(4, device="cuda")), "dropout": dict(dropout_p=0.1)}[variant]
     try:
         flash_attn2.flash_attn_func(q, q, q, causal=True, **kwargs)
     except (NotImplementedError, TypeError):
@@ -82,6 +82,8 @@ def variant_op_values(variant, heads):
         return dict(softcap=3.0)
     if variant == "sinks":
         return dict(s_aux=torch.randn(heads, device="cuda", requires_grad=True))
+    if variant == "dropout":
+        return dict(dropout_p=0.2)
     return {}
 
 
@@ -118,7 +120,7 @@ def fwd_inputs(layout, variant=None, grad=True):
 
 
 LAYOUTS = ["fixed", "varlen", "qkvpacked", "kvpacked-varlen"]
-VARIANTS = [None, "window", "softcap", "sinks"]
+VARIANTS = [None, "window", "softcap", "sinks", "dropout"]
 
 
 def check_opcheck(op, args):
@@ -132,6 +134,9 @@ def check_opcheck(op, args):
 def test_opcheck_fwd(layout, variant):
     skip_unless_built(HEAD_DIM)
     need(variant)
+    if variant == "dropout":
+        pytest.skip("each call draws a new mask: opcheck's comparisons of repeated calls do not hold (the "
+                    "backward, given one rng_state, is checked)")
     op = torch.ops.flash_attn2.fwd.default
     check_opcheck(op, op_args(op, **fwd_inputs(layout, variant)))
 
@@ -145,8 +150,8 @@ def test_opcheck_bwd(layout, variant):
     values = fwd_inputs(layout, variant, grad=False)
     if values.get("s_aux") is not None:
         values["s_aux"] = values["s_aux"].detach()
-    out, lse = fwd(*op_args(fwd, **values))
-    values.update(dout=torch.randn_like(out), out=out, lse=lse)
+    out, lse, *rng_state = fwd(*op_args(fwd, **values))  # the schema's rng_state, where it has one
+    values.update(dout=torch.randn_like(out), out=out, lse=lse, **dict(zip(["rng_state"], rng_state)))
     check_opcheck(bwd, op_args(bwd, **values))
 
 

@@ -79,7 +79,7 @@ def test_valid_call_after_each_rejected_call():
     skip_unless_built(64)
     q, k, v = random_qkv(2, 64, 96, 4, 2, 64, dtype=torch.float16, device="cuda")
     expected = flash_attn_func(q, k, v, causal=True)
-    bad_calls = [dict(dropout_p=0.5), dict(q=q.float()), dict(k=k[..., :32]), dict(v=v[:, :32]),
+    bad_calls = [dict(dropout_p=1.5), dict(q=q.float()), dict(k=k[..., :32]), dict(v=v[:, :32]),
                  dict(q=q[..., ::2]), dict(softmax_scale=NAN), dict(k=k.cpu())]
     if torch.cuda.device_count() > 1:
         bad_calls.append(dict(k=k.to("cuda:1")))

@@ -41,7 +41,7 @@ RANK, BATCH, HEAD_DIM, STRIDE = r"(?<!\d)4(?!\d)", "batch", "head_dim|head dim",
 
 # (id, changed arguments, exception, argument the message names, rule the message states)
 BAD_INPUTS = [
-    ("dropout", lambda: dict(dropout_p=0.1), NotImplementedError, "dropout_p", "dropout"),
+    ("dropout-one", lambda: dict(dropout_p=1.0), ValueError, "dropout_p", r"\[0, 1\)"),
     ("window-below-unbounded", lambda: dict(window_size=(-2, 0)), ValueError, "window_size", ">= -1"),
     ("window-not-pair", lambda: dict(window_size=(4,)), TypeError, "window_size", "pair"),
     ("softcap-negative", lambda: dict(softcap=-30.0), ValueError, "softcap", ">= 0"),
@@ -85,8 +85,8 @@ BAD_INPUTS = [
 
     # Two faults at once: the rule checked earlier (features, types, ranks, shapes, head_dim,
     # strides, devices) must win.
-    ("order-feature-type", lambda: dict(dropout_p=0.1, q=randn(*Q_SHAPE, dtype=F32)),
-     NotImplementedError, "dropout_p", "dropout"),
+    ("order-feature-type", lambda: dict(dropout_p=-0.1, q=randn(*Q_SHAPE, dtype=F32)),
+     ValueError, "dropout_p", r"\[0, 1\)"),
     ("order-type-rank", lambda: dict(q=randn(2, 8, 384, dtype=F32)), TypeError, "q", "dtype|float"),
     ("order-rank-shape", lambda: dict(q=randn(2, 8, 384), v=randn(2, 12, 2, 64)), ValueError,
      "q", RANK),

@@ -159,9 +159,11 @@ def test_target_dtype():
 
 # (These need transformers: the `recorder` fixture skips them without it; the tests above run regardless.)
 
-def attention_contract(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, s_aux=None):
+def attention_contract(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, s_aux=None,
+                       dropout_p=0.0):
     """One sequence batch of flash_attn_func's semantics (the variants contract), float64, differentiable:
-    q (batch, Sq, heads, d), k and v (batch, Sk, heads_kv, d)."""
+    q (batch, Sq, heads, d), k and v (batch, Sk, heads_kv, d). Dropout with torch's own mask (the kernels'
+    Philox mask is theirs: only the semantics, drop P's entries and scale the rest, are the contract's)."""
     seqlen_q, seqlen_k, heads = q.shape[1], k.shape[1], q.shape[2]
     groups = heads // k.shape[2]
     q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))
@@ -183,7 +185,7 @@ def attention_contract(q, k, v, softmax_scale=None, causal=False, window_size=(-
     if s_aux is not None:  # the sink joins every row's denominator
         lse = torch.logaddexp(lse, s_aux.double().view(1, heads, 1, 1))
     lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # a row that sees nothing: P = 0, out = 0
-    out = torch.exp(scores - lse) @ v64
+    out = torch.nn.functional.dropout(torch.exp(scores - lse), dropout_p) @ v64
     return out.transpose(1, 2).to(q.dtype)
 
 
@@ -196,7 +198,9 @@ class Recorder:
 
     @staticmethod
     def _check_options(kw):
-        assert set(kw) <= {"softmax_scale", "causal", "window_size", "softcap", "s_aux"}, kw
+        assert set(kw) <= {"softmax_scale", "causal", "window_size", "softcap", "s_aux", "dropout_p"}, kw
+        if "dropout_p" in kw:
+            assert isinstance(kw["dropout_p"], float) and 0 < kw["dropout_p"] < 1
         assert isinstance(kw["causal"], bool)
         left, right = kw["window_size"]
         assert type(left) is int and type(right) is int and left >= -1 and right >= -1
@@ -348,13 +352,15 @@ def test_sinks_get_their_gradient(recorder):
         torch.testing.assert_close(g_ours, g_theirs, atol=1e-7, rtol=1e-4)
 
 
-def test_attention_dropout_is_refused_while_training(recorder):
+def test_attention_dropout_reaches_the_kernels_while_training(recorder):
     ours, _ = twin_models("llama", attention_dropout=0.1)
     ids = torch.randint(1, VOCAB, (1, 4))
     with torch.no_grad():
         ours(ids)  # eval: no dropout asked for
-    with pytest.raises(NotImplementedError, match="attention_dropout"):
+        assert all("dropout_p" not in kw for _, kw in recorder.calls)
+        recorder.calls.clear()
         ours.train()(ids)
+    assert recorder.calls and all(kw.get("dropout_p") == 0.1 for _, kw in recorder.calls)
 
 
 def test_static_cache_is_refused(recorder):

@@ -41,7 +41,7 @@ def strided_cu(*values):
 
 # (id, changed arguments, exception, argument the message names, rule the message states)
 VARLEN_BAD_INPUTS = [
-    ("dropout", lambda: dict(dropout_p=0.1), NotImplementedError, "dropout_p", "dropout"),
+    ("dropout-one", lambda: dict(dropout_p=1.0), ValueError, "dropout_p", r"\[0, 1\)"),
     ("window-below-unbounded", lambda: dict(window_size=(64, -3)), ValueError, "window_size", ">= -1"),
     ("softcap-nan", lambda: dict(softcap=float("nan")), ValueError, "softcap", "finite"),
     ("alibi-heads", lambda: dict(alibi_slopes=torch.ones(HEADS_Q + 1)), ValueError, "alibi_slopes", "shape"),
@@ -97,8 +97,8 @@ VARLEN_BAD_INPUTS = [
 
     # Two faults at once: the rule checked earlier (features, block_table, q/k/v, cu_seqlens and
     # max_seqlen, devices) must win.
-    ("order-feature-cu", lambda: dict(dropout_p=0.1, cu_seqlens_q=cu(0, 2, 8, dtype=I64)), NotImplementedError,
-     "dropout_p", "dropout"),
+    ("order-feature-cu", lambda: dict(dropout_p=1.5, cu_seqlens_q=cu(0, 2, 8, dtype=I64)), ValueError,
+     "dropout_p", r"\[0, 1\)"),
     ("order-block-table-dtype", lambda: dict(block_table=torch.zeros(2, 1), q=randn(TOTAL_Q, HEADS_Q, D, dtype=F32)),
      NotImplementedError, "block_table", "paged"),
     ("order-rank-cu", lambda: dict(q=randn(1, TOTAL_Q, HEADS_Q, D), cu_seqlens_q=cu(0, 2, 8, dtype=I64)),
@@ -204,7 +204,7 @@ PACKED_BAD_INPUTS = [
      STRIDE),
     ("qkv-head-dim-264", "qkvpacked", lambda: dict(qkv=randn(2, 8, 3, HEADS_Q, 264)), ValueError, NAMED_QKV, "256"),
     ("qkv-cpu", "qkvpacked", lambda: dict(), ValueError, "qkv", "CUDA"),
-    ("qkv-dropout", "qkvpacked", lambda: dict(dropout_p=0.1), NotImplementedError, "dropout_p", "dropout"),
+    ("qkv-dropout", "qkvpacked", lambda: dict(dropout_p=True), TypeError, "dropout_p", "float"),
 
     ("kv-count-3", "kvpacked", lambda: dict(kv=randn(2, 16, 3, HEADS_KV, D)), ValueError, "kv", "with 2 in dim 2"),
     ("kv-4d", "kvpacked", lambda: dict(kv=randn(2, 16, HEADS_KV, D)), ValueError, "kv", "5-D"),
@@ -250,8 +250,8 @@ PACKED_BAD_INPUTS = [
     # Two faults at once: the packed tensor's own shape is checked before what its slices hold.
     ("order-count-dtype", "qkvpacked", lambda: dict(qkv=randn(2, 8, 2, HEADS_Q, D, dtype=F32)), ValueError, "qkv",
      "with 3 in dim 2"),
-    ("order-feature-count", "varlen_kvpacked", lambda: dict(dropout_p=0.5, kv=randn(TOTAL_K, 3, HEADS_KV, D)),
-     NotImplementedError, "dropout_p", "dropout"),
+    ("order-feature-count", "varlen_kvpacked", lambda: dict(dropout_p=float("nan"), kv=randn(TOTAL_K, 3, HEADS_KV, D)),
+     ValueError, "dropout_p", "finite"),
 ]
 
 

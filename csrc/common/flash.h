@@ -23,6 +23,17 @@ struct RowTensor {
   index_t batch_stride, head_stride;
 };
 
+// The dropout RNG's (seed, offset), as PyTorch's CUDA generator hands them out (its PhiloxCudaState, without
+// torch): the values themselves, or, under CUDA-graph capture (seed_ptr set), where they lie in device
+// memory, read by the kernel at replay, the offset then being *offset_ptr + offset_intragraph. The
+// backward takes the forward's rng_state tensor in this pointer form, so that it regenerates the same mask.
+struct RngState {
+  uint64_t seed, offset;
+  int64_t const *seed_ptr;
+  int64_t const *offset_ptr;
+  uint64_t offset_intragraph;
+};
+
 // Inputs shared by every pass.
 struct AttnParams {
   HeadTensor q, k, v;
@@ -59,11 +70,20 @@ struct AttnParams {
   // (and LSE); nullptr for none.
   float const *__restrict__ sinks;
 
-  // Whether the kernels' general variant is needed (mask.h): varlen, softcap, ALiBi, or a window's left
-  // edge that hides a key from some row.
+  // Attention dropout (dropout.h): an entry of P is dropped iff its 16 random bits are below drop_threshold,
+  // round(p * 2^16) (0, as zero-initialised params have it: no dropout), and kept entries count 1 / (1 - p).
+  uint32_t dropout_threshold;
+  float dropout_scale;
+  RngState rng;
+
+  __host__ __device__ bool has_dropout() const { return dropout_threshold != 0; }
+
+  // Whether the kernels' general variant is needed (mask.h): varlen, softcap, ALiBi, a window's left edge
+  // that hides a key from some row, or dropout (whose Philox calls, in the common variant behind a run-time
+  // branch, would cost the plain kernels registers: dropout.h).
   bool needs_general() const {
     return cu_seqlens_q != nullptr || softcap_premul != 0.f || alibi_slopes != nullptr ||
-           (is_windowed && window_left < seqlen_k - 1);
+           (is_windowed && window_left < seqlen_k - 1) || has_dropout();
   }
 
   // Which kv head serves query head h.
@@ -73,6 +93,9 @@ struct AttnParams {
 struct FwdParams : AttnParams {
   HeadTensor o;
   RowTensor lse;  // natural log
+  // With dropout: (2,) int64 that the forward writes the (seed, offset) it used into, for the backward
+  // and for the caller (valid under CUDA-graph capture too, where only the device knows them); or nullptr.
+  int64_t *rng_state_out;
 };
 
 struct BwdParams : FwdParams {  // o and lse: the forward's outputs

@@ -78,9 +78,10 @@ struct OnlineSoftmax {
   // Divides the output rows by their sums; returns the natural-log LSE per row: +inf where the row saw
   // no key (so the backward's exp(S - LSE) gives 0 there), the output row then being 0. sink_log2: a
   // learnable sink's logit in log2 units, whose exponential joins every row's sum (and so the LSE) but
-  // adds nothing to the output; -inf for none.
+  // adds nothing to the output; -inf for none. out_scale multiplies the output rows besides (dropout's
+  // 1 / (1 - p), applied here once rather than to every kept entry of P).
   template <class AccO>
-  CUTE_DEVICE auto finalize(AccO &acc_o, float sink_log2) {
+  CUTE_DEVICE auto finalize(AccO &acc_o, float sink_log2, float out_scale = 1.f) {
     Tensor o = make_tensor(acc_o.data(), rows_cols(acc_o.layout()));
     Tensor lse = make_tensor<float>(Int<kRows>{});
     CUTE_UNROLL
@@ -98,7 +99,7 @@ struct OnlineSoftmax {
       }
       bool const empty = sum == 0.f;
       lse(r) = empty ? INFINITY : (max + log2f(sum)) * float(M_LN2);
-      float const inv_sum = empty ? 0.f : rescale / sum;
+      float const inv_sum = empty ? 0.f : rescale * out_scale / sum;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(o); ++c) { o(r, c) *= inv_sum; }
     }

@@ -4,12 +4,15 @@
 // the A operand of dV += Pᵀ·dO and dK += dSᵀ·Q: no trip through shared memory. With kWarpsN > 1 (large
 // head dims, where one warp cannot hold a whole row of dK and dV) the warps also split the columns, so
 // each holds only part of its rows' Pᵀ and dSᵀ: those go through shared memory, still computed once.
-// Q, dO, LSE and D are double-buffered.
+// Q, dO, LSE and D are double-buffered. With dropout (General only; bwd_dq_kernel.h derives it), dV takes
+// the dropped Pᵀ (its 1 / (1 - p) applied once to dV) and dSᵀ the undropped Pᵀ with the masked, rescaled
+// dPᵀ; the keep mask is made once per step (dropout.h: the Sᵀ layout costs no more calls) and kept as bits.
 #pragma once
 
 #include <cute/tensor.hpp>
 
 #include "common/block_info.h"
+#include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/utils.h"
@@ -53,6 +56,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   if (k_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
   Mask<kBlockN, kBlockM, Windowed, General> const mask{params, seq, head};  // (query, key) blocks
   int const m_block_begin = mask.m_block_begin(n_block), m_block_end = mask.m_block_end(n_block);
+  bool const dropout_on = General && params.has_dropout();
+  constexpr bool kPaired = Traits::kWarpsN == 1;  // dropout.h
 
   Tensor mK = seq.k_rows<kHeadDim, Element const>(params.k, params.kv_head(head));
   Tensor mV = seq.k_rows<kHeadDim, Element const>(params.v, params.kv_head(head));
@@ -95,6 +100,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   auto store = [&] {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }  // dS was w.r.t. scaled scores
+    if (dropout_on) {  // dV took the dropped Pᵀ unscaled
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dv); ++i) { acc_dv(i) *= params.dropout_scale; }
+    }
     store_acc_tile<Traits>(tiled_mma, acc_dk, sK, gdK, k_rows_left, params.head_dim);
     store_acc_tile<Traits>(tiled_mma, acc_dv, sV, gdV, k_rows_left, params.head_dim);
   };
@@ -163,6 +172,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
       load_queries(m_block + 1, stage ^ 1);
       cp_async_fence();
     }
+    // The keep bits of this Sᵀ tile (rows keys, columns queries), kept for Pᵀ and dPᵀ: made here, where only
+    // dK and dV are live (beside Sᵀ and dPᵀ the general variant spilled twice as much: benchmarks/NOTES.md).
+    [[maybe_unused]] KeepMask<decltype(tScS)> keep{};  // used by the general variant only
+    if constexpr (General) {
+      if (dropout_on) {
+        keep = Dropout{params, batch, head}.template keep_mask<true, kPaired>(tScS, n_block * kBlockM,
+                                                                              m_block * kBlockN);
+      }
+    }
 
     Tensor acc_s = partition_fragment_C(tiled_mma, TileS{});  // Sᵀ: (MMA, MMA_M, MMA_N)
     clear(acc_s);
@@ -185,6 +203,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
       for (int c = 0; c < kCols; ++c) { p(r, c) = exp2_approx(p(r, c) * params.softmax_scale_log2 - lse_log2[c]); }
     }
     Tensor rP = convert_type<Element>(acc_s);
+    if constexpr (General) {  // the Pᵀ that dV takes: dropped entries 0 (exact in 16 bits); 1 / (1 - p) at the end
+      if (dropout_on) { zero_dropped(keep, rP); }
+    }
     if constexpr (kShareP) { copy(smem_copy_acc, smem_copy_acc.get_thread_slice(tid).retile_S(rP), tPsPt); }
 
     Tensor acc_dp = partition_fragment_C(tiled_mma, TileS{});  // dPᵀ = V·dOᵀ
@@ -197,6 +218,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
                     smem_copy_bt);
     }
 
+    if constexpr (General) {
+      if (dropout_on) { apply_keep_mask(keep, acc_dp, params.dropout_scale); }
+    }
     Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dSᵀ = Pᵀ∘(dPᵀ - D), in place
     CUTE_UNROLL
     for (int r = 0; r < size<0>(ds); ++r) {

@@ -1,12 +1,16 @@
 // Backward dQ kernel (FlashAttention-2, Algorithm 2, split as dQ | dK,dV): one thread block per
 // (query block, batch, head) loops over the key blocks its rows see, recomputes S = Q·Kᵀ and
 // P = exp(S·scale - LSE) from the saved LSE, then dP = dO·Vᵀ, dS = P∘(dP - D) and dQ += dS·K.
+// With dropout (General only) the forward's output was (P∘Z / (1 - p))·V for its keep mask Z: dO·Vᵀ is the
+// gradient of the dropped P, that of P itself is dO·Vᵀ∘Z / (1 - p), and D = rowsum(dO∘O) is still
+// rowsum(P∘dP): dS = P∘(dO·Vᵀ∘Z / (1 - p) - D), with the undropped P.
 // K and V blocks are double-buffered: the next pair streams in during the whole step.
 #pragma once
 
 #include <cute/tensor.hpp>
 
 #include "common/block_info.h"
+#include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/utils.h"
@@ -43,6 +47,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   if (q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
   Mask<kBlockM, kBlockN, Windowed, General> const mask{params, seq, head};
   int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
+  bool const dropout_on = General && params.has_dropout();
 
   Tensor mQ = seq.q_rows<kHeadDim, Element const>(params.q, head);
   Tensor mdO = seq.q_rows<kHeadDim, Element const>(params.dout, head);
@@ -130,6 +135,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
       load_kv(n_block - 1, stage ^ 1, cute::false_type{});
       cp_async_fence();
     }
+    // The keep bits (one register per 32 entries), made here, where only dQ's accumulator is live, as in
+    // the dK/dV kernel.
+    [[maybe_unused]] KeepMask<decltype(tScS)> keep{};  // used by the general variant only
+    if constexpr (General) {
+      if (dropout_on) {
+        keep = Dropout{params, batch, head}.template keep_mask<false, Traits::kWarpsN == 1>(tScS, m_block * kBlockM,
+                                                                                             n_block * kBlockN);
+      }
+    }
 
     Tensor acc_s = partition_fragment_C(tiled_mma, TileS{});  // (MMA, MMA_M, MMA_N)
     clear(acc_s);
@@ -147,6 +161,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
     clear(acc_dp);
     gemm_smem_smem(tiled_mma, acc_dp, tdPrdO, tdPrV, tdPsdO, smem_copy_b.get_thread_slice(tid).partition_S(sV(stage)),
                    smem_copy_a, smem_copy_b);
+    if constexpr (General) {
+      if (dropout_on) { apply_keep_mask(keep, acc_dp, params.dropout_scale); }
+    }
     Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dS = P∘(dP - D), in place
     CUTE_UNROLL
     for (int r = 0; r < size<0>(ds); ++r) {

@@ -6,6 +6,7 @@
 #include <cute/tensor.hpp>
 
 #include "common/block_info.h"
+#include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/softmax.h"
@@ -23,8 +24,10 @@ using namespace cute;
 template <class Traits>
 constexpr int fwd_smem_size() { return Traits::kSmemSizeM + 2 * Traits::kSmemSizeN; }
 
-// General: the variant for varlen batches, ALiBi and windows with a left edge; the other, for the common
-// case, compiles them out (each raises the D = 128 forward's spills several-fold: block_info.h, mask.h).
+// General: the variant for varlen batches, softcap, ALiBi, windows with a left edge and dropout; the other,
+// for the common case, compiles them out (each raises the D = 128 forward's spills several-fold:
+// block_info.h, mask.h). So dropout adds no instantiation: 2 (Windowed) x 2 (General) per kernel, head dim
+// and dtype, as before.
 template <class Traits, bool Windowed, bool General>
 __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant__ const FwdParams params) {
   using Element = typename Traits::Element;
@@ -40,11 +43,23 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
+  if (General && params.has_dropout() && params.rng_state_out != nullptr && blockIdx.x == 0 && batch == 0 &&
+      head == 0 && tid == 0) {
+    // Under CUDA-graph capture only the device knows a replay's (seed, offset): the backward reads them here.
+    uint64_t seed, offset;
+    unpack_rng(params.rng, seed, offset);
+    params.rng_state_out[0] = int64_t(seed);
+    params.rng_state_out[1] = int64_t(offset);
+  }
+
   BlockInfo const seq{params, batch, cute::bool_constant<General>{}};
   int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
   if (General && q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
   Mask<kBlockM, kBlockN, Windowed, General> const mask{params, seq, head};
   int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
+  // Dropout (General only): P's dropped entries are zeroed before P·V, the kept ones' 1 / (1 - p) is applied
+  // once to O; the row sums (and LSE) are those of the undropped P.
+  bool const dropout_on = General && params.has_dropout();
   // A learnable sink's logit in log2 units, -inf for none: read only where the rows are finished, so that
   // it holds no register through the main loop.
   auto sink_log2 = [&] { return params.sinks == nullptr ? -INFINITY : params.sinks[head] * float(M_LOG2E); };
@@ -141,6 +156,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
 
     softmax.template update<kFirst>(acc_s, acc_o, params.softmax_scale_log2);
     Tensor rP = convert_type<Element>(acc_s);
+    if constexpr (General) {
+      // On the 16-bit P (zeroing is exact there): the Philox calls then run beside half the registers that
+      // the fp32 tile would hold (at D = 128, dropping the fp32 tile more than doubled the variant's spills).
+      if (dropout_on) {
+        Dropout{params, batch, head}.template drop<Traits::kWarpsN == 1>(rP, tScS, m_block * kBlockM, n_block * kBlockN);
+      }
+    }
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // P as the A operand, in place
     gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, smem_copy_v);
   };
@@ -163,7 +185,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   }
 
   // Epilogue: normalise once, then O through shared memory (Q's buffer) and the LSE from registers.
-  Tensor lse = softmax.finalize(acc_o, sink_log2());
+  Tensor lse = softmax.finalize(acc_o, sink_log2(), dropout_on ? params.dropout_scale : 1.f);
   store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
   store_row_values(lse, gLSE, thr_mma.partition_C(make_identity_tensor(TileQ{})), q_rows_left);
 }

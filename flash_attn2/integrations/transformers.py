@@ -21,9 +21,9 @@ flash_attn_varlen_func:
   transformers' flash path reads them);
 - GQA/MQA (k and v are never repeated), sliding-window layers (window_size), logit softcapping (Gemma 2)
   and attention sinks (gpt-oss's s_aux), passed per flash_attn2's contract;
+- attention dropout while training (the model's attention_dropout, as dropout_p);
 - generation with the default DynamicCache, padded or not.
-Not covered: attention dropout (flash_attn2 has none: a model configured with attention_dropout > 0 raises
-while training), output_attentions (no weights are returned, as with flash_attention_2), and StaticCache
+Not covered: output_attentions (no weights are returned, as with flash_attention_2), and StaticCache
 (cache_implementation="static": transformers keeps the padding mask for static caches only under names
 holding "flash", so the attention would read the cache's empty slots; the mask function refuses it loudly).
 
@@ -226,9 +226,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers' attention-function protocol: query (batch, heads, q_len, head_dim), key and value
     (batch, heads_kv, kv_len, head_dim), attention_mask from padding_mask; returns (out (batch, q_len, heads,
     head_dim_v), None)."""
-    if dropout:
-        raise NotImplementedError(f"{NAME}: attention dropout ({dropout}) is not implemented in flash_attn2; set the "
-                                  "model config's attention_dropout to 0.0, or call model.eval()")
     if kwargs.get("output_attentions"):
         _warn_output_attentions()
     batch, _, q_len, head_dim = query.shape
@@ -244,6 +241,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                    softcap=softcap_value(softcap))
     if s_aux is not None:  # only where the model has sinks: keeps the call valid for builds without s_aux
         options["s_aux"] = s_aux.float()
+    if dropout:  # transformers passes the config's attention_dropout while training, 0.0 in eval
+        options["dropout_p"] = float(dropout)
 
     if attention_mask is not None:
         out = _padded(q, k, v, attention_mask, options)
