@@ -124,9 +124,12 @@ def add_output_args(parser):
 
 
 def git_commit():
-    """The commit the numbers come from: HEAD's hash where this tree is a git checkout, with "+dirty" where
-    `git status --porcelain` shows changes (untracked files included); else (a copy of the tree without its
-    .git, as on the GPU machine) FLASH_ATTN2_COMMIT where set; else "unknown"."""
+    """The commit the numbers come from: FLASH_ATTN2_COMMIT where set (the GPU machine's copy of the tree
+    carries a stale .git, whose HEAD would be wrong); else HEAD's hash where this tree is a git checkout,
+    with "+dirty" where `git status --porcelain` shows changes (untracked files included); else "unknown"."""
+    if os.environ.get("FLASH_ATTN2_COMMIT"):
+        return os.environ["FLASH_ATTN2_COMMIT"]
+
     def git(*words):
         try:
             result = subprocess.run(["git", *words], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
@@ -140,7 +143,7 @@ def git_commit():
     status = git("status", "--porcelain") if head else None
     if status is not None:
         return head + ("+dirty" if status else "")
-    return os.environ.get("FLASH_ATTN2_COMMIT") or "unknown"
+    return "unknown"
 
 
 def run_meta(**extra):
