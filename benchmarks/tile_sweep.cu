@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "sweep_utils.cuh"
+
 #include "sm80/bwd_dkdv_kernel.h"
 #include "sm80/bwd_dq_kernel.h"
 #include "sm80/fwd_kernel.h"
@@ -16,24 +18,6 @@ using Element = cutlass::bfloat16_t;
 #define WARPS_N 1
 #endif
 using Traits = flash::KernelTraits<HDIM, BLOCK_M, BLOCK_N, WARPS, Element, WARPS_N>;
-
-#define CHECK(call)                                                                      \
-  do {                                                                                   \
-    cudaError_t err_ = (call);                                                           \
-    if (err_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
-
-// Uniform values in [-1, 1) from a hash of the index: random enough, and never all zeros.
-__global__ void fill_random(Element *p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
-    p[i] = Element(float(h >> 8) / float(1 << 23) - 1.f);
-  }
-}
 
 int main() {
   constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;

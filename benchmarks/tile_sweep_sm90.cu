@@ -1,33 +1,17 @@
-// Times one Hopper-forward candidate (HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT:
-// sm90/kernel_traits.h),
-// torch-free, on the paper's shapes: bf16, 16k tokens, hidden 2048, causal and not. Built and run by
-// benchmarks/tile_sweep_sm90.sh, for the tile choices in sm90/tile_config.h and the ablations in NOTES.md.
+// Times one Hopper-forward candidate (HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT: the
+// fields of sm90/kernel_traits.h), torch-free, on the paper's shapes: bf16, 16k tokens, hidden 2048, causal
+// and not. Built and run by benchmarks/tile_sweep_sm90.sh, for the tile choices in sm90/tile_config.h and
+// the ablations in NOTES.md.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+
+#include "sweep_utils.cuh"
 
 #include "sm90/fwd_launch.h"
 
 using Element = cutlass::bfloat16_t;
 using Traits = flash::sm90::FwdTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT>;
-
-#define CHECK(call)                                                                      \
-  do {                                                                                   \
-    cudaError_t err_ = (call);                                                           \
-    if (err_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
-
-// Uniform values in [-1, 1) from a hash of the index: random enough, and never all zeros.
-__global__ void fill_random(Element *p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
-    p[i] = Element(float(h >> 8) / float(1 << 23) - 1.f);
-  }
-}
 
 int main() {
   constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;
