@@ -28,19 +28,16 @@ constexpr int kBuiltHeadDims[] = {FLASH_ATTN2_BUILT_HEAD_DIMS};
 #define FLASH_ATTN2_SM90 0  // setup.py defines it: 1 when the Hopper kernels (sm_90a) are built
 #endif
 
-constexpr bool is_built(int head_dim) {
-  for (int d : kBuiltHeadDims) {
-    if (d == head_dim) { return true; }
+template <size_t N>
+constexpr bool contains(int const (&values)[N], int value) {
+  for (int v : values) {
+    if (v == value) { return true; }
   }
   return false;
 }
 
-constexpr bool has_sm90_fwd(int head_dim) {
-  for (int d : flash::kSm90FwdHeadDims) {
-    if (d == head_dim) { return true; }
-  }
-  return false;
-}
+constexpr bool is_built(int head_dim) { return contains(kBuiltHeadDims, head_dim); }
+constexpr bool has_sm90_fwd(int head_dim) { return contains(flash::kSm90FwdHeadDims, head_dim); }
 
 // Whether a device is compute capability 9.0, asked once per device (not through ATen/cuda/CUDAContext.h,
 // which needs the CUDA math libraries' headers to build).
