@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import _extension
+from . import _checks, _extension
 from .reference import attention_scores
 from ._extension import C as _C  # None where it is not built: checks and the reference still work
 
@@ -185,15 +185,7 @@ def attention(q, k, v, softmax_scale, causal, return_attn_probs, cu_seqlens_q=No
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     dropout_p = float(dropout_p)
-    if return_attn_probs and dropout_p > 0 and cu_seqlens_q is not None:
-        raise NotImplementedError("return_attn_probs with dropout_p > 0 returns the attention probabilities for "
-                                  "flash_attn_func and its packed variants only (as flash_attn); varlen has no "
-                                  "(batch, heads, seqlen_q, seqlen_k) layout for them")
-    if dropout_p > 0 and cu_seqlens_q is not None and not causal and tuple(window_size) == (-1, -1):
-        # Measured on the H200 (tests/test_dropout_gpu.py::test_dropout_varlen[*-plain]): dK 3x past the
-        # error bound in the dK/dV kernel without a window; refused until found, rather than wrong.
-        raise NotImplementedError("dropout_p > 0 with varlen inputs needs causal=True or a window_size for now: "
-                                  "without either, the backward's dK is wrong (flash_attn2 issue 11)")
+    _checks.check_dropout_use(dropout_p, return_attn_probs, cu_seqlens_q is not None, causal, window_size)
     unpadded = unpack(q, k, v)
     tensors = [t for t in (q, k, v) if t is not None]
     if head_dim % 8 != 0:  # kernels load 16-byte rows; zeros add nothing to q·kᵀ and are sliced off out
