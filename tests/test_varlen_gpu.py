@@ -217,8 +217,8 @@ def test_equal_lengths_equal_flash_attn_func(kv_heads, head_dim, causal, monkeyp
     options = dict(causal=causal, return_attn_probs=True, deterministic=True)
     fixed = run(lambda q, k, v: flash_attn_func(q, k, v, **options), (q, k, v), dout)
     varlen = varlen_of([seqlen_q] * batch, [seqlen_k] * batch, "cuda")
-    flat = run(lambda q, k, v: flash_attn_varlen_func(q, k, v, *varlen, **options), [t.flatten(0, 1) for t in (q, k, v)],
-               dout.flatten(0, 1))
+    flat = run(lambda q, k, v: flash_attn_varlen_func(q, k, v, *varlen, **options),
+               [t.flatten(0, 1) for t in (q, k, v)], dout.flatten(0, 1))
     out, lse, dq, dk, dv = fixed
     assert_equal(flat, (out.flatten(0, 1), lse.transpose(0, 1).flatten(1, 2), dq.flatten(0, 1),
                         dk.flatten(0, 1), dv.flatten(0, 1)))
