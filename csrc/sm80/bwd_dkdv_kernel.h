@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
 
   // AtomicDq: dQ[m_block] += dS·K·scale, from dSᵀ in shared memory (every warp's part in: the caller's barrier)
   // and K, into the fp32 accumulator; rows past seqlen_q and columns past head_dim are not touched. (Taken in
-  // column slices, to keep fewer accumulators live, it spilled six times as much at D = 128.)
+  // column slices, to keep fewer accumulators live, it spilled more: benchmarks/NOTES.md.)
   auto add_dq = [&](int m_block) __attribute__((always_inline)) {
     if constexpr (AtomicDq) {
       Tensor sdS = make_tensor(sdSt.data(), SmemTileT<kBlockM, kBlockN>{});  // (kBlockN, kBlockM)

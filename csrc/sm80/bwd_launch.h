@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "common/bwd_preprocess.h"
 #include "common/launch_utils.h"
 
@@ -28,7 +30,8 @@ cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
 
 template <int kHeadDim, typename Element, bool AtomicDq>
 cudaError_t launch_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
-  using Traits = TraitsFor<kHeadDim, Element, AtomicDq ? bwd_dkdv_atomic_tile : bwd_dkdv_tile>;
+  using Traits = std::conditional_t<AtomicDq, TraitsFor<kHeadDim, Element, bwd_dkdv_atomic_tile>,
+                                    TraitsFor<kHeadDim, Element, bwd_dkdv_tile>>;
   dim3 const grid(ceil_div(params.seqlen_k, Traits::kBlockM), params.batch, params.heads);
   return bool_switch(params.is_windowed, [&](auto windowed) {
     return bool_switch(params.needs_general(), [&](auto general) {
