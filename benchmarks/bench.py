@@ -4,6 +4,8 @@ PyTorch attention ("math": flash_attn2.reference.attention_ref in the input dtyp
 Passes: forward, backward (on a graph built once), forward + backward, every implementation timed
 alternately on the same values. Each point has batch = tokens // seqlen and heads = hidden // head_dim,
 seqlen_q = seqlen_k. Math is skipped where its S x S matrix in float32 would pass --math-max-gib.
+"ours" is flash_attn_func's default backward (deterministic=False: dQ by fp32 atomics, as SDPA-flash's),
+"ours-det" the deterministic split backward: `--impls ours-det,sdpa-flash` compares both modes in one run.
 """
 
 import argparse
@@ -86,22 +88,29 @@ def bench_point(args, dtype, head_dim, causal, seqlen):
 PEERS = {"flash": "sdpa-flash", "cudnn": "cudnn"}
 
 
-def ratio(row, peer="flash"):
-    ours, theirs = row["ours_tflops"], row[f"{PEERS[peer]}_tflops"]
-    return ours / theirs if theirs else None
+# Ours in each backward mode (common.IMPLS): ratios to the peers for each that ran.
+OURS = ("ours", "ours-det")
+
+
+def ratio(row, peer="flash", ours="ours"):
+    mine, theirs = row.get(f"{ours}_tflops"), row[f"{PEERS[peer]}_tflops"]
+    return mine / theirs if mine and theirs else None
 
 
 def table(header, rows, impls):
+    ours = [name for name in OURS if name in impls]
+    pairs = [(name, peer) for name in ours for peer in PEERS]
     columns = ["D", "causal", "S", "B", "H", *(f"{name} TFLOP/s" for name in impls),
-               *(f"ours/{peer}" for peer in PEERS), "max abs diff out", "max abs diff dq"]
+               *(f"{name}/{peer}" for name, peer in pairs), "max abs diff out", "max abs diff dq"]
     cells = [[row["head_dim"], row["causal"], row["seqlen"], row["batch"], row["heads"],
-              *(fmt(row[f"{name}_tflops"], ".1f") for name in impls), *(fmt(ratio(row, p), ".3f") for p in PEERS),
+              *(fmt(row[f"{name}_tflops"], ".1f") for name in impls),
+              *(fmt(ratio(row, peer, name), ".3f") for name, peer in pairs),
               fmt(row["out_max_diff"], ".1e"), fmt(row["dq_max_diff"], ".1e")] for row in rows]
     lines = [header, "", *markdown_table(columns, cells)]
-    for peer in PEERS:
-        if mean := geomean(ratio(r, peer) for r in rows):
-            lines += ["", f"Geometric mean of ours/{peer}, {rows[0]['pass']}, {rows[0]['dtype']}, over "
-                          f"{sum(1 for r in rows if ratio(r, peer))} points: {mean:.3f}"]
+    for name, peer in pairs:
+        if mean := geomean(ratio(r, peer, name) for r in rows):
+            lines += ["", f"Geometric mean of {name}/{peer}, {rows[0]['pass']}, {rows[0]['dtype']}, over "
+                          f"{sum(1 for r in rows if ratio(r, peer, name))} points: {mean:.3f}"]
     return "\n".join(lines) + "\n"
 
 
@@ -110,12 +119,15 @@ def summary(rows, passes):
     groups = list(dict.fromkeys((r["dtype"], r["head_dim"]) for r in rows))
     columns = ["ours/peer, pass:", *(f"{dtype} D={d}" for dtype, d in groups), "all"]
     cells = []
-    for peer in PEERS:
-        for pass_ in passes:
-            mine = [r for r in rows if r["pass"] == pass_]
-            cells.append([f"ours/{peer}, {pass_}",
-                          *(fmt(geomean(ratio(r, peer) for r in mine if (r["dtype"], r["head_dim"]) == g), ".3f")
-                            for g in groups), fmt(geomean(ratio(r, peer) for r in mine), ".3f")])
+    for name in OURS:
+        if not any(r.get(f"{name}_tflops") for r in rows):
+            continue
+        for peer in PEERS:
+            for pass_ in passes:
+                mine = [r for r in rows if r["pass"] == pass_]
+                cells.append([f"{name}/{peer}, {pass_}",
+                              *(fmt(geomean(ratio(r, peer, name) for r in mine if (r["dtype"], r["head_dim"]) == g),
+                                    ".3f") for g in groups), fmt(geomean(ratio(r, peer, name) for r in mine), ".3f")])
     return "\n".join(["Geometric means of ours/peer (TFLOP/s ratio; > 1 is faster than the peer)", "",
                       *markdown_table(columns, cells)]) + "\n"
 

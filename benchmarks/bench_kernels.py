@@ -16,10 +16,11 @@ from common import (unavailable, DTYPES, add_grid_args, add_output_args, describ
                     grid_dtype_head_dims, kernel_serves, loop_times_ms, make_impls, markdown_table, pass_flops,
                     progress, run_meta, tflops, timed_call, write_outputs)
 
-KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv")
-# Ours does the backward's matmuls as 3 in the dQ kernel and 4 in the dK/dV kernel; each kernel is
-# credited with its share of the backward's FLOPs (2.5x the forward's).
-BWD_SHARE = {"bwd_dq": 3 / 7, "bwd_dkdv": 4 / 7}
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv")  # the deterministic backward's, in order
+ATOMIC = "bwd_dkdv_atomic_dq"  # the default backward's one kernel after the preprocess
+# The deterministic backward does its matmuls as 3 in the dQ kernel and 4 in the dK/dV kernel; each kernel
+# is credited with its share of the backward's FLOPs (2.5x the forward's). The atomic kernel does all five.
+BWD_SHARE = {"bwd_dq": 3 / 7, "bwd_dkdv": 4 / 7, ATOMIC: 1.0}
 
 
 def parse_args():
@@ -40,7 +41,7 @@ def bench_point(args, dtype, head_dim, causal, seqlen):
     lse = torch.empty(batch, heads, seqlen, dtype=torch.float32, device="cuda")
     # The forward is timed first, so out and lse hold its results when the backward kernels run.
     ms = _C.time_kernels(dout, q, k, v, out, lse, head_dim ** -0.5, causal, args.reps)
-    ours = make_impls(["ours"], q, k, v, dout, causal, requires_grad=True)["ours"]
+    ours = make_impls(["ours-det"], q, k, v, dout, causal, requires_grad=True)["ours-det"]  # the kernels above
     python_ms = {pass_: statistics.median(loop_times_ms(timed_call(pass_, ours), args.reps))
                  for pass_ in ("fwd", "bwd")}
 
@@ -49,7 +50,7 @@ def bench_point(args, dtype, head_dim, causal, seqlen):
     read_bytes = 2 * q.numel() * q.element_size()  # the preprocess reads O and dO
     bwd_kernels_ms = sum(ms[name] for name in KERNELS[1:])
     return {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch,
-            "heads": heads, **{f"{name}_ms": ms[name] for name in KERNELS},
+            "heads": heads, **{f"{name}_ms": ms[name] for name in (*KERNELS, ATOMIC)},
             **{f"{name}_tflops": tflops(f, ms[name]) for name, f in kernel_flops.items()},
             "bwd_preprocess_gbs": read_bytes / ms["bwd_preprocess"] / 1e6,
             "python_fwd_ms": python_ms["fwd"], "python_bwd_ms": python_ms["bwd"],
@@ -58,16 +59,20 @@ def bench_point(args, dtype, head_dim, causal, seqlen):
 
 def table(header, rows):
     columns = ["D", "causal", "S", "fwd ms", "fwd TFLOP/s", "Python fwd ms", "pre ms", "pre GB/s", "dQ ms",
-               "dQ TFLOP/s", "dK/dV ms", "dK/dV TFLOP/s", "bwd kernels ms", "Python bwd ms", "bwd overhead ms"]
+               "dQ TFLOP/s", "dK/dV ms", "dK/dV TFLOP/s", "bwd kernels ms", "Python bwd ms", "bwd overhead ms",
+               "atomic dK/dV/dQ ms", "atomic TFLOP/s"]
     cells = [[r["head_dim"], r["causal"], r["seqlen"], fmt(r["fwd_ms"], ".3f"), fmt(r["fwd_tflops"], ".1f"),
               fmt(r["python_fwd_ms"], ".3f"), fmt(r["bwd_preprocess_ms"], ".3f"), fmt(r["bwd_preprocess_gbs"], ".0f"),
               fmt(r["bwd_dq_ms"], ".3f"), fmt(r["bwd_dq_tflops"], ".1f"), fmt(r["bwd_dkdv_ms"], ".3f"),
               fmt(r["bwd_dkdv_tflops"], ".1f"), fmt(r["bwd_kernels_ms"], ".3f"), fmt(r["python_bwd_ms"], ".3f"),
-              fmt(r["bwd_overhead_ms"], ".3f")] for r in rows]
+              fmt(r["bwd_overhead_ms"], ".3f"), fmt(r[f"{ATOMIC}_ms"], ".3f"), fmt(r[f"{ATOMIC}_tflops"], ".1f")]
+             for r in rows]
     notes = ("TFLOP/s: fwd counts 4·B·H·S²·D (half if causal); dQ is credited 3/7 and dK/dV 4/7 of the "
              "backward's 2.5x that (ours splits the backward's matmuls 3 + 4). pre GB/s: bytes of O and dO "
              "read by the preprocess. bwd kernels = pre + dQ + dK/dV from the C++ loop; bwd overhead = Python bwd "
-             "(autograd.grad back to back, by CUDA events) minus that.")
+             "(autograd.grad back to back, by CUDA events, deterministic=True) minus that. atomic: the "
+             "default backward's dK/dV kernel with dQ by atomics (all five matmuls: credited the whole backward; "
+             "it runs after the same preprocess, and dQ's zeroing and cast are not in it).")
     overhead = statistics.median(r["bwd_overhead_ms"] / r["python_bwd_ms"] for r in rows)
     return "\n".join([header, "", notes, "", *markdown_table(columns, cells), "",
                       f"Backward overhead over its kernels, {rows[0]['dtype']}: median {overhead:.1%} of the "

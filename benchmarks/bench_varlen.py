@@ -54,6 +54,8 @@ def parse_args():
     parser.add_argument("--flash-path", choices=FLASH_PATHS, default="auto",
                         help="mix: how PyTorch's FA2 is called: njt (SDPA on nested jagged tensors), aten "
                              "(aten._flash_attention_forward), auto (njt, else aten)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="time our deterministic (split) backward instead of the default atomic one")
     parser.add_argument("--reps", type=int, default=30, help="timed calls per implementation and pass")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before them")
     add_output_args(parser)
@@ -112,9 +114,10 @@ def equal_point(args, dtype, head_dim, causal, seqlen):
     packed = lambda t: t.reshape(batch * seqlen, heads, head_dim)  # a view: the same values, packed
     cu_seqlens = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32, device="cuda")
     fixed_qkv, varlen_qkv = leaves((q, k, v), backward), leaves(map(packed, (q, k, v)), backward)
-    impls = {"fixed": Impl(functools.partial(flash_attn_func, *fixed_qkv, causal=causal), fixed_qkv, dout, packed),
+    mode = dict(causal=causal, deterministic=args.deterministic)
+    impls = {"fixed": Impl(functools.partial(flash_attn_func, *fixed_qkv, **mode), fixed_qkv, dout, packed),
              "varlen": Impl(functools.partial(flash_attn_varlen_func, *varlen_qkv, cu_seqlens, cu_seqlens, seqlen,
-                                              seqlen, causal=causal), varlen_qkv, packed(dout), lambda t: t)}
+                                              seqlen, **mode), varlen_qkv, packed(dout), lambda t: t)}
     fixed, varlen = (run_once(impl, backward, refusals=()) for impl in impls.values())  # ours: errors raise
     diffs = {f"{what}_max_diff": max_diff(a, b) for what, a, b in zip(("out", "dq"), varlen, fixed)}
 
@@ -245,7 +248,8 @@ def mix_point(args, lengths, dtype, head_dim, causal):
 
     ours_qkv = leaves((q, k, v), backward)
     impls = {"ours": Impl(functools.partial(flash_attn_varlen_func, *ours_qkv, cu_seqlens, cu_seqlens, max_len,
-                                            max_len, causal=causal), ours_qkv, dout, lambda t: t)}
+                                            max_len, causal=causal, deterministic=args.deterministic), ours_qkv,
+                          dout, lambda t: t)}
     results = {"ours": run_once(impls["ours"], backward, refusals=())}  # ours: errors raise
 
     flash_qkv = leaves((q, k, v), backward)
@@ -322,7 +326,7 @@ def main():
     args = parse_args()
     if (code := unavailable()) is not None:
         return code
-    meta = run_meta(reps=args.reps, warmup=args.warmup)
+    meta = run_meta(reps=args.reps, warmup=args.warmup, deterministic=args.deterministic)
     lengths = draw_lengths(args)
     torch.manual_seed(0)
     rows = {part: [] for part in PARTS}

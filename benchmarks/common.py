@@ -27,10 +27,12 @@ L2_FLUSH_BYTES = 256 * 2**20
 
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
+# "ours" is flash_attn_func as called by default (deterministic=False: the backward with the atomic dQ, as
+# flash_attn's and SDPA-flash's), "ours-det" with deterministic=True (the split backward, no atomics);
 # "ours-mma" is ours with the forward forced onto the mma.sync kernels (FLASH_ATTN2_FORCE_SM80: on Hopper
 # the A/B of the two paths); "math" is attention_ref in the input dtype: PyTorch attention as written by
 # hand, S x S in memory.
-IMPLS = ["ours", "ours-mma", *SDPA_BACKENDS, "math"]
+IMPLS = ["ours", "ours-det", "ours-mma", *SDPA_BACKENDS, "math"]
 
 
 def on_mma_sync(f):
@@ -298,12 +300,16 @@ def make_impls(names, q, k, v, dout, causal, requires_grad):
     ours_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
     impls = {}
     if "ours" in names:
-        impls["ours"] = Impl(functools.partial(flash_attn_func, *ours_qkv, causal=causal), ours_qkv, dout,
-                             lambda t: t)
+        impls["ours"] = Impl(functools.partial(flash_attn_func, *ours_qkv, causal=causal, deterministic=False),
+                             ours_qkv, dout, lambda t: t)
+    if "ours-det" in names:
+        det_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
+        impls["ours-det"] = Impl(functools.partial(flash_attn_func, *det_qkv, causal=causal, deterministic=True),
+                                 det_qkv, dout, lambda t: t)
     if "ours-mma" in names:
         mma_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
-        impls["ours-mma"] = Impl(on_mma_sync(functools.partial(flash_attn_func, *mma_qkv, causal=causal)), mma_qkv,
-                                 dout, lambda t: t)
+        impls["ours-mma"] = Impl(on_mma_sync(functools.partial(flash_attn_func, *mma_qkv, causal=causal,
+                                                               deterministic=False)), mma_qkv, dout, lambda t: t)
     if "math" in names:
         impls["math"] = Impl(lambda: attention_ref(*ours_qkv, causal=causal, compute_dtype=q.dtype)[0],
                              ours_qkv, dout, lambda t: t)

@@ -19,8 +19,8 @@ except ImportError:
     plt = None
 
 PASS_TITLES = {"fwd": "Forward", "bwd": "Backward", "fwdbwd": "Forward + backward"}
-COLORS = {"ours": "tab:red", "sdpa-flash": "tab:blue", "cudnn": "tab:green", "efficient": "tab:orange",
-          "math": "tab:gray"}
+COLORS = {"ours": "tab:red", "ours-det": "tab:pink", "sdpa-flash": "tab:blue", "cudnn": "tab:green",
+          "efficient": "tab:orange", "math": "tab:gray"}
 
 
 def panels_figure(title, rows, columns):

@@ -477,11 +477,14 @@ BwdLaunch prepare_bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor co
 
 // dq, dk, dv <- gradients of sum(out * dout) w.r.t. q, k, v, given the forward's out and lse. Returns D =
 // rowsum(dout * out), laid out as lse: with a sink, its gradient is -sum(exp(sink - lse) * D).
+// deterministic: the split backward (dQ and dK/dV kernels, no atomics: bit-identical from run to run); else
+// dK/dV adds dQ into an fp32 buffer with atomics (fewer matmuls; dQ's rounding varies with their order).
 at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k, at::Tensor const &v,
                at::Tensor const &out, at::Tensor const &lse, at::Tensor &dq, at::Tensor &dk, at::Tensor &dv,
-               Scores const &scores, Seqlens const &seqlens, double dropout_p, std::optional<at::Tensor> rng_state) {
+               Scores const &scores, Seqlens const &seqlens, double dropout_p, std::optional<at::Tensor> rng_state,
+               bool deterministic) {
   BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, scores, seqlens, dropout_p, rng_state);
-  flash::BwdParams const &p = b.params;
+  flash::BwdParams &p = b.params;
   if (nothing_attends(p)) {  // nothing attends to anything
     dq.zero_();
     dk.zero_();
@@ -489,15 +492,25 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
     return b.dpsum.zero_();  // out is 0
   }
   c10::cuda::CUDAGuard device_guard(q.device());
+  at::Tensor dq_accum;  // fp32 dQ, shaped as q, for the atomic adds
+  if (!deterministic) {
+    dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    p.dq_accum = head_tensor(dq_accum);
+  }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
     constexpr int kHeadDim = decltype(head_dim)::value;
     using Element = decltype(element);
     cudaError_t err = flash::run_bwd_preprocess<Element>(p, stream);
-    if (err == cudaSuccess) { err = flash::run_bwd_dq<kHeadDim, Element>(p, stream); }
-    if (err == cudaSuccess) { err = flash::run_bwd_dkdv<kHeadDim, Element>(p, stream); }
+    if (deterministic) {
+      if (err == cudaSuccess) { err = flash::run_bwd_dq<kHeadDim, Element>(p, stream); }
+      if (err == cudaSuccess) { err = flash::run_bwd_dkdv<kHeadDim, Element>(p, stream); }
+    } else if (err == cudaSuccess) {
+      err = flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream);
+    }
     return err;
   });
+  if (!deterministic) { dq.copy_(dq_accum); }  // already scaled by the kernel: the cast into dq's dtype, strides
   if (p.heads != p.heads_kv) {
     sum_groups(dk, b.dk_heads, p.heads_kv);
     sum_groups(dv, b.dv_heads, p.heads_kv);
@@ -505,17 +518,19 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
   return b.dpsum;
 }
 
-// Milliseconds per launch of each kernel on its own (forward, preprocess, dQ, dK/dV), from a launch loop
-// between CUDA events on the current stream: places a regression in one kernel. Writes out, lse and
-// scratch gradients as it goes.
+// Milliseconds per launch of each kernel on its own (forward, preprocess, dQ, dK/dV, dK/dV with the atomic
+// dQ), from a launch loop between CUDA events on the current stream: places a regression in one kernel.
+// Writes out, lse and scratch gradients as it goes.
 std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
                                            at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
                                            double softmax_scale, bool causal, int64_t reps) {
   TORCH_CHECK_VALUE(reps > 0, "reps must be positive, got ", num(reps));
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, Scores{softmax_scale, causal}, Seqlens{});
-  flash::BwdParams const &p = b.params;
+  flash::BwdParams &p = b.params;
   TORCH_CHECK_VALUE(q.numel() > 0 && k.numel() > 0, "time_kernels needs non-empty q, k and v");
+  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // the atomic dQ's, summed over reps
+  p.dq_accum = head_tensor(dq_accum);
   c10::cuda::CUDAGuard device_guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   std::map<std::string, double> ms;
@@ -541,6 +556,7 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
     time("bwd_preprocess", [&] { return flash::run_bwd_preprocess<Element>(p, stream); });
     time("bwd_dq", [&] { return flash::run_bwd_dq<kHeadDim, Element>(p, stream); });
     time("bwd_dkdv", [&] { return flash::run_bwd_dkdv<kHeadDim, Element>(p, stream); });
+    time("bwd_dkdv_atomic_dq", [&] { return flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); });
     return cudaSuccess;
   });
   return ms;
@@ -598,18 +614,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                    double softmax_scale, bool causal, std::optional<at::Tensor> cu_seqlens_q,
                    std::optional<at::Tensor> cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                    int64_t window_left, int64_t window_right, double softcap, std::optional<at::Tensor> alibi_slopes,
-                   std::optional<at::Tensor> s_aux, double dropout_p, std::optional<at::Tensor> rng_state) {
+                   std::optional<at::Tensor> s_aux, double dropout_p, std::optional<at::Tensor> rng_state,
+                   bool deterministic) {
           return bwd(dout, q, k, v, out, lse, dq, dk, dv,
                      scores(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux),
-                     {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k}, dropout_p, rng_state);
-        }, "Attention backward into dq, dk and dv (dropout: with the forward's rng_state); returns rowsum(dout * out)",
+                     {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k}, dropout_p, rng_state, deterministic);
+        }, "Attention backward into dq, dk and dv (dropout: with the forward's rng_state); returns rowsum(dout * out). "
+           "deterministic: the split backward (bit-identical run to run), else dQ by fp32 atomics",
         py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = 0, py::arg("max_seqlen_k") = 0,
         py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0,
         py::arg("alibi_slopes") = py::none(), py::arg("s_aux") = py::none(), py::arg("dropout_p") = 0.0,
-        py::arg("rng_state") = py::none());
+        py::arg("rng_state") = py::none(), py::arg("deterministic") = true);
   m.def("dropout_mask", &dropout_mask, "Keep mask (uint8, 1 kept) that dropout with rng_state drops by",
         py::arg("rng_state"), py::arg("dropout_p"), py::arg("batch"), py::arg("heads"), py::arg("seqlen_q"),
         py::arg("seqlen_k"));

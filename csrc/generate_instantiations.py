@@ -28,6 +28,8 @@ KERNELS = {
     "bwd_preprocess": Kernel("common", "bwd_preprocess.h", "run_bwd_preprocess", "BwdParams", None),
     "bwd_dq": Kernel("sm80", "bwd_launch.h", "run_bwd_dq", "BwdParams", HEAD_DIMS),
     "bwd_dkdv": Kernel("sm80", "bwd_launch.h", "run_bwd_dkdv", "BwdParams", HEAD_DIMS),
+    # deterministic=False: dK/dV with dQ by atomics (bwd_dkdv_kernel.h), apart from bwd_dkdv's units.
+    "bwd_dkdv_atomic_dq": Kernel("sm80", "bwd_launch.h", "run_bwd_dkdv_atomic_dq", "BwdParams", HEAD_DIMS),
     "fwd_sm90": Kernel("sm90", "fwd_launch.h", "sm90::run_fwd", "FwdParams", SM90_HEAD_DIMS, arch="90a"),
 }
 

@@ -47,12 +47,20 @@ def _fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens
 
 def _bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None,
          max_seqlen_q=0, max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None, dropout_p=0.0,
-         rng_state=None):
+         rng_state=None, deterministic=True):
     """Kernel call into caller-owned gradient buffers (tests poison them). Head dim a multiple of 8.
     Returns D = rowsum(dout * out) (fp32, laid out as lse), which the sink's gradient needs. With dropout_p > 0,
-    rng_state is the forward's: the same entries are dropped."""
+    rng_state is the forward's: the same entries are dropped. deterministic: the split backward (bit-identical
+    from run to run), else dQ by fp32 atomic adds in the dK/dV kernel (faster; see use_deterministic_backward)."""
     return _ext().bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
-                      max_seqlen_q, max_seqlen_k, *window, softcap, alibi_slopes, s_aux, dropout_p, rng_state)
+                      max_seqlen_q, max_seqlen_k, *window, softcap, alibi_slopes, s_aux, dropout_p, rng_state,
+                      deterministic)
+
+
+def use_deterministic_backward(deterministic):
+    """Whether the backward takes the split kernels: asked for (deterministic=True), or required by
+    torch.use_deterministic_algorithms(True). Otherwise the atomic one, flash_attn's default."""
+    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
 
 
 def dropout_keep_mask(rng_state, dropout_p, batch, heads, seqlen_q, seqlen_k):
@@ -92,9 +100,10 @@ def _fwd_op(q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor
             cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
             max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
             softcap: float, alibi_slopes: Optional[torch.Tensor], s_aux: Optional[torch.Tensor],
-            dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            dropout_p: float, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, rng_state): rng_state the (seed, offset) int64 (2,) the kernel dropped with (written by the
-    kernel, so right under CUDA-graph capture too), or an empty int64 tensor without dropout."""
+    kernel, so right under CUDA-graph capture too), or an empty int64 tensor without dropout. deterministic
+    does not change the forward: the autograd context keeps it for the backward (flash_attn2::bwd)."""
     q, k, v = unpack(*_kernel_ready(q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32, device=q.device)
@@ -110,7 +119,7 @@ def _rng_state_shape(dropout_p):
 
 @_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-      window_right, softcap, alibi_slopes, s_aux, dropout_p):
+      window_right, softcap, alibi_slopes, s_aux, dropout_p, deterministic=False):
     q, _, _ = unpack(q, k, v)
     return (q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32),
             q.new_empty(_rng_state_shape(dropout_p), dtype=torch.int64))
@@ -132,14 +141,17 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: Optional[torch.Tensor], v: O
             out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
             causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
-            s_aux: Optional[torch.Tensor], dropout_p: float, rng_state: torch.Tensor) -> list[torch.Tensor]:
+            s_aux: Optional[torch.Tensor], dropout_p: float, rng_state: torch.Tensor,
+            deterministic: bool = False) -> list[torch.Tensor]:
     """The gradients of the op's tensor inputs q, k, v, each shaped like its input (packed ones packed), then
-    that of s_aux if it is given. rng_state: the forward's (dropout drops the same entries)."""
+    that of s_aux if it is given. rng_state: the forward's (dropout drops the same entries). The split
+    backward where use_deterministic_backward(deterministic), read when the kernels run; else the atomic dQ."""
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v) if t is not None]
     dq, dk, dv = unpack(*grads, *[None] * (3 - len(grads)))
     dpsum = _bwd(kernel_ready(dout), *unpack(*_kernel_ready(q, k, v)), out, lse, dq, dk, dv, softmax_scale, causal,
                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, (window_left, window_right), softcap,
-                 alibi_slopes, s_aux, dropout_p, rng_state if dropout_p > 0 else None)
+                 alibi_slopes, s_aux, dropout_p, rng_state if dropout_p > 0 else None,
+                 use_deterministic_backward(deterministic))
     if s_aux is not None:
         grads.append(_sink_grad(s_aux, lse, dpsum))
     return grads
@@ -147,28 +159,29 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: Optional[torch.Tensor], v: O
 
 @_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right, softcap, alibi_slopes, s_aux, dropout_p, rng_state):
+      window_left, window_right, softcap, alibi_slopes, s_aux, dropout_p, rng_state, deterministic=False):
     return [t.new_empty(t.shape) for t in (q, k, v, s_aux) if t is not None]
 
 
 _OP_INPUTS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal",
-              "window_left", "window_right", "softcap", "alibi_slopes", "s_aux", "dropout_p")
+              "window_left", "window_right", "softcap", "alibi_slopes", "s_aux", "dropout_p", "deterministic")
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *args, alibi_slopes, s_aux, dropout_p = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *args, alibi_slopes, s_aux, dropout_p, deterministic = inputs
     out, lse, rng_state = output
     # Nothing of size seqlen_q x seqlen_k is kept: the backward regenerates the dropout mask from rng_state.
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux, rng_state)
     ctx.args = args  # max_seqlen_q ... softcap
     ctx.dropout_p = dropout_p
+    ctx.deterministic = deterministic
     ctx.mark_non_differentiable(lse, rng_state)
 
 
 def _fwd_backward(ctx, dout, _dlse, _drng_state):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux, rng_state = ctx.saved_tensors
     grads = iter(_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes, s_aux,
-                         ctx.dropout_p, rng_state))
+                         ctx.dropout_p, rng_state, ctx.deterministic))
     differentiable = {"q": q, "k": k, "v": v, "s_aux": s_aux}
     return tuple(next(grads) if differentiable.get(name) is not None else None for name in _OP_INPUTS)
 
@@ -178,10 +191,11 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 def attention(q, k, v, softmax_scale, causal, return_attn_probs, cu_seqlens_q=None, cu_seqlens_k=None,
               max_seqlen_q=0, max_seqlen_k=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, s_aux=None,
-              dropout_p=0.0):
+              dropout_p=0.0, deterministic=False):
     """The one path of every entry point, after their checks: q, k, v as the op takes them (packed or
     not), any head dim up to 256. Pads a head dim that is not a multiple of 8, copies views the kernels
-    cannot read in place, and slices the padding off out."""
+    cannot read in place, and slices the padding off out. deterministic: the backward's mode
+    (use_deterministic_backward)."""
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     dropout_p = float(dropout_p)
@@ -193,7 +207,7 @@ def attention(q, k, v, softmax_scale, causal, return_attn_probs, cu_seqlens_q=No
     q, k, v = (*tensors, *[None] * (3 - len(tensors)))
     out, lse, rng_state = _fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                   bool(causal), int(window_size[0]), int(window_size[1]), float(softcap), alibi_slopes,
-                                  s_aux, dropout_p)
+                                  s_aux, dropout_p, bool(deterministic))
     out = out[..., :head_dim]
     if not return_attn_probs:
         return out

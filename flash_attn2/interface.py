@@ -33,10 +33,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Any combination with the other arguments (softcap included, which flash_attn refuses).
 
     Differentiable w.r.t. q, k, v and s_aux (softmax_lse is not). The backward recomputes the attention
-    matrix from q, k, v and the saved LSE, in separate dQ and dK/dV kernels with no atomics, so
-    gradients are bit-identical from run to run: deterministic is always true, the argument is
-    accepted for compatibility and ignored. With GQA, dK and dV are summed over each group of query
-    heads in a fixed order.
+    matrix from q, k, v and the saved LSE. deterministic=False (the default, as flash_attn's): one dK/dV
+    kernel that also adds each block's share of dQ into an fp32 buffer with atomics (FlashAttention-2's
+    five matmuls, the faster backward); the order of those adds varies, so dq may differ from run to run
+    in its last bits (dk, dv do not). deterministic=True, or torch.use_deterministic_algorithms(True):
+    separate dQ and dK/dV kernels with no atomics, gradients bit-identical from run to run. With GQA, dK
+    and dV are summed over each group of query heads in a fixed order in both modes.
 
     Returns out (batch, seqlen_q, heads, head_dim), or (out, softmax_lse, probs) if return_attn_probs,
     with softmax_lse fp32 (batch, heads, seqlen_q), the natural-log logsumexp of the scores, and probs None
@@ -49,7 +51,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     _checks.check_scores(q, q.shape[0], window_size, softcap, alibi_slopes, s_aux)
     _checks.check_devices((("q", q), ("k", k), ("v", v), *_checks.score_tensors(alibi_slopes, s_aux)))
     return attention(q, k, v, softmax_scale, causal, return_attn_probs, window_size=window_size, softcap=softcap,
-                     alibi_slopes=alibi_slopes, s_aux=s_aux, dropout_p=dropout_p)
+                     alibi_slopes=alibi_slopes, s_aux=s_aux, dropout_p=dropout_p, deterministic=deterministic)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -62,7 +64,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     _checks.check_scores(q, q.shape[0], window_size, softcap, alibi_slopes, s_aux)
     _checks.check_devices((("q", q), ("kv", kv), *_checks.score_tensors(alibi_slopes, s_aux)))
     return attention(q, kv, None, softmax_scale, causal, return_attn_probs, window_size=window_size, softcap=softcap,
-                     alibi_slopes=alibi_slopes, s_aux=s_aux, dropout_p=dropout_p)
+                     alibi_slopes=alibi_slopes, s_aux=s_aux, dropout_p=dropout_p, deterministic=deterministic)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -76,4 +78,5 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     _checks.check_scores(qkv[:, :, 0], qkv.shape[0], window_size, softcap, alibi_slopes, s_aux)
     _checks.check_devices((("qkv", qkv), *_checks.score_tensors(alibi_slopes, s_aux)))
     return attention(qkv, None, None, softmax_scale, causal, return_attn_probs, window_size=window_size,
-                     softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, dropout_p=dropout_p)
+                     softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, dropout_p=dropout_p,
+                     deterministic=deterministic)

@@ -54,7 +54,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_varlen((("q", q), ("k", k), ("v", v)), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k,
                   scores)
     return attention(q, k, v, softmax_scale, causal, return_attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k, *scores, dropout_p=dropout_p)
+                     max_seqlen_k, *scores, dropout_p=dropout_p, deterministic=deterministic)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -69,7 +69,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     _check_varlen((("q", q), ("kv", kv)), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, kv[:, 0],
                   scores)
     return attention(q, kv, None, softmax_scale, causal, return_attn_probs, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k, *scores, dropout_p=dropout_p)
+                     max_seqlen_q, max_seqlen_k, *scores, dropout_p=dropout_p, deterministic=deterministic)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -84,4 +84,4 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     _check_varlen((("qkv", qkv),), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, qkv[:, 0], qkv[:, 1], scores,
                   names=("cu_seqlens", "cu_seqlens", "max_seqlen", "max_seqlen"))
     return attention(qkv, None, None, softmax_scale, causal, return_attn_probs, cu_seqlens, cu_seqlens, max_seqlen,
-                     max_seqlen, *scores, dropout_p=dropout_p)
+                     max_seqlen, *scores, dropout_p=dropout_p, deterministic=deterministic)

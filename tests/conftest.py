@@ -104,6 +104,17 @@ def fwd_path(request, monkeypatch):
     return request.param
 
 
+# The backward's two modes (flash_attn_func's deterministic): the split backward, bit-identical from run to
+# run, and the atomic one (dQ added up by fp32 atomics in the dK/dV kernel, flash_attn's default).
+BWD_MODES = {"deterministic": True, "atomic": False}
+
+
+@pytest.fixture(params=list(BWD_MODES.values()), ids=list(BWD_MODES))
+def deterministic(request):
+    """A test that takes it runs once per backward mode: the value to pass as deterministic."""
+    return request.param
+
+
 def on_kernel_grid(test):
     """Parametrizes a forward or backward test over the grid's dtype x head dim x causal x heads_kv;
     seqlens and batch_heads come from pytest_generate_tests."""

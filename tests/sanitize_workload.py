@@ -13,6 +13,7 @@ driver does, so that the sanitizers see our kernels and little of PyTorch's; the
 never checked, their results are garbage by design).
 
     python3 tests/sanitize_workload.py [--dtypes fp16 bf16] [--head-dims 64 128] [--no-check] [--varlen-only]
+                                       [--deterministic]
 """
 
 import argparse
@@ -55,9 +56,15 @@ def parse_args():
                         help="head dims to run (default: every kernel built); 59 runs the zero-padded path")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the reference")
     parser.add_argument("--varlen-only", action="store_true", help="run the varlen cases alone")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="the split backward (deterministic=True) instead of the default atomic one")
     parser.add_argument("--variants", action="store_true",
                         help="run the score variants (window, softcap, ALiBi, sinks, dropout) alone, unchecked")
     return parser.parse_args()
+
+
+# The backward's mode (--deterministic): the atomic one by default, as flash_attn_func's.
+DETERMINISTIC = False
 
 
 def forward_backward(qkv, causal, varlen=None, **scores):
@@ -66,6 +73,7 @@ def forward_backward(qkv, causal, varlen=None, **scores):
     scores: window_size, softcap, alibi_slopes, s_aux, dropout_p (varlen with dropout gives no lse: None;
     fixed-length with dropout also runs the dropout mask's debug kernel, for return_attn_probs)."""
     leaves = [t.detach().requires_grad_() for t in qkv]
+    scores = {**scores, "deterministic": DETERMINISTIC}
     if varlen is None:
         out, lse, _ = flash_attn_func(*leaves, causal=causal, return_attn_probs=True, **scores)
     elif scores.get("dropout_p"):  # varlen gives no attention probabilities
@@ -183,7 +191,9 @@ def cases(args, head_dims):
 
 
 def main():
+    global DETERMINISTIC
     args = parse_args()
+    DETERMINISTIC = args.deterministic
     if not torch.cuda.is_available():
         sys.exit("sanitize_workload: no CUDA GPU")
     head_dims = args.head_dims or list(built_head_dims())
@@ -198,6 +208,7 @@ def main():
         if error:
             failures.append(f"{what}: {error}")
     print(f"sanitize_workload: {count} forward+backward cases{' (varlen only)' if args.varlen_only else ''}, "
+          f"{'deterministic' if DETERMINISTIC else 'atomic'} backward, "
           f"head dims {head_dims}, {' '.join(args.dtypes)}" + ("" if args.no_check else f", {len(failures)} wrong"))
     for failure in failures:
         print("  WRONG", failure)

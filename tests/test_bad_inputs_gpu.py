@@ -165,7 +165,7 @@ class ValidCall:
 
     def run(self):
         qkv = [t.detach().requires_grad_() for t in self.qkv]
-        out, lse, _ = flash_attn_func(*qkv, causal=True, return_attn_probs=True)
+        out, lse, _ = flash_attn_func(*qkv, causal=True, return_attn_probs=True, deterministic=True)
         return (out.detach(), lse, *torch.autograd.grad(out, qkv, self.dout))
 
     def check(self, after):
@@ -239,7 +239,7 @@ def test_bad_dout_through_autograd(make_dout, error, name, rule, valid_call):
 @requires_ext
 def test_autograd_casts_dout_dtype(valid_call):
     qkv = [t.detach().requires_grad_() for t in valid_call.qkv]
-    out = flash_attn_func(*qkv, causal=True)
+    out = flash_attn_func(*qkv, causal=True, deterministic=True)
     dout = torch.randn(out.shape, dtype=torch.float32, device="cuda")
     out.backward(dout, retain_graph=True)
     cast = [t.grad for t in qkv]
@@ -265,7 +265,7 @@ args = {n: torch.randn(2, 150, 4, 64, dtype=torch.float16, device="cuda") for n 
 
 def run(q, k, v, dout):
     qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = flash_attn_func(*qkv, causal=True)
+    out = flash_attn_func(*qkv, causal=True, deterministic=True)
     return [out.detach(), *torch.autograd.grad(out, qkv, dout)]
 
 

@@ -29,8 +29,10 @@ pytestmark = [requires_gpu, requires_ext]
 HEAD_DIM = 64
 DTYPE = torch.bfloat16
 
-# The variant arguments of the final schema and the values that switch them off.
-VARIANT_DEFAULTS = dict(window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, s_aux=None, dropout_p=0.0)
+# The variant arguments of the final schema and the values that switch them off (deterministic: the
+# backward's mode, which the forward only carries; both ops default to False, the atomic backward).
+VARIANT_DEFAULTS = dict(window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, s_aux=None, dropout_p=0.0,
+                        deterministic=False)
 
 
 def schema_names(op):
@@ -143,7 +145,7 @@ def test_opcheck_fwd(layout, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v or "plain")
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_bwd(layout, variant):
+def test_opcheck_bwd(layout, variant, deterministic):
     skip_unless_built(HEAD_DIM)
     need(variant)
     fwd, bwd = torch.ops.flash_attn2.fwd.default, torch.ops.flash_attn2.bwd.default
@@ -151,7 +153,8 @@ def test_opcheck_bwd(layout, variant):
     if values.get("s_aux") is not None:
         values["s_aux"] = values["s_aux"].detach()
     out, lse, *rng_state = fwd(*op_args(fwd, **values))  # the schema's rng_state, where it has one
-    values.update(dout=torch.randn_like(out), out=out, lse=lse, **dict(zip(["rng_state"], rng_state)))
+    values.update(dout=torch.randn_like(out), out=out, lse=lse, **dict(zip(["rng_state"], rng_state)),
+                  deterministic=deterministic)
     check_opcheck(bwd, op_args(bwd, **values))
 
 

@@ -46,12 +46,14 @@ def op_call(q, k, v, variant, opts, softmax_scale, dropout_p, varlen=None):
                    opts["alibi_slopes"], opts["s_aux"], dropout_p)
 
 
-def op_backward(dout, q, k, v, out, lse, rng_state, variant, opts, softmax_scale, dropout_p, varlen=None):
-    """dq, dk, dv (and ds_aux with a sink) of the backward op with the forward's rng_state."""
+def op_backward(dout, q, k, v, out, lse, rng_state, variant, opts, softmax_scale, dropout_p, varlen=None,
+                deterministic=True):
+    """dq, dk, dv (and ds_aux with a sink) of the backward op with the forward's rng_state, in the backward mode
+    deterministic."""
     cu_q, cu_k, max_q, max_k = varlen if varlen is not None else (None, None, 0, 0)
     left, right = opts["window_size"]
     return _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, variant.causal, left, right,
-                   opts["softcap"], opts["alibi_slopes"], opts["s_aux"], dropout_p, rng_state)
+                   opts["softcap"], opts["alibi_slopes"], opts["s_aux"], dropout_p, rng_state, deterministic)
 
 
 def mask_of(rng_state, q, k, varlen=None):
@@ -62,13 +64,13 @@ def mask_of(rng_state, q, k, varlen=None):
                              varlen.max_seqlen_k)
 
 
-def check_dropout_variant(q, k, v, variant, opts, varlen=None):
+def check_dropout_variant(q, k, v, variant, opts, varlen=None, deterministic=True):
     """Forward and backward with dropout P, against the reference with the kernels' own mask."""
     softmax_scale = softmax_scale_of(variant, q.shape[-1])
     out, lse, rng_state = op_call(q, k, v, variant, opts, softmax_scale, P, varlen)
     assert rng_state.dtype == torch.int64 and rng_state.shape == (2,)
     dout = torch.randn_like(q)
-    grads = op_backward(dout, q, k, v, out, lse, rng_state, variant, opts, softmax_scale, P, varlen)
+    grads = op_backward(dout, q, k, v, out, lse, rng_state, variant, opts, softmax_scale, P, varlen, deterministic)
     mask = mask_of(rng_state, q, k, varlen)
     # A tenth of the entries or more dropped: a kernel ignoring the mask fails (plain_must_differ).
     check_results((out, lse, *grads), dout, q, k, v, softmax_scale, variant,
@@ -79,35 +81,35 @@ def check_dropout_variant(q, k, v, variant, opts, varlen=None):
 @pytest.mark.parametrize("variant", DROPOUT_VARIANTS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
-def test_dropout(dtype, head_dim, variant, shape):
+def test_dropout(dtype, head_dim, variant, shape, deterministic):
     # GQA (8 query heads on 2 kv heads), as test_variants_gpu.
     skip_unless_built(head_dim)
     seqlen_q, seqlen_k = shape
     q, k, v = random_qkv(BATCH, seqlen_q, seqlen_k, HEADS_Q, 2, head_dim, dtype=dtype, device="cuda")
     variant = DROPOUT_VARIANTS[variant]
-    check_dropout_variant(q, k, v, variant, options(variant, BATCH, HEADS_Q, seqlen_k))
+    check_dropout_variant(q, k, v, variant, options(variant, BATCH, HEADS_Q, seqlen_k), deterministic=deterministic)
 
 
 @pytest.mark.parametrize("variant", ["causal", "everything"])
 @pytest.mark.parametrize("head_dim", [32, 96, 192, 256])
-def test_dropout_head_dims(head_dim, variant):
+def test_dropout_head_dims(head_dim, variant, deterministic):
     # 192 and 256: the dK/dV kernel's warps split the query columns (kWarpsN > 1), the mask's unpaired path.
     skip_unless_built(head_dim)
     q, k, v = random_qkv(BATCH, 217, 300, HEADS_Q, 2, head_dim, dtype=torch.bfloat16, device="cuda")
     variant = DROPOUT_VARIANTS[variant]
-    check_dropout_variant(q, k, v, variant, options(variant, BATCH, HEADS_Q, 300))
+    check_dropout_variant(q, k, v, variant, options(variant, BATCH, HEADS_Q, 300), deterministic=deterministic)
 
 
 @pytest.mark.parametrize("variant", ["plain", "causal", "everything"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_dropout_varlen(head_dim, variant):
+def test_dropout_varlen(head_dim, variant, deterministic):
     # Sequences with seqlen_q != seqlen_k both ways, an empty one, one without keys: each masked in its own
     # coordinates with its batch index.
     skip_unless_built(head_dim)
     q, k, v, varlen = random_varlen(*VARLEN_MIX, HEADS_Q, 2, head_dim, dtype=torch.float16, device="cuda")
     variant = DROPOUT_VARIANTS[variant]
     check_dropout_variant(q, k, v, variant, options(variant, len(VARLEN_MIX[0]), HEADS_Q, varlen.max_seqlen_k),
-                          varlen)
+                          varlen, deterministic)
 
 
 def rng_state_of(seed, offset):
@@ -206,7 +208,8 @@ def test_mean_over_seeds_is_the_dropout_free_output():
 def training_call(seed, q, k, v, dout, **kwargs):
     """out and gradients of flash_attn_func with dropout after torch.manual_seed(seed)."""
     torch.manual_seed(seed)
-    return run(lambda *t: flash_attn_func(*t, dropout_p=P, return_attn_probs=True, **kwargs)[:2] + (None,),
+    return run(lambda *t: flash_attn_func(*t, dropout_p=P, return_attn_probs=True, deterministic=True,
+                                          **kwargs)[:2] + (None,),
                (q, k, v), dout)
 
 

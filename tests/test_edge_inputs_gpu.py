@@ -15,9 +15,9 @@ RESULTS = ("out", "lse", "dq", "dk", "dv")
 
 
 def forward_backward(q, k, v, dout, causal):
-    """(out, lse, dq, dk, dv) of flash_attn_func and autograd."""
+    """(out, lse, dq, dk, dv) of flash_attn_func and autograd, the deterministic backward (compared bit for bit)."""
     qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-    out, lse, _ = flash_attn_func(*qkv, causal=causal, return_attn_probs=True)
+    out, lse, _ = flash_attn_func(*qkv, causal=causal, return_attn_probs=True, deterministic=True)
     return (out.detach(), lse, *torch.autograd.grad(out, qkv, dout))
 
 

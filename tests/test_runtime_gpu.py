@@ -15,8 +15,9 @@ REPEATS = 10
 
 
 def forward_backward(qkv, dout, causal):
-    """(out, lse, dq, dk, dv) of flash_attn_func and autograd; qkv are leaves that require grad."""
-    out, lse, _ = flash_attn_func(*qkv, causal=causal, return_attn_probs=True)
+    """(out, lse, dq, dk, dv) of flash_attn_func and autograd; qkv are leaves that require grad. The
+    deterministic backward: results are compared bit for bit."""
+    out, lse, _ = flash_attn_func(*qkv, causal=causal, return_attn_probs=True, deterministic=True)
     return (out.detach(), lse, *torch.autograd.grad(out, qkv, dout))
 
 

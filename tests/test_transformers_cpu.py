@@ -144,6 +144,17 @@ def test_padding_mask_refuses_a_static_cache():
         fa2_hf.padding_mask(1, 1, 16, q_offset=torch.tensor(5), attention_mask=None)
 
 
+@pytest.mark.parametrize("kwarg, env, expected", [(None, None, False), (None, "1", True), (None, "0", False),
+                                                   (True, None, True), (False, "1", False)])
+def test_deterministic_backward(monkeypatch, kwarg, env, expected):
+    # transformers' rule: its deterministic kwarg, else FLASH_ATTENTION_DETERMINISTIC=1.
+    if env is None:
+        monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+    else:
+        monkeypatch.setenv("FLASH_ATTENTION_DETERMINISTIC", env)
+    assert fa2_hf.deterministic_backward(kwarg) is expected
+
+
 def test_target_dtype():
     bf16_model = torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16))
     fp32_model = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -195,10 +206,13 @@ class Recorder:
 
     def __init__(self):
         self.calls = []
+        self.deterministic = []  # what each call passed as deterministic
 
     @staticmethod
     def _check_options(kw):
-        assert set(kw) <= {"softmax_scale", "causal", "window_size", "softcap", "s_aux", "dropout_p"}, kw
+        assert set(kw) <= {"softmax_scale", "causal", "window_size", "softcap", "s_aux", "dropout_p",
+                           "deterministic"}, kw
+        assert type(kw.pop("deterministic")) is bool  # always passed: the backward's mode (not the contract's)
         if "dropout_p" in kw:
             assert isinstance(kw["dropout_p"], float) and 0 < kw["dropout_p"] < 1
         assert isinstance(kw["causal"], bool)
@@ -209,6 +223,7 @@ class Recorder:
             assert kw["s_aux"].dtype == torch.float32 and kw["s_aux"].dim() == 1 and kw["s_aux"].stride() == (1,)
 
     def func(self, q, k, v, **kw):
+        self.deterministic.append(kw.get("deterministic"))
         self._check_options(kw)
         assert q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
         assert q.shape[0] == k.shape[0] and q.shape[2] % k.shape[2] == 0
@@ -216,6 +231,7 @@ class Recorder:
         return attention_contract(q, k, v, **kw)
 
     def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw):
+        self.deterministic.append(kw.get("deterministic"))
         self._check_options(kw)
         assert q.dim() == k.dim() == v.dim() == 3
         for cu, rows, longest in ((cu_seqlens_q, q, max_seqlen_q), (cu_seqlens_k, k, max_seqlen_k)):
@@ -338,6 +354,22 @@ def test_gradients_of_a_padded_training_step(recorder):
         model(ids, attention_mask=mask, labels=labels).loss.backward()
     for (name, p_ours), p_theirs in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(p_ours.grad, p_theirs.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("env, expected", [(None, False), ("1", True)], ids=["default", "env"])
+def test_backward_mode_reaches_the_kernels(recorder, monkeypatch, env, expected):
+    # flash_attn's default (the atomic backward) unless FLASH_ATTENTION_DETERMINISTIC=1, on every call.
+    if env is None:
+        monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+    else:
+        monkeypatch.setenv("FLASH_ATTENTION_DETERMINISTIC", env)
+    ours, _ = twin_models("llama")
+    ids, mask = padded_batch([8, 5], 8, "left")
+    with torch.no_grad():
+        ours(torch.randint(1, VOCAB, (2, 8)))
+        ours(ids, attention_mask=mask)
+    assert set(recorder.paths()) == {"func", "varlen"}
+    assert recorder.deterministic and set(recorder.deterministic) == {expected}
 
 
 def test_sinks_get_their_gradient(recorder):

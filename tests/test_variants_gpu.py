@@ -172,12 +172,13 @@ def forward_into_nan(q, k, v, softmax_scale, causal, opts, varlen=None):
     return out[..., :head_dim], lse
 
 
-def backward_into_nan(dout, q, k, v, out, lse, softmax_scale, causal, opts, varlen=None):
-    """_bwd with the variant into NaN-filled dq, dk, dv."""
+def backward_into_nan(dout, q, k, v, out, lse, softmax_scale, causal, opts, varlen=None, deterministic=True):
+    """_bwd with the variant into NaN-filled dq, dk, dv, in the backward mode deterministic."""
     head_dim = q.shape[-1]
     dout, q, k, v, out = (F.pad(t, (0, -head_dim % 8)) for t in (dout, q, k, v, out))
     grads = tuple(torch.full_like(t, NAN) for t in (q, k, v))
-    _bwd(dout, q, k, v, out, lse, *grads, softmax_scale, causal, *(varlen or ()), **hook_options(opts))
+    _bwd(dout, q, k, v, out, lse, *grads, softmax_scale, causal, *(varlen or ()), **hook_options(opts),
+         deterministic=deterministic)
     for name, grad in zip(GRADS, grads):
         assert (grad[..., head_dim:] == 0).all(), f"padding columns of {name} must be 0"
     return tuple(grad[..., :head_dim] for grad in grads)
@@ -237,24 +238,25 @@ def changes_anything(variant, lengths_q, lengths_k):
                                visible_keys(sq, sk, variant.causal)) for sq, sk in zip(lengths_q, lengths_k))
 
 
-def check_variant(q, k, v, variant, opts, varlen=None):
+def check_variant(q, k, v, variant, opts, varlen=None, deterministic=True):
     """Forward and backward through the kernels into poisoned buffers, checked by check_results."""
     softmax_scale = softmax_scale_of(variant, q.shape[-1])
     dout = torch.randn_like(q)
     out, lse = forward_into_nan(q, k, v, softmax_scale, variant.causal, opts, varlen)
-    grads = backward_into_nan(dout, q, k, v, out, lse, softmax_scale, variant.causal, opts, varlen)
+    grads = backward_into_nan(dout, q, k, v, out, lse, softmax_scale, variant.causal, opts, varlen, deterministic)
     check_results((out, lse, *grads), dout, q, k, v, softmax_scale, variant, opts, varlen,
                   plain_must_differ=changes_anything(variant, *lengths_of(q, k, varlen)))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @on_dtypes
-def test_variant(dtype, grid_head_dim, variant, grid_seqlens):
+def test_variant(dtype, grid_head_dim, variant, grid_seqlens, deterministic):
     # GQA (8 query heads on 2 kv heads), so that slopes or sinks read by the kv head would fail.
     skip_unless_built(grid_head_dim)
     seqlen_q, seqlen_k = grid_seqlens
     q, k, v = random_qkv(BATCH, seqlen_q, seqlen_k, HEADS_Q, 2, grid_head_dim, dtype=dtype, device="cuda")
-    check_variant(q, k, v, VARIANTS[variant], options(VARIANTS[variant], BATCH, HEADS_Q, seqlen_k))
+    check_variant(q, k, v, VARIANTS[variant], options(VARIANTS[variant], BATCH, HEADS_Q, seqlen_k),
+                  deterministic=deterministic)
 
 
 @pytest.mark.parametrize("variant", SWEEP_VARIANTS)
@@ -305,20 +307,21 @@ VARLEN_MIX = LENGTH_MIXES["q-ne-k"]
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @on_dtypes
-def test_varlen_variant(dtype, head_dim, variant):
+def test_varlen_variant(dtype, head_dim, variant, deterministic):
     skip_unless_built(head_dim)
     q, k, v, varlen = random_varlen(*VARLEN_MIX, HEADS_Q, 2, head_dim, dtype=dtype, device="cuda")
     check_variant(q, k, v, VARIANTS[variant], options(VARIANTS[variant], len(VARLEN_MIX[0]), HEADS_Q,
-                                                      varlen.max_seqlen_k), varlen)
+                                                      varlen.max_seqlen_k), varlen, deterministic)
 
 
-def public_call(entry_varlen, variant, opts, softmax_scale):
+def public_call(entry_varlen, variant, opts, softmax_scale, deterministic=True):
     """A call (q, k, v, s_aux) -> (out, lse, None) of flash_attn_func or flash_attn_varlen_func (entry_varlen:
     a Varlen) with the variant, s_aux given as an argument so that autograd can differentiate it."""
     rest = {name: value for name, value in opts.items() if name != "s_aux"}
 
     def call(q, k, v, s_aux):
-        kwargs = dict(softmax_scale=softmax_scale, causal=variant.causal, return_attn_probs=True, s_aux=s_aux, **rest)
+        kwargs = dict(softmax_scale=softmax_scale, causal=variant.causal, return_attn_probs=True, s_aux=s_aux,
+                      deterministic=deterministic, **rest)
         if entry_varlen is None:
             return flash_attn_func(q, k, v, **kwargs)
         return flash_attn_varlen_func(q, k, v, *entry_varlen, **kwargs)
@@ -330,7 +333,7 @@ def public_call(entry_varlen, variant, opts, softmax_scale):
 @pytest.mark.parametrize("variant", SINK_VARIANTS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @on_dtypes
-def test_sink_gradient(dtype, head_dim, variant, layout):
+def test_sink_gradient(dtype, head_dim, variant, layout, deterministic):
     # The public entries through autograd: dq, dk, dv and ds_aux, the sink's gradient summed over every row
     # (of every sequence) of its head, against autograd of the reference.
     skip_unless_built(head_dim)
@@ -344,7 +347,7 @@ def test_sink_gradient(dtype, head_dim, variant, layout):
         varlen, opts = None, options(variant, BATCH, HEADS_Q, seqlen_k)
     softmax_scale = softmax_scale_of(variant, head_dim)
     dout = torch.randn_like(q)
-    results = run(public_call(varlen, variant, opts, softmax_scale), (q, k, v, opts["s_aux"]), dout)
+    results = run(public_call(varlen, variant, opts, softmax_scale, deterministic), (q, k, v, opts["s_aux"]), dout)
     assert results[-1].shape == opts["s_aux"].shape and results[-1].dtype == torch.float32
     check_results(results, dout, q, k, v, softmax_scale, variant, opts, varlen)
 
@@ -381,7 +384,7 @@ def packed_case(entry, head_dim, variant):
         def call(*tensors):
             s_aux = tensors[count] if sink is not None else None
             return function(*tensors[:count], *extra, causal=variant.causal, return_attn_probs=True, s_aux=s_aux,
-                            **opts)
+                            deterministic=True, **opts)
         return call
 
     sinks = [sink] if sink is not None else []
@@ -410,7 +413,7 @@ def test_packed_equals_unpacked(entry, head_dim, variant):
 @pytest.mark.parametrize("layout", ["fixed", "varlen"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_deterministic(head_dim, layout):
-    # Every feature on, GQA: bit-identical run to run, ds_aux too.
+    # Every feature on, GQA: bit-identical run to run with deterministic=True, ds_aux too.
     skip_unless_built(head_dim)
     variant = VARIANTS["everything"]
     if layout == "varlen":
@@ -462,6 +465,6 @@ def test_off_values_are_the_plain_call(entry, causal, off):
     dout = torch.randn_like(tensors[0][..., 0, :, :] if entry.endswith("qkvpacked") else tensors[0])
 
     def call(**extra):
-        return lambda *t: function(*t, *args, causal=causal, return_attn_probs=True, **extra)
+        return lambda *t: function(*t, *args, causal=causal, return_attn_probs=True, deterministic=True, **extra)
 
     assert_equal(run(call(**OFF[off]), tensors, dout), run(call(), tensors, dout))

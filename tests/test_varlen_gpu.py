@@ -15,7 +15,7 @@ from flash_attn2 import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_q
                          flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                          flash_attn_varlen_qkvpacked_func, set_value_checks)
 from test_bad_inputs_gpu import moved_to_cuda
-from test_bwd_gpu import GRADS, backward_into_nan, check_bwd
+from test_bwd_gpu import DETERMINISTIC_RUNS, GRADS, backward_into_nan, check_bwd
 from test_fwd_gpu import check_fwd
 from test_input_checks import message
 from test_varlen_input_checks import VARLEN_BAD_INPUTS, cu, varlen_args
@@ -52,7 +52,7 @@ def key_rows_without_queries(varlen):
 
 @pytest.mark.parametrize("mix", LENGTH_MIXES)
 @on_kernel_grid
-def test_varlen(dtype, head_dim, causal, kv_heads, mix):
+def test_varlen(dtype, head_dim, causal, kv_heads, mix, deterministic):
     skip_unless_built(head_dim)
     q, k, v, varlen = random_varlen(*LENGTH_MIXES[mix], HEADS_Q, KV_HEADS[kv_heads](HEADS_Q), head_dim, dtype=dtype,
                                     device="cuda")
@@ -60,7 +60,7 @@ def test_varlen(dtype, head_dim, causal, kv_heads, mix):
     softmax_scale = head_dim ** -0.5
     out, lse = forward_into_nan(q, k, v, softmax_scale, causal, varlen)
     check_fwd(out, lse, q, k, v, softmax_scale, causal, varlen)
-    grads = backward_into_nan(dout, q, k, v, out, lse, softmax_scale, causal, varlen)
+    grads = backward_into_nan(dout, q, k, v, out, lse, softmax_scale, causal, varlen, deterministic)
     check_bwd(grads, dout, q, k, v, softmax_scale, causal, varlen)
     unseen = key_rows_without_queries(varlen)
     for name, grad in zip(GRADS[1:], grads[1:]):
@@ -94,7 +94,7 @@ def test_flash_attn_varlen_func(head_dim, softmax_scale):
 
     def call(q, k, v):
         return flash_attn_varlen_func(q, k, v, *varlen, softmax_scale=softmax_scale, causal=True,
-                                      return_attn_probs=True)
+                                      return_attn_probs=True, deterministic=True)
 
     out, lse, *grads = run(call, (q, k, v), dout)
     assert lse.shape == (HEADS_Q, q.shape[0]) and call(q, k, v)[2] is None
@@ -113,7 +113,7 @@ def test_varlen_broadcast_dout():
     dout = torch.randn(64, dtype=torch.float16, device="cuda").expand_as(q)
 
     def call(q, k, v):
-        return flash_attn_varlen_func(q, k, v, *varlen, causal=True, return_attn_probs=True)
+        return flash_attn_varlen_func(q, k, v, *varlen, causal=True, return_attn_probs=True, deterministic=True)
 
     assert_equal(run(call, (q, k, v), dout), run(call, (q, k, v), dout.contiguous()))
 
@@ -130,7 +130,7 @@ def packed_case(variant, head_dim, causal, dtype=torch.float16):
     """(packed tensors, the packed call, the same call unpacked): each call gives (out, lse, None) from
     its tensors, the unpacked one from (q, k, v)."""
     like = dict(dtype=dtype, device="cuda")
-    options = dict(causal=causal, return_attn_probs=True)
+    options = dict(causal=causal, return_attn_probs=True, deterministic=True)
     if variant == "qkvpacked":
         return ([torch.randn(2, 200, 3, 4, head_dim, **like)], lambda qkv: flash_attn_qkvpacked_func(qkv, **options),
                 lambda q, k, v: flash_attn_func(q, k, v, **options))
@@ -214,9 +214,10 @@ def test_equal_lengths_equal_flash_attn_func(kv_heads, head_dim, causal, monkeyp
     q, k, v = random_qkv(batch, seqlen_q, seqlen_k, HEADS_Q, KV_HEADS[kv_heads](HEADS_Q), head_dim,
                          dtype=torch.bfloat16, device="cuda")
     dout = torch.randn_like(q)
-    fixed = run(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_attn_probs=True), (q, k, v), dout)
+    options = dict(causal=causal, return_attn_probs=True, deterministic=True)
+    fixed = run(lambda q, k, v: flash_attn_func(q, k, v, **options), (q, k, v), dout)
     varlen = varlen_of([seqlen_q] * batch, [seqlen_k] * batch, "cuda")
-    flat = run(lambda q, k, v: flash_attn_varlen_func(q, k, v, *varlen, causal=causal, return_attn_probs=True),
+    flat = run(lambda q, k, v: flash_attn_varlen_func(q, k, v, *varlen, **options),
                [t.flatten(0, 1) for t in (q, k, v)], dout.flatten(0, 1))
     out, lse, dq, dk, dv = fixed
     assert_equal(flat, (out.flatten(0, 1), lse.transpose(0, 1).flatten(1, 2), dq.flatten(0, 1),
@@ -226,15 +227,18 @@ def test_equal_lengths_equal_flash_attn_func(kv_heads, head_dim, causal, monkeyp
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mix", ["mixed", "q-ne-k"])
 def test_deterministic(mix, head_dim):
-    # Bit-identical run to run, with GQA (dK and dV summed over each group in a fixed order).
+    # Bit-identical over 10 runs with deterministic=True, with GQA (dK and dV summed over each group in a
+    # fixed order).
     skip_unless_built(head_dim)
     q, k, v, varlen = random_varlen(*LENGTH_MIXES[mix], HEADS_Q, 2, head_dim, dtype=torch.bfloat16, device="cuda")
     dout = torch.randn_like(q)
 
     def call(q, k, v):
-        return flash_attn_varlen_func(q, k, v, *varlen, causal=True, return_attn_probs=True)
+        return flash_attn_varlen_func(q, k, v, *varlen, causal=True, return_attn_probs=True, deterministic=True)
 
-    assert_equal(run(call, (q, k, v), dout), run(call, (q, k, v), dout))
+    first = run(call, (q, k, v), dout)
+    for _ in range(DETERMINISTIC_RUNS - 1):
+        assert_equal(run(call, (q, k, v), dout), first)
 
 
 @contextlib.contextmanager
@@ -255,7 +259,7 @@ def value_checks_off():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_rows_past_the_last_sequence(causal, value_checks_off):
+def test_rows_past_the_last_sequence(causal, value_checks_off, deterministic):
     # cu_seqlens that end before the tensors do (unchecked): the rows of the sequences are right, the
     # rows past them belong to no sequence (their results are unspecified), and nothing faults.
     skip_unless_built(64)
@@ -266,7 +270,8 @@ def test_rows_past_the_last_sequence(causal, value_checks_off):
     dout = torch.randn_like(longer[0])
 
     def call(q, k, v):
-        return flash_attn_varlen_func(q, k, v, *varlen, causal=causal, return_attn_probs=True)
+        return flash_attn_varlen_func(q, k, v, *varlen, causal=causal, return_attn_probs=True,
+                                      deterministic=deterministic)
 
     out, lse, dq, dk, dv = run(call, longer, dout)
     torch.cuda.synchronize()
@@ -278,17 +283,18 @@ def test_rows_past_the_last_sequence(causal, value_checks_off):
 @pytest.mark.parametrize("lengths_q, lengths_k", [([], []), ([0, 0, 0], [0, 0, 0]), ([0, 0, 0], [5, 0, 70]),
                                                   ([3, 0, 90], [0, 0, 0])],
                          ids=["batch-0", "all-empty", "no-queries", "no-keys"])
-def test_empty_sequences(lengths_q, lengths_k, causal):
+def test_empty_sequences(lengths_q, lengths_k, causal, deterministic):
     # Nothing attends to anything: out 0, lse +inf, every gradient 0, through the kernels into NaN-filled
     # buffers and through the public entry.
     skip_unless_built(64)
     q, k, v, varlen = random_varlen(lengths_q, lengths_k, HEADS_Q, 2, 64, dtype=torch.float16, device="cuda")
     dout = torch.randn_like(q)
     out, lse = forward_into_nan(q, k, v, 0.125, causal, varlen)
-    grads = backward_into_nan(dout, q, k, v, out, lse, 0.125, causal, varlen)
+    grads = backward_into_nan(dout, q, k, v, out, lse, 0.125, causal, varlen, deterministic)
 
     def call(q, k, v):
-        return flash_attn_varlen_func(q, k, v, *varlen, causal=causal, return_attn_probs=True)
+        return flash_attn_varlen_func(q, k, v, *varlen, causal=causal, return_attn_probs=True,
+                                      deterministic=deterministic)
 
     for path, (out_, lse_, *grads_) in (("kernels", (out, lse, *grads)), ("entry", run(call, (q, k, v), dout))):
         assert out_.shape == q.shape and lse_.shape == (HEADS_Q, q.shape[0]), path
@@ -308,7 +314,8 @@ def test_max_seqlen_above_the_longest(causal, extra):
     dout = torch.randn_like(q)
 
     def call(varlen):
-        return lambda q, k, v: flash_attn_varlen_func(q, k, v, *varlen, causal=causal, return_attn_probs=True)
+        return lambda q, k, v: flash_attn_varlen_func(q, k, v, *varlen, causal=causal, return_attn_probs=True,
+                                                      deterministic=True)
 
     results = run(call(loose), (q, k, v), dout)
     assert_equal(results, run(call(varlen), (q, k, v), dout))
@@ -331,7 +338,8 @@ class ValidVarlenCall:
 
     def run(self):
         def call(q, k, v):
-            return flash_attn_varlen_func(q, k, v, *self.varlen, causal=True, return_attn_probs=True)
+            return flash_attn_varlen_func(q, k, v, *self.varlen, causal=True, return_attn_probs=True,
+                                          deterministic=True)
 
         return run(call, self.qkv, self.dout)
 

@@ -104,6 +104,9 @@ struct BwdParams : FwdParams {  // o and lse: the forward's outputs
   // caller then sums over each group of query heads, in a fixed order.
   HeadTensor dk, dv;
   RowTensor dpsum;  // rowsum(dO * O), laid out as lse
+  // The non-deterministic backward's fp32 dQ (bwd_dkdv_kernel.h, AtomicDq), laid out as q (its own strides),
+  // zeroed by the caller, already scaled: the caller casts it into dq. Unused (nullptr) by the split backward.
+  HeadTensor dq_accum;
 };
 
 }  // namespace flash

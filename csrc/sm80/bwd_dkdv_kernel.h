@@ -7,6 +7,10 @@
 // Q, dO, LSE and D are double-buffered. With dropout (General only; bwd_dq_kernel.h derives it), dV takes
 // the dropped Pᵀ (its 1 / (1 - p) applied once to dV) and dSᵀ the undropped Pᵀ with the masked, rescaled
 // dPᵀ; the keep mask is made once per step (dropout.h: the Sᵀ layout costs no more calls) and kept as bits.
+// AtomicDq (the non-deterministic backward, FlashAttention-2's Algorithm 2 unsplit): each step also takes
+// this query block's share of dQ, dS·K, from dSᵀ in shared memory (with kWarpsN = 1 it goes there only
+// for this) and K, and adds it into the fp32 params.dq_accum with atomics: 5 matmuls in all, no dQ kernel.
+// The order of those adds varies from run to run, so dQ's last bits do.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -26,14 +30,16 @@ namespace flash {
 
 using namespace cute;
 
-// K, V; 2 x (Q, dO); 2 x (LSE, D); with kWarpsN > 1, Pᵀ and dSᵀ.
-template <class Traits>
+// K, V; 2 x (Q, dO); 2 x (LSE, D); with kWarpsN > 1, Pᵀ and dSᵀ; with AtomicDq, dSᵀ.
+template <class Traits, bool AtomicDq = false>
 constexpr int bwd_dkdv_smem_size() {
-  int const p_ds = Traits::kWarpsN > 1 ? 2 * Traits::kBlockM * Traits::kBlockN * int(sizeof(typename Traits::Element)) : 0;
+  bool const share_p = Traits::kWarpsN > 1;
+  int const tiles = int(share_p) + int(share_p || AtomicDq);
+  int const p_ds = tiles * Traits::kBlockM * Traits::kBlockN * int(sizeof(typename Traits::Element));
   return 2 * Traits::kSmemSizeM + 4 * Traits::kSmemSizeN + 4 * Traits::kBlockN * int(sizeof(float)) + p_ds;
 }
 
-template <class Traits, bool Windowed, bool General>  // mask.h, fwd_kernel.h
+template <class Traits, bool Windowed, bool General, bool AtomicDq = false>  // mask.h, fwd_kernel.h; AtomicDq above
 __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_constant__ const BwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;  // keys this block owns
@@ -88,7 +94,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   auto sD = [&](int stage) { return smem_stats + (2 * stage + 1) * kBlockN; };
   Tensor sPt = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem_stats + 4 * kBlockN)),
                            SmemTile<kBlockM, kBlockN>{});  // (keys, queries); used when kShareP
-  Tensor sdSt = make_tensor(sPt.data() + size(sPt), SmemTile<kBlockM, kBlockN>{});
+  Tensor sdSt = make_tensor(sPt.data() + (kShareP ? size(sPt) : 0), SmemTile<kBlockM, kBlockN>{});  // kShareP, AtomicDq
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
@@ -165,6 +171,32 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
   load_queries(m_block_begin, 0);
   cp_async_fence();
 
+  // AtomicDq: dQ[m_block] += dS·K·scale, from dSᵀ in shared memory (every warp's part in: the caller's barrier)
+  // and K, into the fp32 accumulator; rows past seqlen_q and columns past head_dim are not touched. (Taken in
+  // column slices, to keep fewer accumulators live, it spilled more: benchmarks/NOTES.md.)
+  auto add_dq = [&](int m_block) __attribute__((always_inline)) {
+    if constexpr (AtomicDq) {
+      Tensor sdS = make_tensor(sdSt.data(), SmemTileT<kBlockM, kBlockN>{});  // (kBlockN, kBlockM)
+      Tensor sKt = make_tensor(sK.data(), SmemTileT<kBlockM, kHeadDim>{});   // (kHeadDim, kBlockM)
+      auto smem_copy_at = make_tiled_copy_A(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+      Tensor tdQrdS = make_tensor<Element>(partition_shape_A(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{}));
+      Tensor tdQrKt = make_tensor<Element>(partition_shape_B(tiled_mma, Shape<Int<kHeadDim>, Int<kBlockM>>{}));
+      Tensor acc_dq = partition_fragment_C(tiled_mma, TileN{});  // (MMA, MMA_M, MMA_N)
+      clear(acc_dq);
+      gemm_smem_smem(tiled_mma, acc_dq, tdQrdS, tdQrKt, smem_copy_at.get_thread_slice(tid).partition_S(sdS),
+                     smem_copy_bt.get_thread_slice(tid).partition_S(sKt), smem_copy_at, smem_copy_bt);
+      Tensor gdQaccum = local_tile(seq.q_rows<kHeadDim, float>(params.dq_accum, head), TileN{},
+                                   make_coord(m_block, 0));  // (kBlockN, kHeadDim)
+      Tensor tdQcdQ = thr_mma.partition_C(make_identity_tensor(TileN{}));
+      int const rows = seq.seqlen_q - m_block * kBlockN;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dq); ++i) {
+        int const row = get<0>(tdQcdQ(i)), col = get<1>(tdQcdQ(i));
+        if (row < rows && col < params.head_dim) { atomicAdd(&gdQaccum(row, col), acc_dq(i) * params.softmax_scale); }
+      }
+    }
+  };
+
   auto step = [&](int m_block, int stage, auto is_masked) __attribute__((always_inline)) {
     cp_async_wait<0>();
     __syncthreads();  // this stage has landed, and every warp is done with the other one
@@ -231,13 +263,19 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(__grid_cons
     Tensor rdS = convert_type<Element>(acc_dp);
     Tensor tdKsQt = smem_copy_bt.get_thread_slice(tid).partition_S(sQt(stage));
     if constexpr (!kShareP) {
+      if constexpr (AtomicDq) { copy(smem_copy_acc, smem_copy_acc.get_thread_slice(tid).retile_S(rdS), tPsdSt); }
       gemm_reg_smem(tiled_mma, acc_dk, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQt, tdKsQt,
                     smem_copy_bt);
+      if constexpr (AtomicDq) {
+        __syncthreads();  // every warp's dSᵀ is in; the next step's first barrier guards its reuse
+        add_dq(m_block);
+      }
     } else {
       copy(smem_copy_acc, smem_copy_acc.get_thread_slice(tid).retile_S(rdS), tPsdSt);
       __syncthreads();  // every warp's part of Pᵀ and dSᵀ is in; the next step's first barrier guards reuse
       gemm_smem_smem(tiled_mma, acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, smem_copy_a, smem_copy_bt);
       gemm_smem_smem(tiled_mma, acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, smem_copy_a, smem_copy_bt);
+      add_dq(m_block);
     }
   };
 

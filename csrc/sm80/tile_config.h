@@ -27,4 +27,11 @@ constexpr TileShape bwd_dkdv_tile(int head_dim) {
   return head_dim <= 128 ? TileShape{64, 64, 4} : TileShape{64, 64, 8, 4};
 }
 
+// Backward dK/dV with the atomic dQ (deterministic=False): a dQ tile (kBlockN, head_dim) joins dK and dV
+// in registers while it is summed. Above head dim 64 that outgrows four warps (D = 128 spilled ~870 bytes
+// for sm_90a): eight warps split the columns in two, as FlashAttention-2's own kernel does.
+constexpr TileShape bwd_dkdv_atomic_tile(int head_dim) {
+  return head_dim <= 64 ? TileShape{64, 64, 4} : head_dim <= 128 ? TileShape{64, 64, 8, 2} : TileShape{64, 64, 8, 4};
+}
+
 }  // namespace flash

@@ -21,6 +21,7 @@ flash_attn_varlen_func:
   transformers' flash path reads them);
 - GQA/MQA (k and v are never repeated), sliding-window layers (window_size), logit softcapping (Gemma 2)
   and attention sinks (gpt-oss's s_aux), passed per flash_attn2's contract;
+- the backward's mode: the deterministic kwarg, else FLASH_ATTENTION_DETERMINISTIC=1, as transformers reads them;
 - attention dropout while training (the model's attention_dropout, as dropout_p);
 - generation with the default DynamicCache, padded or not.
 Not covered: output_attentions (no weights are returned, as with flash_attention_2), and StaticCache
@@ -32,6 +33,7 @@ softcap translation) is in pure functions below, testable on CPU tensors.
 """
 
 import functools
+import os
 import warnings
 from typing import NamedTuple, Optional
 
@@ -172,6 +174,15 @@ def softcap_value(softcap):
     return 0.0 if softcap is None else float(softcap)
 
 
+def deterministic_backward(deterministic=None):
+    """flash_attn2's deterministic for transformers' kwarg of that name; unset, FLASH_ATTENTION_DETERMINISTIC=1
+    in the environment asks for it, as in transformers' own flash_attention_2 path. (The global
+    torch.use_deterministic_algorithms(True) selects the deterministic backward either way.)"""
+    if deterministic is None:
+        return os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
+    return bool(deterministic)
+
+
 def target_dtype(query, module):
     """The dtype to run attention in when the model hands over fp32 (PEFT keeps norms in fp32): autocast's
     dtype, else the model's half-precision Linear weights', as transformers' flash path does. None keeps
@@ -243,6 +254,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         options["s_aux"] = s_aux.float()
     if dropout:  # transformers passes the config's attention_dropout while training, 0.0 in eval
         options["dropout_p"] = float(dropout)
+    options["deterministic"] = deterministic_backward(kwargs.get("deterministic"))
 
     if attention_mask is not None:
         out = _padded(q, k, v, attention_mask, options)
