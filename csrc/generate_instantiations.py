@@ -29,6 +29,10 @@ KERNELS = {
     "bwd_dq": Kernel("sm80", "bwd_launch.h", "run_bwd_dq", "BwdParams", HEAD_DIMS),
     "bwd_dkdv": Kernel("sm80", "bwd_launch.h", "run_bwd_dkdv", "BwdParams", HEAD_DIMS),
     "fwd_sm90": Kernel("sm90", "fwd_launch.h", "sm90::run_fwd", "FwdParams", SM90_HEAD_DIMS, arch="90a"),
+    # The Hopper forward's general variant (varlen, softcap, ALiBi, left window edges, dropout) apart from the
+    # common one, so that the two compile in parallel and each nvcc process stays small.
+    "fwd_sm90_general": Kernel("sm90", "fwd_launch.h", "sm90::run_fwd_general", "FwdParams", SM90_HEAD_DIMS,
+                               arch="90a"),
 }
 
 OUT_DIR = Path(__file__).resolve().parent / "instantiations"

@@ -22,5 +22,9 @@ namespace sm90 {
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &, cudaStream_t);
 }
+namespace sm90 {
+template <int kHeadDim, typename Element>
+cudaError_t run_fwd_general(FwdParams const &, cudaStream_t);
+}
 
 }  // namespace flash
