@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Tuple
 # Head dims with a kernel of their own; any other head dim <= 256 is served by the next one up.
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 # Those the Hopper forward has a kernel for: a call whose head dim rounds up to one of them goes there.
-SM90_HEAD_DIMS = (64, 128, 256)
+SM90_HEAD_DIMS = (64, 96, 128, 192, 256)
 DTYPES = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
 
 

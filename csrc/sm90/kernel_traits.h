@@ -97,8 +97,12 @@ struct FwdTraits {
   using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensor{}, SmemLayoutQ{}, TileQ{}, _1{}));
   // The varlen O store, which must not write past the sequence's last row (the next sequence's): 16-byte
   // loads from the swizzled buffer (swizzles move whole 16-byte chunks) and stores predicated per row.
-  static constexpr int kGmemThreadsPerRow = kHeadDim / 8;
-  static_assert(kConsumerThreads % kGmemThreadsPerRow == 0);
+  // Threads per row: the largest power of two that divides the row's 16-byte chunks (96: 4 threads, 3 each).
+  static constexpr int kGmemThreadsPerRow = (kHeadDim / 8) % 32 == 0   ? 32
+                                            : (kHeadDim / 8) % 16 == 0 ? 16
+                                            : (kHeadDim / 8) % 8 == 0  ? 8
+                                                                       : 4;
+  static_assert((kHeadDim / 8) % kGmemThreadsPerRow == 0 && kConsumerThreads % kGmemThreadsPerRow == 0);
   using GmemTiledCopyO = decltype(make_tiled_copy(
       Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
       Layout<Shape<Int<kConsumerThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>, Stride<Int<kGmemThreadsPerRow>, _1>>{},
