@@ -66,15 +66,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
   // Causal tiles differ in length: a static walk over them left SMs idle at the end (0.73-0.9x on the H200,
   // benchmarks/NOTES.md), so causal grids get one block per tile, longest first, from the hardware.
   TileScheduler<kBlockM, Traits::kPersistent && !Windowed> const scheduler{params};
-  // The tile's sequence and key blocks; none for causal rows above the first key, or a varlen sequence
-  // without keys (O = 0, LSE = +inf or the sink).
+  // Where the tile's sequence lies (varlen: from cu_seqlens, clamped), made where it is used: carried in
+  // plan's tuple beside the mask, it cost the common variant's D = 256 causal kernel a spill.
+  auto sequence = [&](BlockWork const &w) { return BlockInfo{params, w.batch, cute::bool_constant<General>{}}; };
+  // The tile's key blocks; none for causal rows above the first key, or a varlen sequence without keys
+  // (O = 0, LSE = +inf or the sink).
   auto plan = [&](int tile) {
     BlockWork w = scheduler.work(tile);
-    BlockInfo const seq{params, w.batch, cute::bool_constant<General>{}};
-    Mask<kBlockM, kBlockN, Windowed, General> const mask{params, seq, w.head};
+    Mask<kBlockM, kBlockN, Windowed, General> const mask{params, sequence(w), w.head};
     w.n_block_begin = mask.n_block_begin(w.m_block);
     w.n_block_end = mask.n_block_end(w.m_block);
-    return cute::make_tuple(w, mask, seq);
+    return cute::make_tuple(w, mask);
   };
   auto has_keys = [](BlockWork const &w) { return !(Windowed || General) || w.n_block_end > w.n_block_begin; };
   // Varlen: the scheduler's tiles cover the longest sequence; those past this one's end are skipped, by the
@@ -90,7 +92,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
       auto write_k = cutlass::make_producer_start_state<Pipeline>();
       auto write_v = cutlass::make_producer_start_state<Pipeline>();
       for (int tile = scheduler.first(), i = 0; scheduler.valid(tile); tile = scheduler.next(tile)) {
-        auto const [w, mask, seq] = plan(tile);
+        BlockWork const w = get<0>(plan(tile));
+        BlockInfo const seq = sequence(w);
         if (!has_rows(w, seq)) { continue; }
         if (i > 0) { barrier_sync(kQueryFreeThreads, FwdBarrier::QueryFree); }  // Q's buffer is free
         if (threadIdx.x == 0 && has_keys(w)) { mainloop.load(w, seq, write_k, write_v); }
@@ -108,7 +111,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
     typename Traits::PipelineState read_k, read_v;
     int q_phase = 0;
     for (int tile = scheduler.first(); scheduler.valid(tile); tile = scheduler.next(tile)) {
-      auto [w, mask, seq] = plan(tile);
+      auto [w, mask] = plan(tile);
+      BlockInfo const seq = sequence(w);
       if (!has_rows(w, seq)) { continue; }
       typename Traits::TiledMmaO mma_o;
       Tensor acc_o = partition_fragment_C(mma_o, typename Traits::TileQ{});  // (MMA, MMA_M, MMA_N)
