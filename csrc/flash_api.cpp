@@ -56,11 +56,11 @@ bool is_sm90(int device) {
 }
 
 // The Hopper forward (csrc/sm90) takes a call when it is built, the GPU is sm_90 and it covers the call:
-// a head dim that rounds up to one of kSm90FwdHeadDims (checked by the caller) and the common kernel
-// variant (no varlen, softcap, ALiBi or window left edge: mask.h). FLASH_ATTN2_FORCE_SM80=1 sends every
-// call to the mma.sync kernels, for A/B runs and bug reports; it is read at each call.
-bool hopper_fwd(flash::FwdParams const &p) {
-  if (!FLASH_ATTN2_SM90 || p.needs_general()) { return false; }
+// a head dim that rounds up to one of kSm90FwdHeadDims (checked by the caller); both kernel variants
+// (the general one: varlen, softcap, ALiBi, window left edges, dropout; mask.h). FLASH_ATTN2_FORCE_SM80=1
+// sends every call to the mma.sync kernels, for A/B runs and bug reports; it is read at each call.
+bool hopper_fwd(flash::FwdParams const &) {
+  if (!FLASH_ATTN2_SM90) { return false; }
   char const *force = std::getenv("FLASH_ATTN2_FORCE_SM80");
   if (force != nullptr && force[0] != '\0' && std::string(force) != "0") { return false; }
   return is_sm90(c10::cuda::current_device());
@@ -412,7 +412,10 @@ void fwd(at::Tensor const &q, at::Tensor const &k, at::Tensor const &v, at::Tens
     constexpr int kHeadDim = decltype(head_dim)::value;
     using Element = decltype(element);
     if constexpr (FLASH_ATTN2_SM90 && has_sm90_fwd(kHeadDim)) {
-      if (hopper_fwd(p)) { return flash::sm90::run_fwd<kHeadDim, Element>(p, stream); }
+      if (hopper_fwd(p)) {
+        return p.needs_general() ? flash::sm90::run_fwd_general<kHeadDim, Element>(p, stream)
+                                 : flash::sm90::run_fwd<kHeadDim, Element>(p, stream);
+      }
     }
     return flash::run_fwd<kHeadDim, Element>(p, stream);
   });

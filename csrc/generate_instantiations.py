@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Tuple
 # Head dims with a kernel of their own; any other head dim <= 256 is served by the next one up.
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 # Those the Hopper forward has a kernel for: a call whose head dim rounds up to one of them goes there.
-SM90_HEAD_DIMS = (64, 128, 256)
+SM90_HEAD_DIMS = (64, 96, 128, 192, 256)
 DTYPES = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
 
 
@@ -31,6 +31,10 @@ KERNELS = {
     # deterministic=False: dK/dV with dQ by atomics (bwd_dkdv_kernel.h), apart from bwd_dkdv's units.
     "bwd_dkdv_atomic_dq": Kernel("sm80", "bwd_launch.h", "run_bwd_dkdv_atomic_dq", "BwdParams", HEAD_DIMS),
     "fwd_sm90": Kernel("sm90", "fwd_launch.h", "sm90::run_fwd", "FwdParams", SM90_HEAD_DIMS, arch="90a"),
+    # The Hopper forward's general variant (varlen, softcap, ALiBi, left window edges, dropout) apart from the
+    # common one, so that the two compile in parallel and each nvcc process stays small.
+    "fwd_sm90_general": Kernel("sm90", "fwd_launch.h", "sm90::run_fwd_general", "FwdParams", SM90_HEAD_DIMS,
+                               arch="90a"),
 }
 
 OUT_DIR = Path(__file__).resolve().parent / "instantiations"

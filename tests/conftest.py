@@ -94,7 +94,7 @@ def hopper_path_available():
 def fwd_path(request, monkeypatch):
     """Runs the test with the forward on one path; a module opts in with
     `pytestmark = pytest.mark.usefixtures("fwd_path")`. On the Hopper path, calls it does not cover
-    (head dims 32, 96, 192; varlen, softcap, ALiBi, window left edges) still run on mma.sync."""
+    (head dims <= 32) still run on mma.sync."""
     if request.param == "hopper":
         if not hopper_path_available():
             pytest.skip("the Hopper forward needs an sm_90 GPU and a build with FLASH_ATTN2_CUDA_ARCHS including 90a")

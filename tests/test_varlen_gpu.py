@@ -20,7 +20,7 @@ from test_fwd_gpu import check_fwd
 from test_input_checks import message
 from test_varlen_input_checks import VARLEN_BAD_INPUTS, cu, varlen_args
 
-pytestmark = [requires_gpu, requires_ext]
+pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path")]
 
 INF = float("inf")
 RESULTS = ("out", "lse", *GRADS)
@@ -203,12 +203,11 @@ def test_packed_forward_reads_in_place(variant):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [59, 64, 128])
 @pytest.mark.parametrize("kv_heads", KV_HEADS)
-def test_equal_lengths_equal_flash_attn_func(kv_heads, head_dim, causal, monkeypatch):
-    # A varlen batch of equal lengths is flash_attn_func's batch flattened: the same kernels on the same
-    # tiles, so out, lse and the gradients are bit-identical (lse (batch, heads, seqlen) there,
-    # (heads, batch * seqlen) here). Varlen runs on the mma.sync kernels, so flash_attn_func is held there
-    # too (on an H200 it would take the Hopper forward, whose tiles differ).
-    monkeypatch.setenv("FLASH_ATTN2_FORCE_SM80", "1")
+def test_equal_lengths_equal_flash_attn_func(kv_heads, head_dim, causal):
+    # A varlen batch of equal lengths is flash_attn_func's batch flattened: on either forward path (the
+    # module's fwd_path), the same tiles in the same order, the varlen kernel's rows past a sequence's end
+    # masked or unused, so out, lse and the gradients are bit-identical (lse (batch, heads, seqlen) there,
+    # (heads, batch * seqlen) here).
     skip_unless_built(head_dim)
     batch, seqlen_q, seqlen_k = 3, 200, 131
     q, k, v = random_qkv(batch, seqlen_q, seqlen_k, HEADS_Q, KV_HEADS[kv_heads](HEADS_Q), head_dim,

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <type_traits>
 
 namespace flash {
@@ -23,6 +24,21 @@ cudaError_t launch_kernel(void (*kernel)(Params), dim3 grid, int threads, int sm
   }
   kernel<<<grid, threads, smem_size, stream>>>(params);
   return cudaGetLastError();
+}
+
+// The current device's SM count, asked of the driver once per device (persistent grids size by it at every
+// launch).
+inline cudaError_t current_sm_count(int &sm_count) {
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int> known[kCachedDevices] = {};  // 0: not asked yet
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) { return err; }
+  if (device < kCachedDevices && (sm_count = known[device].load(std::memory_order_relaxed)) > 0) { return cudaSuccess; }
+  if (cudaError_t err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device); err != cudaSuccess) {
+    return err;
+  }
+  if (device < kCachedDevices) { known[device].store(sm_count, std::memory_order_relaxed); }
+  return cudaSuccess;
 }
 
 }  // namespace flash

@@ -8,7 +8,7 @@
 namespace flash {
 
 constexpr int kKernelHeadDims[] = {32, 64, 96, 128, 192, 256};
-constexpr int kSm90FwdHeadDims[] = {64, 128, 256};
+constexpr int kSm90FwdHeadDims[] = {64, 96, 128, 192, 256};
 
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &, cudaStream_t);
@@ -23,6 +23,10 @@ cudaError_t run_bwd_dkdv_atomic_dq(BwdParams const &, cudaStream_t);
 namespace sm90 {
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &, cudaStream_t);
+}
+namespace sm90 {
+template <int kHeadDim, typename Element>
+cudaError_t run_fwd_general(FwdParams const &, cudaStream_t);
 }
 
 }  // namespace flash

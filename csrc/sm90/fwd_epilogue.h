@@ -1,5 +1,7 @@
 // The Hopper forward's epilogue: O (normalised, in the input dtype) through shared memory and one TMA store,
-// which clips the rows and columns past the tensor's end; the LSE straight from the registers.
+// which clips the rows and columns past the tensor's end; the LSE straight from the registers. A varlen
+// sequence's rows end inside the tensor (the next sequence's follow): there the consumers copy O out
+// themselves, predicated by row.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -16,7 +18,7 @@ namespace flash::sm90 {
 
 using namespace cute;
 
-template <class Traits>
+template <class Traits, bool General>
 struct FwdEpilogue {
   using Element = typename Traits::Element;
   typename Traits::KernelParams const &kp;
@@ -26,7 +28,8 @@ struct FwdEpilogue {
   // each warpgroup writes only its own 64 rows, which only its own Q·Kᵀ read, and that has finished. The
   // TMA store is left in flight; the next tile's store() waits for it before writing the buffer again.
   template <class AccO, class Lse>
-  CUTE_DEVICE void store(BlockWork const &w, AccO const &acc_o, Lse const &lse, int thread_idx) const {
+  CUTE_DEVICE void store(BlockWork const &w, BlockInfo const &seq, AccO const &acc_o, Lse const &lse,
+                         int thread_idx) const {
     FwdParams const &p = kp.params;
     typename Traits::TiledMmaO mma_o;
     Tensor sO = make_tensor(make_smem_ptr(shared.o_buffer()), typename Traits::SmemLayoutQ{});
@@ -38,18 +41,48 @@ struct FwdEpilogue {
     copy(smem_copy, thr_copy.retile_S(rO), thr_copy.partition_D(sO));
     cutlass::arch::fence_view_async_shared();  // the generic-proxy writes, visible to the TMA engine
 
-    BlockInfo const seq{p, w.batch, cute::false_type{}};
     Tensor gLSE = local_tile(seq.q_values(p.lse, w.head), Shape<Int<Traits::kBlockM>>{}, make_coord(w.m_block));
     Tensor tOcO = mma_o.get_thread_slice(thread_idx).partition_C(make_identity_tensor(typename Traits::TileQ{}));
     store_row_values(lse, gLSE, tOcO, seq.seqlen_q - w.m_block * Traits::kBlockM);
 
     barrier_sync(Traits::kConsumerThreads, FwdBarrier::OutputReady);
+    if constexpr (General) {
+      if (tma_varlen<General>(p)) {
+        store_rows(w, seq, sO, thread_idx);
+        return;
+      }
+    }
     if (thread_idx == 0) {
       Tensor mO = kp.tma_o.get_tma_tensor(make_shape(p.seqlen_q, p.head_dim, p.heads, p.batch));
       Tensor gO = local_tile(mO(_, _, w.head, w.batch), typename Traits::TileQ{}, make_coord(w.m_block, _0{}));
       auto o_copy = tma_partition(kp.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sO), group_modes<0, 2>(gO));
       copy(kp.tma_o, get<1>(o_copy), get<0>(o_copy));  // (gmem, smem) views: smem -> gmem
       tma_store_arrive();
+    }
+  }
+
+  // O from shared memory to this sequence's rows, 16 bytes per copy; none past the sequence's last row or
+  // past head_dim (a multiple of 8). Every consumer's copies have read the buffer before it arrives at the
+  // barrier that lets the next tile write it (OutputFree, or QueryFree where O shares Q's buffer).
+  template <class SmemO>
+  CUTE_DEVICE void store_rows(BlockWork const &w, BlockInfo const &seq, SmemO const &sO, int thread_idx) const {
+    FwdParams const &p = kp.params;
+    Tensor gO = local_tile(seq.template q_rows<Traits::kHeadDim, Element>(p.o, w.head), typename Traits::TileQ{},
+                           make_coord(w.m_block, _0{}));  // (kBlockM, kHeadDim)
+    typename Traits::GmemTiledCopyO gmem_copy;
+    auto thr_copy = gmem_copy.get_thread_slice(thread_idx);
+    Tensor tOsO = thr_copy.partition_S(sO);  // (CPY, CPY_M, CPY_K)
+    Tensor tOgO = thr_copy.partition_D(gO);
+    Tensor tOcO = thr_copy.partition_D(make_identity_tensor(typename Traits::TileQ{}));
+    int const rows_left = seq.seqlen_q - w.m_block * Traits::kBlockM;
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(tOsO); ++m) {
+      if (get<0>(tOcO(0, m, 0)) < rows_left) {
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(tOsO); ++k) {
+          if (get<1>(tOcO(0, m, k)) < p.head_dim) { copy(gmem_copy, tOsO(_, m, k), tOgO(_, m, k)); }
+        }
+      }
     }
   }
 };

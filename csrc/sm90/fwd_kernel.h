@@ -9,6 +9,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "common/block_info.h"
+#include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/softmax.h"
@@ -23,9 +24,9 @@ namespace flash::sm90 {
 
 using namespace cute;
 
-// Windowed: causal or a window without a left edge (mask.h); the general variant (varlen, softcap, ALiBi,
-// left edges) runs on the mma.sync path for now.
-template <class Traits, bool Windowed>
+// Windowed: causal or a window (mask.h). General: the variant for varlen batches, softcap, ALiBi, a window's
+// left edge and dropout, as the mma.sync forward's (sm80/fwd_kernel.h); without it they compile out.
+template <class Traits, bool Windowed, bool General>
 __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
   using Pipeline = typename Traits::Pipeline;
@@ -54,33 +55,50 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
   Pipeline pipeline_v(shared.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers are initialised before anyone waits on them
 
+  if (General && params.has_dropout() && params.rng_state_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    // Under CUDA-graph capture only the device knows a replay's (seed, offset): the backward reads them here.
+    uint64_t seed, offset;
+    unpack_rng(params.rng, seed, offset);
+    params.rng_state_out[0] = int64_t(seed);
+    params.rng_state_out[1] = int64_t(offset);
+  }
+
   // Causal tiles differ in length: a static walk over them left SMs idle at the end (0.73-0.9x on the H200,
   // benchmarks/NOTES.md), so causal grids get one block per tile, longest first, from the hardware.
   TileScheduler<kBlockM, Traits::kPersistent && !Windowed> const scheduler{params};
-  // The tile's key blocks; none for causal rows above the first key (O = 0, LSE = +inf or the sink).
+  // Where the tile's sequence lies (varlen: from cu_seqlens, clamped), made where it is used: carried in
+  // plan's tuple beside the mask, it cost the common variant's D = 256 causal kernel a spill.
+  auto sequence = [&](BlockWork const &w) { return BlockInfo{params, w.batch, cute::bool_constant<General>{}}; };
+  // The tile's key blocks; none for causal rows above the first key, or a varlen sequence without keys
+  // (O = 0, LSE = +inf or the sink).
   auto plan = [&](int tile) {
     BlockWork w = scheduler.work(tile);
-    BlockInfo const seq{params, w.batch, cute::false_type{}};
-    Mask<kBlockM, kBlockN, Windowed, false> const mask{params, seq, w.head};
+    Mask<kBlockM, kBlockN, Windowed, General> const mask{params, sequence(w), w.head};
     w.n_block_begin = mask.n_block_begin(w.m_block);
     w.n_block_end = mask.n_block_end(w.m_block);
     return cute::make_tuple(w, mask);
   };
-  auto has_keys = [](BlockWork const &w) { return !Windowed || w.n_block_end > w.n_block_begin; };
+  auto has_keys = [](BlockWork const &w) { return !(Windowed || General) || w.n_block_end > w.n_block_begin; };
+  // Varlen: the scheduler's tiles cover the longest sequence; those past this one's end are skipped, by the
+  // producer and the consumers alike, so that their barriers and pipelines stay in step.
+  auto has_rows = [](BlockWork const &w, BlockInfo const &seq) { return !General || w.m_block * kBlockM < seq.seqlen_q; };
   // The producer waits on QueryFree for the consumers and its own warp.
   constexpr int kQueryFreeThreads = Traits::kConsumerThreads + cutlass::NumThreadsPerWarp;
 
-  FwdMainloop<Traits> mainloop{kp, shared, pipeline_k, pipeline_v};
+  FwdMainloop<Traits, General> mainloop{kp, shared, pipeline_k, pipeline_v};
   if (producer) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     if (cutlass::canonical_warp_idx_sync() == 0) {
       auto write_k = cutlass::make_producer_start_state<Pipeline>();
       auto write_v = cutlass::make_producer_start_state<Pipeline>();
-      for (int tile = scheduler.first(), i = 0; scheduler.valid(tile); tile = scheduler.next(tile), ++i) {
+      for (int tile = scheduler.first(), i = 0; scheduler.valid(tile); tile = scheduler.next(tile)) {
         BlockWork const w = get<0>(plan(tile));
+        BlockInfo const seq = sequence(w);
+        if (!has_rows(w, seq)) { continue; }
         if (i > 0) { barrier_sync(kQueryFreeThreads, FwdBarrier::QueryFree); }  // Q's buffer is free
-        if (threadIdx.x == 0 && has_keys(w)) { mainloop.load(w, write_k, write_v); }
+        if (threadIdx.x == 0 && has_keys(w)) { mainloop.load(w, seq, write_k, write_v); }
         __syncwarp();
+        ++i;  // tiles taken
       }
     }
   } else {
@@ -89,11 +107,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
     if constexpr (Traits::kPingpong) {  // warpgroup 0 (of the consumers) goes first
       if (warpgroup == 2) { barrier_arrive(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, 0); }
     }
-    FwdEpilogue<Traits> const epilogue{kp, shared};
+    FwdEpilogue<Traits, General> const epilogue{kp, shared};
     typename Traits::PipelineState read_k, read_v;
     int q_phase = 0;
     for (int tile = scheduler.first(); scheduler.valid(tile); tile = scheduler.next(tile)) {
       auto [w, mask] = plan(tile);
+      BlockInfo const seq = sequence(w);
+      if (!has_rows(w, seq)) { continue; }
       typename Traits::TiledMmaO mma_o;
       Tensor acc_o = partition_fragment_C(mma_o, typename Traits::TileQ{});  // (MMA, MMA_M, MMA_N)
       clear(acc_o);
@@ -107,8 +127,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
       }
       if constexpr (Traits::kSeparateO) { barrier_arrive(kQueryFreeThreads, FwdBarrier::QueryFree); }
       float const sink_log2 = params.sinks == nullptr ? -INFINITY : params.sinks[w.head] * float(M_LOG2E);
-      Tensor lse = softmax.finalize(acc_o, sink_log2);
-      epilogue.store(w, acc_o, lse, thread_idx);
+      // Dropout: the row sums (and LSE) are those of the undropped P; the kept entries' 1 / (1 - p), once on O.
+      Tensor lse = softmax.finalize(acc_o, sink_log2, General && params.has_dropout() ? params.dropout_scale : 1.f);
+      epilogue.store(w, seq, acc_o, lse, thread_idx);
       if constexpr (!Traits::kSeparateO) {  // O went out of Q's buffer: wait until it has left
         if (thread_idx == 0) { tma_store_wait<0>(); }
         barrier_arrive(kQueryFreeThreads, FwdBarrier::QueryFree);

@@ -6,6 +6,8 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "common/block_info.h"
+#include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/softmax.h"
@@ -26,7 +28,9 @@ struct BlockWork {
   int n_block_begin, n_block_end;
 };
 
-template <class Traits>
+// General: the variant for varlen batches, softcap, ALiBi, a window's left edge and dropout (mask.h,
+// dropout.h); without it they compile out, so the common variant's code is that of before they existed.
+template <class Traits, bool General>
 struct FwdMainloop {
   using Element = typename Traits::Element;
   using Pipeline = typename Traits::Pipeline;
@@ -37,16 +41,31 @@ struct FwdMainloop {
   typename Traits::SharedStorage &shared;
   Pipeline &pipeline_k, &pipeline_v;
 
-  CUTE_DEVICE auto q_gmem(BlockWork const &w) const {  // (kBlockM, kHeadDim): TMA coordinates
+  // A varlen sequence's rows start at its first row (seq) of the one-batch TMA view (kernel_traits.h).
+  CUTE_DEVICE auto q_gmem(BlockWork const &w, BlockInfo const &seq) const {  // (kBlockM, kHeadDim): TMA coordinates
     FwdParams const &p = kp.params;
-    Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seqlen_q, p.head_dim, p.heads, p.batch));
-    return local_tile(mQ(_, _, w.head, w.batch), typename Traits::TileQ{}, make_coord(w.m_block, _0{}));
+    if constexpr (General) {
+      bool const varlen = tma_varlen<General>(p);
+      Tensor mQ = kp.tma_q.get_tma_tensor(tma_shape_q<General>(p));
+      Tensor mQh = domain_offset(make_coord(seq.q_start, _0{}), mQ(_, _, w.head, varlen ? 0 : w.batch));
+      return local_tile(mQh, typename Traits::TileQ{}, make_coord(w.m_block, _0{}));
+    } else {
+      Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seqlen_q, p.head_dim, p.heads, p.batch));
+      return local_tile(mQ(_, _, w.head, w.batch), typename Traits::TileQ{}, make_coord(w.m_block, _0{}));
+    }
   }
   template <class Tma>
-  CUTE_DEVICE auto kv_gmem(Tma const &tma, BlockWork const &w) const {  // (kBlockN, kHeadDim, n)
+  CUTE_DEVICE auto kv_gmem(Tma const &tma, BlockWork const &w, BlockInfo const &seq) const {  // (kBlockN, kHeadDim, n)
     FwdParams const &p = kp.params;
-    Tensor mKV = tma.get_tma_tensor(make_shape(p.seqlen_k, p.head_dim, p.heads_kv, p.batch));
-    return local_tile(mKV(_, _, p.kv_head(w.head), w.batch), typename Traits::TileKV{}, make_coord(_, _0{}));
+    if constexpr (General) {
+      bool const varlen = tma_varlen<General>(p);
+      Tensor mKV = tma.get_tma_tensor(tma_shape_k<General>(p));
+      Tensor mKVh = domain_offset(make_coord(seq.k_start, _0{}), mKV(_, _, p.kv_head(w.head), varlen ? 0 : w.batch));
+      return local_tile(mKVh, typename Traits::TileKV{}, make_coord(_, _0{}));
+    } else {
+      Tensor mKV = tma.get_tma_tensor(make_shape(p.seqlen_k, p.head_dim, p.heads_kv, p.batch));
+      return local_tile(mKV(_, _, p.kv_head(w.head), w.batch), typename Traits::TileKV{}, make_coord(_, _0{}));
+    }
   }
   CUTE_DEVICE auto smem_q() const { return make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{}); }
   CUTE_DEVICE auto smem_k() const { return make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutKV{}); }
@@ -57,12 +76,13 @@ struct FwdMainloop {
 
   // Q, then K of the first block visited, then, per later block, its K and the previous block's V, so
   // that the consumers' Q·Kᵀ of block n - 1 and P·V of block n find their operands in that order.
-  CUTE_DEVICE void load(BlockWork const &w, PipelineState &write_k, PipelineState &write_v) const {
-    auto q_copy = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(smem_q()), group_modes<0, 2>(q_gmem(w)));
+  CUTE_DEVICE void load(BlockWork const &w, BlockInfo const &seq, PipelineState &write_k, PipelineState &write_v) const {
+    auto q_copy =
+        tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(smem_q()), group_modes<0, 2>(q_gmem(w, seq)));
     auto k_copy = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(smem_k()),
-                                group_modes<0, 2>(kv_gmem(kp.tma_k, w)));  // (gmem (TMA, n), smem (TMA, stages))
+                                group_modes<0, 2>(kv_gmem(kp.tma_k, w, seq)));  // (gmem (TMA, n), smem (TMA, stages))
     auto v_copy = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(smem_v()),
-                                group_modes<0, 2>(kv_gmem(kp.tma_v, w)));
+                                group_modes<0, 2>(kv_gmem(kp.tma_v, w, seq)));
     auto load_k = [&](int n_block) {
       pipeline_k.producer_acquire(write_k);
       copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write_k), 0), get<0>(k_copy)(_, n_block),
@@ -114,13 +134,24 @@ struct FwdMainloop {
     auto next_turn = [&] {
       if constexpr (Traits::kPingpong) { barrier_arrive(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, 1 - warpgroup); }
     };
-    auto to_operand = [&] {  // P, bf16/fp16, into the A operand (the previous P·V has finished reading it)
+    // P, bf16/fp16, into the A operand (the previous P·V has finished reading it). Dropout zeroes entries of
+    // the 16-bit P, as the mma.sync forward does, by the same (batch, head, query, key) -> bits function: the
+    // wgmma accumulator gives a thread rows g, g + 8 and column pairs 8 apart, the layout dropout.h's paired
+    // calls take, so the mma.sync backward regenerates this mask.
+    auto to_operand = [&](int n_block) {
       Tensor rP = convert_type<Element>(acc_s);
+      if constexpr (General) {
+        if (kp.params.has_dropout()) {
+          Dropout{kp.params, w.batch, w.head}.template drop<true>(rP, tScS, w.m_block * kBlockM, n_block * kBlockN);
+        }
+      }
       copy(make_tensor(rP.data(), tOrP.layout()), tOrP);
     };
 
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, q_phase);
     int const n_block_first_masked = mask.n_block_first_masked(w.m_block);
+    // Key blocks below this one are crossed by the window's left edge (General only): masked again.
+    int const n_block_unmasked_begin = General ? mask.n_block_unmasked_begin(w.m_block) : 0;
 
     if constexpr (!Traits::kIntraWgOverlap) {  // the ablation: each block's two matmuls and softmax in turn
       auto step = [&](int n_block, auto is_first, auto is_masked) __attribute__((always_inline)) {
@@ -134,7 +165,7 @@ struct FwdMainloop {
         ++read_k;
         mask.template apply<decltype(is_masked)::value>(acc_s, tScS, w.m_block, n_block);
         softmax.template update<decltype(is_first)::value>(acc_s, acc_o, scale_log2);
-        to_operand();
+        to_operand(n_block);
         pipeline_v.consumer_wait(read_v);
         my_turn();
         gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), acc_o);
@@ -149,7 +180,14 @@ struct FwdMainloop {
       for (--n_block; n_block >= n_block_first_masked && n_block >= w.n_block_begin; --n_block) {
         step(n_block, cute::false_type{}, cute::true_type{});
       }
-      for (; n_block >= w.n_block_begin; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
+      if constexpr (General) {
+        for (; n_block >= n_block_unmasked_begin && n_block >= w.n_block_begin; --n_block) {
+          step(n_block, cute::false_type{}, cute::false_type{});
+        }
+        for (; n_block >= w.n_block_begin; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
+      } else {
+        for (; n_block >= w.n_block_begin; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
+      }
       return;
     }
 
@@ -165,7 +203,7 @@ struct FwdMainloop {
     ++read_k;
     mask.template apply<true>(acc_s, tScS, w.m_block, n_block);
     softmax.template exp_step<true>(acc_s, scale_log2);
-    to_operand();
+    to_operand(n_block);
 
     // Block n_block - 1's Q·Kᵀ and block n_block's P·V in flight together; the softmax of n_block - 1 runs
     // as soon as its scores are in, while P·V still works; O is rescaled once P·V is done.
@@ -187,12 +225,19 @@ struct FwdMainloop {
       pipeline_v.consumer_release(read_v);
       ++read_v;
       softmax.rescale(acc_o, correction);
-      to_operand();
+      to_operand(n_block);
     };
     for (--n_block; n_block >= n_block_first_masked && n_block >= w.n_block_begin; --n_block) {
       step(n_block, cute::true_type{});
     }
-    for (; n_block >= w.n_block_begin; --n_block) { step(n_block, cute::false_type{}); }
+    if constexpr (General) {
+      for (; n_block >= n_block_unmasked_begin && n_block >= w.n_block_begin; --n_block) {
+        step(n_block, cute::false_type{});
+      }
+      for (; n_block >= w.n_block_begin; --n_block) { step(n_block, cute::true_type{}); }
+    } else {
+      for (; n_block >= w.n_block_begin; --n_block) { step(n_block, cute::false_type{}); }
+    }
 
     // The last block's P·V.
     pipeline_v.consumer_wait(read_v);

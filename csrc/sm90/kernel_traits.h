@@ -20,6 +20,23 @@ using namespace cute;
 using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;
 using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
 
+// The TMA views' shapes. A varlen (total, heads, head_dim) tensor is one batch of all its rows, a sequence
+// being found at its first row (BlockInfo); so a tile's rows past the sequence's end are the next sequence's
+// (masked keys, unused query rows) or, past the tensor's end, zeros. Varlen only in the General variant, so
+// that the common one keeps its constant-folded shapes.
+template <bool General>
+CUTE_HOST_DEVICE bool tma_varlen(AttnParams const &p) { return General && p.cu_seqlens_q != nullptr; }
+template <bool General>
+CUTE_HOST_DEVICE GmemShape tma_shape_q(AttnParams const &p) {
+  return tma_varlen<General>(p) ? GmemShape{p.total_q, p.head_dim, p.heads, 1}
+                                : GmemShape{p.seqlen_q, p.head_dim, p.heads, p.batch};
+}
+template <bool General>
+CUTE_HOST_DEVICE GmemShape tma_shape_k(AttnParams const &p) {
+  return tma_varlen<General>(p) ? GmemShape{p.total_k, p.head_dim, p.heads_kv, 1}
+                                : GmemShape{p.seqlen_k, p.head_dim, p.heads_kv, p.batch};
+}
+
 // GMMA's canonical K-major layout with the widest swizzle whose atom the head dim is a multiple of.
 template <typename Element, int kCols>
 using SmemAtomK = std::conditional_t<kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
@@ -78,6 +95,18 @@ struct FwdTraits {
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}, TileQ{}, _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}), TileKV{}, _1{}));
   using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensor{}, SmemLayoutQ{}, TileQ{}, _1{}));
+  // The varlen O store, which must not write past the sequence's last row (the next sequence's): 16-byte
+  // loads from the swizzled buffer (swizzles move whole 16-byte chunks) and stores predicated per row.
+  // Threads per row: the largest power of two that divides the row's 16-byte chunks (96: 4 threads, 3 each).
+  static constexpr int kGmemThreadsPerRow = (kHeadDim / 8) % 32 == 0   ? 32
+                                            : (kHeadDim / 8) % 16 == 0 ? 16
+                                            : (kHeadDim / 8) % 8 == 0  ? 8
+                                                                       : 4;
+  static_assert((kHeadDim / 8) % kGmemThreadsPerRow == 0 && kConsumerThreads % kGmemThreadsPerRow == 0);
+  using GmemTiledCopyO = decltype(make_tiled_copy(
+      Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
+      Layout<Shape<Int<kConsumerThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>, Stride<Int<kGmemThreadsPerRow>, _1>>{},
+      Layout<Shape<_1, _8>>{}));
   static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kTmaBytesKV = kBlockN * kHeadDim * sizeof(Element);
 

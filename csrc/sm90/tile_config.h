@@ -13,6 +13,7 @@ struct FwdTile {
   bool persistent = true;   // at most one block per SM, walking the tiles; else one block per tile
 };
 
+// 96 and 192 take their neighbours' tiles (128 and 256), not yet measured on their own.
 constexpr FwdTile fwd_tile(int head_dim) {
   return head_dim <= 64    ? FwdTile{128, 128, 2, true, true}
          : head_dim <= 128 ? FwdTile{128, 128, 2, true, true}
