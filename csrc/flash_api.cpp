@@ -20,6 +20,7 @@
 
 #include "common/dropout_mask.h"
 #include "instantiations/kernels.h"
+#include "sm80/tile_config.h"  // torch- and CUDA-free: the KV-cache tiles, for the split heuristic
 
 namespace {
 
@@ -567,6 +568,97 @@ at::Tensor dropout_mask(at::Tensor const &rng_state, double dropout_p, int64_t b
   return keep;
 }
 
+// ---- flash_attn_with_kvcache ----
+
+// Streaming multiprocessors of a device, asked once per device.
+int sm_count(int device) {
+  static std::map<int, int> known;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(device);
+  if (it == known.end()) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = known.emplace(device, sms).first;
+  }
+  return it->second;
+}
+
+constexpr int kMaxSplits = 128;
+// The split heuristic for num_splits = 0 (flash-decoding): decoding is memory-bound, so the grid should hold
+// enough blocks to keep every SM streaming keys. Without splits it has batch x heads x query blocks; split
+// the keys until it has about kBlocksPerSm blocks per SM (at D = 128 a decoding block takes 48 KB of shared
+// memory: four fit an SM), with at least kMinSplitBlocks key blocks per split so that the partials' writes
+// and the combine stay small beside the keys' reads. The capacity of the cache sizes it (the lengths are on
+// the device); the kernel spreads each sequence's own keys over the splits. A first rule, to be measured
+// (benchmarks/bench_decode.py --splits).
+constexpr int kBlocksPerSm = 4, kMinSplitBlocks = 4;
+int kvcache_splits(flash::FwdParams const &p, flash::TileShape tile, int64_t requested, int sms) {
+  int64_t const key_blocks = (int64_t(p.seqlen_k) + tile.block_n - 1) / tile.block_n;
+  int64_t const most = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, key_blocks));
+  if (requested > 0) { return int(std::min(requested, most)); }
+  int64_t const blocks = int64_t(p.batch) * p.heads * ((p.seqlen_q + tile.block_m - 1) / tile.block_m);
+  int64_t const wanted = int64_t(kBlocksPerSm) * sms / std::max<int64_t>(blocks, 1);
+  return int(std::max<int64_t>(1, std::min({wanted, most, key_blocks / kMinSplitBlocks})));
+}
+
+// out <- attention of q over the first cache_seqlens[b] rows of k_cache and v_cache (batch, seqlen_cache,
+// heads_kv, head_dim), lse <- its logsumexp per query row; causal and the window aligned to each cache's
+// end. num_splits: 0 picks (kvcache_splits), 1 none, n > 1 that many (at most the key blocks and 128).
+void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache, at::Tensor &out,
+                 at::Tensor &lse, at::Tensor const &cache_seqlens, Scores const &scores, int64_t num_splits) {
+  flash::FwdParams p{};
+  set_qkv(p, q, k_cache, v_cache, Seqlens{});
+  set_scores(p, scores, q);
+  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
+                   cache_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == p.batch && cache_seqlens.is_contiguous(),
+                    "cache_seqlens must be a contiguous (batch,) tensor, got shape ", num(cache_seqlens.sizes()));
+  TORCH_CHECK_VALUE(cache_seqlens.device() == q.device(), "cache_seqlens is on ", cache_seqlens.device(),
+                    " but q is on ", q.device());
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: chosen from the shape), got ", num(num_splits));
+  check_output(out, "out", q, "q");
+  check_lse(lse, q, p);
+  if (q.numel() == 0) { return; }
+  if (nothing_attends(p)) {  // a cache of capacity 0: every row sees nothing
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return;
+  }
+  set_out(p, out, lse);
+  p.cache_seqlens = cache_seqlens.data_ptr<int>();
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor o_partial, lse_partial;  // split-KV scratch, alive until the launches are queued
+  launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    p.num_splits = kvcache_splits(p, flash::fwd_kvcache_tile(kHeadDim), num_splits, sm_count(q.device().index()));
+    if (p.num_splits > 1) {
+      auto const options = q.options().dtype(at::kFloat);
+      o_partial = at::empty({p.num_splits, p.batch, p.heads, p.seqlen_q, p.head_dim}, options);
+      lse_partial = at::empty({p.num_splits, p.batch, p.heads, p.seqlen_q}, options);
+      p.o_partial = o_partial.data_ptr<float>();
+      p.lse_partial = lse_partial.data_ptr<float>();
+    }
+    return flash::run_fwd_kvcache<kHeadDim, decltype(element)>(p, stream);
+  });
+}
+
+// The split count fwd_kvcache would use (num_splits = 0: the heuristic's), for tests and benchmarks.
+int64_t kvcache_num_splits(at::Tensor const &q, at::Tensor const &k_cache, int64_t num_splits) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && k_cache.dim() == 4 && q.is_cuda(), "q and k_cache must be 4-D CUDA tensors");
+  flash::FwdParams p{};
+  p.batch = q.size(0), p.seqlen_q = q.size(1), p.heads = q.size(2), p.seqlen_k = k_cache.size(1);
+  int splits = 1;
+  bool const found = dispatch_head_dim(q.size(3), [&](auto head_dim) {
+    splits = kvcache_splits(p, flash::fwd_kvcache_tile(decltype(head_dim)::value), num_splits,
+                            sm_count(q.device().index()));
+  });
+  TORCH_CHECK_VALUE(found, "no kernel built for head_dim ", num(q.size(3)));
+  return splits;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -616,6 +708,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("time_kernels", &time_kernels, "Milliseconds per launch of each kernel, timed from C++",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("reps"));
+  m.def("fwd_kvcache", [=](at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache, at::Tensor &out,
+                           at::Tensor &lse, at::Tensor const &cache_seqlens, double softmax_scale, bool causal,
+                           int64_t window_left, int64_t window_right, double softcap,
+                           std::optional<at::Tensor> alibi_slopes, int64_t num_splits) {
+          fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens,
+                      scores(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, std::nullopt),
+                      num_splits);
+        }, "Attention over a KV cache into out and lse (flash_attn_with_kvcache)", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"), py::arg("softmax_scale"),
+        py::arg("causal"), py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0,
+        py::arg("alibi_slopes") = py::none(), py::arg("num_splits") = 0);
+  m.def("kvcache_num_splits", &kvcache_num_splits, "The split count fwd_kvcache uses for this shape",
+        py::arg("q"), py::arg("k_cache"), py::arg("num_splits") = 0);
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
   m.def("has_sm90", [] { return bool(FLASH_ATTN2_SM90); }, "Whether this build has the Hopper (sm_90a) kernels");
 }

@@ -28,6 +28,9 @@ KERNELS = {
     "bwd_preprocess": Kernel("common", "bwd_preprocess.h", "run_bwd_preprocess", "BwdParams", None),
     "bwd_dq": Kernel("sm80", "bwd_launch.h", "run_bwd_dq", "BwdParams", HEAD_DIMS),
     "bwd_dkdv": Kernel("sm80", "bwd_launch.h", "run_bwd_dkdv", "BwdParams", HEAD_DIMS),
+    # flash_attn_with_kvcache: the forward's KvCache variant (and the split-KV combine), TUs of their own so
+    # that the plain forward's are unchanged.
+    "fwd_kvcache": Kernel("sm80", "fwd_launch.h", "run_fwd_kvcache", "FwdParams", HEAD_DIMS),
     "fwd_sm90": Kernel("sm90", "fwd_launch.h", "sm90::run_fwd", "FwdParams", SM90_HEAD_DIMS, arch="90a"),
 }
 

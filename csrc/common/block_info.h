@@ -20,14 +20,22 @@ struct BlockInfo {
   // is instantiated for fixed-length batches with false_type (their "common" variant, mask.h), so that the
   // offsets and lengths fold back to the params: the run-time branch more than doubled the D = 128
   // forward's spills and cost causal short sequences up to 10% (benchmarks/NOTES.md).
-  template <class MaybeVarlen = cute::true_type>
-  CUTE_DEVICE BlockInfo(AttnParams const &p, int batch, MaybeVarlen maybe_varlen = {}) : batch(batch) {
+  //
+  // KvCache (the forward's KvCache variant only, false_type elsewhere so that nothing changes there): k and
+  // v are caches whose first cache_seqlens[batch] rows are the keys, clamped into [0, capacity] whatever
+  // the value.
+  template <class MaybeVarlen = cute::true_type, class KvCache = cute::false_type>
+  CUTE_DEVICE BlockInfo(AttnParams const &p, int batch, MaybeVarlen maybe_varlen = {}, KvCache kv_cache = {})
+      : batch(batch) {
     if (!maybe_varlen || p.cu_seqlens_q == nullptr) {
       q_start = k_start = 0;
       seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
     } else {
       clamped_span(p.cu_seqlens_q, p.total_q, p.seqlen_q, q_start, seqlen_q);
       clamped_span(p.cu_seqlens_k, p.total_k, p.seqlen_k, k_start, seqlen_k);
+    }
+    if constexpr (KvCache::value) {
+      if (p.cache_seqlens != nullptr) { seqlen_k = min(max(p.cache_seqlens[batch], 0), p.seqlen_k); }
     }
   }
 

@@ -88,6 +88,12 @@ struct AttnParams {
 
   // Which kv head serves query head h.
   __host__ __device__ int kv_head(int h) const { return h / (heads / heads_kv); }
+
+  // ---- KV cache (flash_attn_with_kvcache; read only by the kernels' KvCache variant, fwd_kernel.h) ----
+  // k and v are the caches, (batch, seqlen_cache, heads_kv, head_dim): seqlen_k is their capacity.
+  // Sequence b's keys are the first cache_seqlens[b] rows of its cache, a device (batch,) array whose
+  // values come unchecked: BlockInfo clamps them into [0, seqlen_k].
+  int const *__restrict__ cache_seqlens;
 };
 
 struct FwdParams : AttnParams {
@@ -96,6 +102,15 @@ struct FwdParams : AttnParams {
   // With dropout: (2,) int64 that the forward writes the (seed, offset) it used into, for the backward
   // and for the caller (valid under CUDA-graph capture too, where only the device knows them); or nullptr.
   int64_t *rng_state_out;
+
+  // ---- Split-KV (flash-decoding; the KvCache variant only) ----
+  // With num_splits > 1 each sequence's key blocks are cut into num_splits runs, one thread block each;
+  // a block writes its unnormalised-by-the-others O (fp32, (num_splits, batch, heads, seqlen_q, head_dim),
+  // contiguous) and LSE (fp32, (num_splits, batch, heads, seqlen_q); -inf for a split that sees no key),
+  // and the combine kernel (common/split_combine.h) merges them into o and lse.
+  int num_splits;
+  float *__restrict__ o_partial;
+  float *__restrict__ lse_partial;
 };
 
 struct BwdParams : FwdParams {  // o and lse: the forward's outputs

@@ -18,6 +18,8 @@ template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dq(BwdParams const &, cudaStream_t);
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dkdv(BwdParams const &, cudaStream_t);
+template <int kHeadDim, typename Element>
+cudaError_t run_fwd_kvcache(FwdParams const &, cudaStream_t);
 namespace sm90 {
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &, cudaStream_t);

@@ -28,7 +28,10 @@ constexpr int fwd_smem_size() { return Traits::kSmemSizeM + 2 * Traits::kSmemSiz
 // for the common case, compiles them out (each raises the D = 128 forward's spills several-fold:
 // block_info.h, mask.h). So dropout adds no instantiation: 2 (Windowed) x 2 (General) per kernel, head dim
 // and dtype, as before.
-template <class Traits, bool Windowed, bool General>
+// KvCache: the variant behind flash_attn_with_kvcache (its own instantiations, fwd_launch.h): k and v are
+// caches whose per-sequence lengths come from cache_seqlens (block_info.h), and with num_splits > 1 each
+// block takes one split of the keys and writes a partial result for the combine kernel (split_combine.h).
+template <class Traits, bool Windowed, bool General, bool KvCache = false>
 __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant__ const FwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -39,7 +42,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
 
   // Scheduler: the query blocks with the most keys (causal) start first, so the grid's tail is short.
-  int const m_block = gridDim.x - 1 - blockIdx.x;
+  // Split-KV: blockIdx.x = m_block * num_splits + split.
+  int const num_splits = KvCache ? params.num_splits : 1;
+  int const m_block = KvCache ? blockIdx.x / num_splits : gridDim.x - 1 - blockIdx.x;
+  int const split = KvCache ? blockIdx.x % num_splits : 0;
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
@@ -52,11 +58,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     params.rng_state_out[1] = int64_t(offset);
   }
 
-  BlockInfo const seq{params, batch, cute::bool_constant<General>{}};
+  BlockInfo const seq{params, batch, cute::bool_constant<General>{}, cute::bool_constant<KvCache>{}};
   int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
   if (General && q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
   Mask<kBlockM, kBlockN, Windowed, General> const mask{params, seq, head};
-  int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
+  int n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
+  if constexpr (KvCache) {  // this split's run of the visible key blocks (all of them without splits)
+    int const per_split = ceil_div(max(n_block_end - n_block_begin, 0), num_splits);
+    n_block_begin += split * per_split;
+    n_block_end = min(n_block_end, n_block_begin + per_split);
+  }
+  bool const partial = KvCache && num_splits > 1;  // the result is one split's, for the combine kernel
   // Dropout (General only): P's dropped entries are zeroed before P·V, the kept ones' 1 / (1 - p) is applied
   // once to O; the row sums (and LSE) are those of the undropped P.
   bool const dropout_on = General && params.has_dropout();
@@ -85,11 +97,19 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor acc_o = partition_fragment_C(tiled_mma, TileQ{});  // (MMA, MMA_M, MMA_K)
 
-  // Only a window, or a varlen sequence with no keys, can hide every key from every row here (testing it
-  // where neither can raised the D = 128 forward's spills from 116 to 360 bytes): O = 0, LSE = +inf (or
-  // the sink's logit).
-  if ((Windowed || General) && n_block_end <= n_block_begin) {
+  // Only a window, a varlen sequence or a cache with no keys, or a split past the keys, can hide every key
+  // from every row here (testing it where none can raised the D = 128 forward's spills from 116 to 360
+  // bytes): O = 0, LSE = +inf (or the sink's logit; a partial's -inf, which weighs it 0 in the combine).
+  if ((Windowed || General || KvCache) && n_block_end <= n_block_begin) {
     clear(acc_o);
+    if constexpr (KvCache) {
+      if (partial) {
+        Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});
+        fill(lse, -INFINITY);
+        store_split_partial<Traits>(params, tiled_mma, acc_o, lse, split, seq, head, m_block);
+        return;
+      }
+    }
     store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
     Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});
     fill(lse, params.sinks == nullptr ? INFINITY : params.sinks[head]);
@@ -186,6 +206,14 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
 
   // Epilogue: normalise once, then O through shared memory (Q's buffer) and the LSE from registers.
   Tensor lse = softmax.finalize(acc_o, sink_log2(), dropout_on ? params.dropout_scale : 1.f);
+  if constexpr (KvCache) {
+    if (partial) {
+      CUTE_UNROLL
+      for (int r = 0; r < size(lse); ++r) { lse(r) = lse(r) == INFINITY ? -INFINITY : lse(r); }  // saw no key
+      store_split_partial<Traits>(params, tiled_mma, acc_o, lse, split, seq, head, m_block);
+      return;
+    }
+  }
   store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
   store_row_values(lse, gLSE, thr_mma.partition_C(make_identity_tensor(TileQ{})), q_rows_left);
 }
