@@ -1,0 +1,235 @@
+"""flash_attn_with_kvcache on the GPU (skipped without one): out and LSE against the float32 reference over
+the visible cache (each sequence's first cache_seqlens[b] rows, gathered here and run through attention_ref)
+by the forward's 2x rule, into NaN-filled buffers; split against unsplit; the caches left untouched; the
+public entry, torch.compile and a CUDA-graph captured decode step against eager calls."""
+
+import pytest
+import torch
+
+from conftest import check_close, requires_ext, requires_gpu, skip_unless_built
+from flash_attn2 import flash_attn_with_kvcache
+from flash_attn2.kvcache import _fwd_kvcache, kvcache_num_splits
+from flash_attn2.reference import attention_ref
+
+pytestmark = [requires_gpu, requires_ext]
+
+NAN, INF = float("nan"), float("inf")
+HEADS_Q = 8
+KV_HEADS = {"mha": 8, "gqa": 2}
+SEQLEN_Q = [1, 2, 7, 64]
+CAPACITY = 300  # rows of the cache: not a multiple of the 64- or 128-row key tiles
+# Cache lengths per sequence (batch 5): every sequence empty, one row, ragged (tile edges, and more
+# queries than keys: causal rows that see nothing), the whole cache.
+LENGTHS = {"zero": [0] * 5, "one": [1] * 5, "ragged": [0, 1, 63, 129, 300], "full": [CAPACITY] * 5}
+# 1: no split; 0: the heuristic's count (here, with few blocks, several); 5: forced, more than some
+# sequences have key blocks (empty splits).
+SPLITS = [1, 0, 5]
+
+
+def random_cache(batch, capacity, heads_kv, head_dim, dtype):
+    k_cache = torch.randn(batch, capacity, heads_kv, head_dim, dtype=dtype, device="cuda")
+    return k_cache, torch.randn_like(k_cache)
+
+
+def kvcache_ref(q, k_cache, v_cache, lengths, compute_dtype=torch.float32, **scores):
+    """attention_ref over each sequence's visible cache, rows [0, lengths[b]): (out, lse)."""
+    outs, lses = [], []
+    alibi = scores.pop("alibi_slopes", None)
+    for b, n in enumerate(lengths):
+        slopes = alibi[b] if alibi is not None and alibi.dim() == 2 else alibi
+        out, lse = attention_ref(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], compute_dtype=compute_dtype,
+                                 alibi_slopes=slopes, **scores)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def kvcache_into_nan(q, k_cache, v_cache, lengths, softmax_scale, causal=False, window=(-1, -1), softcap=0.0,
+                     alibi_slopes=None, num_splits=0):
+    """The kernel into NaN-filled out and lse, so that any element it leaves unwritten fails."""
+    out = torch.full_like(q, NAN)
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), NAN, dtype=torch.float32, device="cuda")
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    _fwd_kvcache(q, k_cache, v_cache, out, lse, seqlens, softmax_scale, causal, window, softcap, alibi_slopes,
+                 num_splits)
+    return out, lse
+
+
+def check_kvcache(out, lse, q, k_cache, v_cache, lengths, **scores):
+    """out and lse against the fp32 reference by the 2x rule; rows that see no key: 0 and +inf."""
+    out_ref, lse_ref = kvcache_ref(q, k_cache, v_cache, lengths, **dict(scores))
+    out_pt, lse_pt = kvcache_ref(q, k_cache, v_cache, lengths, compute_dtype=q.dtype, **dict(scores))
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == lse_ref.shape
+    no_key = torch.isinf(lse_ref)  # (batch, heads, seqlen_q)
+    assert (out.transpose(1, 2)[no_key] == 0).all(), "rows that see no key must give out 0"
+    assert (lse[no_key] == INF).all(), "rows that see no key must give lse +inf"
+    check_close(out, out_ref, out_pt, "out")
+    check_close(lse[~no_key], lse_ref[~no_key], lse_pt[~no_key], "lse")
+
+
+@pytest.mark.parametrize("num_splits", SPLITS, ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.parametrize("seqlen_q", SEQLEN_Q, ids=lambda s: f"sq{s}")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kvcache(head_dim, seqlen_q, lengths, kv_heads, causal, num_splits):
+    skip_unless_built(head_dim)
+    lengths = LENGTHS[lengths]
+    q = torch.randn(len(lengths), seqlen_q, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(len(lengths), CAPACITY, KV_HEADS[kv_heads], head_dim, torch.bfloat16)
+    scale = head_dim ** -0.5
+    out, lse = kvcache_into_nan(q, k_cache, v_cache, lengths, scale, causal, num_splits=num_splits)
+    check_kvcache(out, lse, q, k_cache, v_cache, lengths, softmax_scale=scale, causal=causal)
+
+
+@pytest.mark.parametrize("num_splits", [1, 0], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [32, 40, 64, 96, 128, 192, 256])
+def test_kvcache_head_dims(head_dim, dtype, num_splits):
+    # Every kernel head dim (40 runs in the 64 kernel), both dtypes, ragged lengths, GQA, causal, two queries.
+    skip_unless_built(head_dim)
+    lengths = LENGTHS["ragged"]
+    q = torch.randn(len(lengths), 2, HEADS_Q, head_dim, dtype=dtype, device="cuda")
+    k_cache, v_cache = random_cache(len(lengths), CAPACITY, 2, head_dim, dtype)
+    scale = head_dim ** -0.5
+    out, lse = kvcache_into_nan(q, k_cache, v_cache, lengths, scale, True, num_splits=num_splits)
+    check_kvcache(out, lse, q, k_cache, v_cache, lengths, softmax_scale=scale, causal=True)
+
+
+SCORES = {
+    "window": dict(window=(40, 0), ref=dict(causal=True, window_size=(40, 0))),
+    "window-both": dict(window=(100, 3), ref=dict(window_size=(100, 3))),
+    "softcap": dict(softcap=5.0, ref=dict(softcap=5.0)),
+    "alibi": dict(alibi=(HEADS_Q,), ref=dict()),
+    "alibi-batch-causal": dict(alibi=(5, HEADS_Q), ref=dict(causal=True)),
+}
+
+
+@pytest.mark.parametrize("num_splits", [1, 0, 5], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("seqlen_q", [1, 7], ids=lambda s: f"sq{s}")
+@pytest.mark.parametrize("variant", SCORES)
+def test_kvcache_scores(variant, seqlen_q, num_splits):
+    # Window, softcap and ALiBi with Sk = each sequence's cache length: aligned to the cache's end.
+    head_dim = 128
+    skip_unless_built(head_dim)
+    case = SCORES[variant]
+    lengths = LENGTHS["ragged"]
+    q = torch.randn(len(lengths), seqlen_q, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(len(lengths), CAPACITY, 2, head_dim, torch.bfloat16)
+    alibi = torch.rand(*case["alibi"], device="cuda") if "alibi" in case else None
+    ref = dict(case["ref"])
+    causal = ref.get("causal", False)
+    window = case.get("window", (-1, -1))
+    out, lse = kvcache_into_nan(q, k_cache, v_cache, lengths, 0.1, causal, window, case.get("softcap", 0.0), alibi,
+                                num_splits)
+    check_kvcache(out, lse, q, k_cache, v_cache, lengths, softmax_scale=0.1, alibi_slopes=alibi, **ref)
+
+
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+@pytest.mark.parametrize("length", [8192, 20000])
+def test_split_against_unsplit(length, kv_heads):
+    # One long sequence, where the heuristic splits: split and unsplit both within the 2x rule, and the
+    # heuristic's count is > 1 here (batch x heads = 8 blocks cannot fill a GPU).
+    head_dim = 128
+    skip_unless_built(head_dim)
+    q = torch.randn(1, 1, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(1, length + 77, KV_HEADS[kv_heads], head_dim, torch.bfloat16)
+    assert kvcache_num_splits(q, k_cache) > 1
+    for splits in (1, 0, 128):
+        out, lse = kvcache_into_nan(q, k_cache, v_cache, [length], head_dim ** -0.5, num_splits=splits)
+        check_kvcache(out, lse, q, k_cache, v_cache, [length], softmax_scale=head_dim ** -0.5)
+
+
+def test_heuristic_does_not_split_a_full_grid():
+    q = torch.empty(64, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k_cache = torch.empty(64, 4096, 8, 128, dtype=torch.bfloat16, device="cuda")
+    assert kvcache_num_splits(q, k_cache) == 1
+    assert kvcache_num_splits(q, k_cache, 3) == 3
+    assert kvcache_num_splits(q[:1], k_cache[:1, :64], 50) == 1  # at most the key blocks
+
+
+def test_lengths_out_of_range_are_clamped():
+    # cache_seqlens values are not checked on the host: below 0 reads as 0, past the cache as the whole cache.
+    head_dim = 64
+    skip_unless_built(head_dim)
+    q = torch.randn(4, 3, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(4, CAPACITY, 2, head_dim, torch.bfloat16)
+    for splits in (1, 4):
+        out, lse = kvcache_into_nan(q, k_cache, v_cache, [-5, 2 ** 31 - 1, CAPACITY + 1, -2 ** 31], 0.125,
+                                    num_splits=splits)
+        clamped = [0, CAPACITY, CAPACITY, 0]
+        expected, expected_lse = kvcache_into_nan(q, k_cache, v_cache, clamped, 0.125, num_splits=splits)
+        assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+        check_kvcache(out, lse, q, k_cache, v_cache, clamped, softmax_scale=0.125)
+
+
+def test_public_entry():
+    # Defaults (scale 1/sqrt(head_dim)), an int and None for cache_seqlens, return_softmax_lse, GQA, strided
+    # caches (heads-first storage, and a cache that is a slice of a longer one); the caches are untouched.
+    head_dim = 128
+    skip_unless_built(head_dim)
+    q = torch.randn(3, 2, HEADS_Q, head_dim, dtype=torch.float16, device="cuda")
+    k_store = torch.randn(3, 2, CAPACITY + 40, head_dim, dtype=torch.float16, device="cuda")
+    v_store = torch.randn_like(k_store)
+    k_cache, v_cache = (t.transpose(1, 2)[:, :CAPACITY] for t in (k_store, v_store))  # (3, 300, 2, 128), strided
+    before = k_store.clone(), v_store.clone()
+    seqlens = torch.tensor([5, 300, 77], dtype=torch.int32, device="cuda")
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True,
+                                       return_softmax_lse=True)
+    check_kvcache(out, lse, q, k_cache, v_cache, [5, 300, 77], softmax_scale=head_dim ** -0.5, causal=True)
+    assert torch.equal(k_store, before[0]) and torch.equal(v_store, before[1]), "the caches must be untouched"
+    as_int = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=77)
+    as_tensor = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.full_like(seqlens, 77))
+    assert torch.equal(as_int, as_tensor)
+    whole, whole_lse = flash_attn_with_kvcache(q, k_cache, v_cache, return_softmax_lse=True)  # None: the whole cache
+    assert torch.equal(whole, flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=CAPACITY))
+    check_kvcache(whole, whole_lse, q, k_cache, v_cache, [CAPACITY] * 3, softmax_scale=head_dim ** -0.5)
+
+
+def test_empty_inputs():
+    head_dim = 64
+    skip_unless_built(head_dim)
+    k_cache, v_cache = random_cache(2, 16, 2, head_dim, torch.bfloat16)
+    q = torch.randn(2, 0, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    assert flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3).shape == q.shape
+    q = torch.randn(2, 1, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    out, lse = flash_attn_with_kvcache(q, k_cache[:, :0], v_cache[:, :0], return_softmax_lse=True)
+    assert (out == 0).all() and (lse == INF).all()
+
+
+def decode_step(q, k_cache, v_cache, seqlens):
+    return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True, return_softmax_lse=True)
+
+
+def test_torch_compile():
+    head_dim = 64
+    skip_unless_built(head_dim)
+    q = torch.randn(2, 1, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(2, 1000, 2, head_dim, torch.bfloat16)
+    seqlens = torch.tensor([999, 17], dtype=torch.int32, device="cuda")
+    compiled = torch.compile(decode_step, fullgraph=True)
+    for got, expected in zip(compiled(q, k_cache, v_cache, seqlens), decode_step(q, k_cache, v_cache, seqlens)):
+        assert torch.equal(got, expected)
+
+
+def test_cuda_graph_replay_with_new_lengths():
+    # A captured decode step replayed after cache_seqlens (and q) change in place: the same bits as eager calls.
+    head_dim = 128
+    skip_unless_built(head_dim)
+    q = torch.randn(3, 1, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(3, 4000, 2, head_dim, torch.bfloat16)
+    seqlens = torch.tensor([10, 3999, 1], dtype=torch.int32, device="cuda")
+    decode_step(q, k_cache, v_cache, seqlens)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = decode_step(q, k_cache, v_cache, seqlens)
+    for lengths in ([11, 4000, 2], [0, 2048, 3000], [1234, 1, 77]):
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        expected, expected_lse = decode_step(q, k_cache, v_cache, seqlens)
+        assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+        check_kvcache(out, lse, q, k_cache, v_cache, lengths, softmax_scale=head_dim ** -0.5, causal=True)
