@@ -602,11 +602,67 @@ int kvcache_splits(flash::FwdParams const &p, flash::TileShape tile, int64_t req
   return int(std::max<int64_t>(1, std::min({wanted, most, key_blocks / kMinSplitBlocks})));
 }
 
+// What flash_attn_with_kvcache appends before the attention: new k and v, and the rotary tables.
+struct KvCacheNew {
+  std::optional<at::Tensor> k, v, rotary_cos, rotary_sin;
+  bool rotary_interleaved = true;
+};
+
+// The append's params (common/kvcache_append.h), after set_qkv and the cache_seqlens checks; q_rotated: a
+// buffer like q that receives the rotated q (undefined: no rotary).
+flash::KvCacheAppendParams append_params(flash::FwdParams const &p, at::Tensor const &q, at::Tensor const &k_cache,
+                                         at::Tensor const &v_cache, KvCacheNew const &n, at::Tensor const &seqlens,
+                                         at::Tensor const &q_rotated, bool q_per_row) {
+  flash::KvCacheAppendParams a{};
+  a.k_cache = head_tensor(k_cache), a.v_cache = head_tensor(v_cache);
+  a.q = head_tensor(q);
+  a.cache_seqlens = seqlens.data_ptr<int>();
+  a.batch = p.batch, a.heads = p.heads, a.heads_kv = p.heads_kv, a.head_dim = p.head_dim;
+  a.seqlen_q = p.seqlen_q, a.seqlen_cache = p.seqlen_k;
+  TORCH_CHECK_VALUE(n.k.has_value() == n.v.has_value(), "k and v must be given together");
+  if (n.k) {
+    for (auto [t, name] : {std::pair{&*n.k, "k"}, std::pair{&*n.v, "v"}}) {
+      check_heads(*t, name, false);
+      check_same(*t, name, q, "q");
+      TORCH_CHECK_VALUE(t->size(0) == p.batch && t->size(1) == n.k->size(1) && t->size(2) == p.heads_kv &&
+                            t->size(3) == p.head_dim,
+                        name, " must be (batch, seqlen_new, heads_kv, head_dim), got ", num(t->sizes()));
+    }
+    TORCH_CHECK_VALUE(n.k->size(1) <= p.seqlen_k, "k, v: ", num(n.k->size(1)), " new rows do not fit the cache (",
+                      num(int64_t(p.seqlen_k)), " rows)");
+    a.k_new = head_tensor(*n.k), a.v_new = head_tensor(*n.v);
+    a.seqlen_new = n.k->size(1);
+  }
+  TORCH_CHECK_VALUE(n.rotary_cos.has_value() == n.rotary_sin.has_value(), "rotary_cos and rotary_sin must be given together");
+  if (n.rotary_cos) {
+    TORCH_CHECK_VALUE(n.k.has_value(), "rotary_cos, rotary_sin need k and v");
+    for (auto [t, name] : {std::pair{&*n.rotary_cos, "rotary_cos"}, std::pair{&*n.rotary_sin, "rotary_sin"}}) {
+      check_same(*t, name, q, "q");
+      TORCH_CHECK_VALUE(t->dim() == 2 && t->sizes() == n.rotary_cos->sizes() && t->stride(1) == 1 &&
+                            t->stride(0) == n.rotary_cos->stride(0),
+                        name, " must be (seqlen_ro, rotary_dim / 2) with a contiguous last dim, like rotary_cos");
+    }
+    int64_t const rotary_dim = 2 * n.rotary_cos->size(1);
+    TORCH_CHECK_VALUE(rotary_dim > 0 && rotary_dim % 16 == 0 && rotary_dim <= p.head_dim && n.rotary_cos->size(0) > 0,
+                      "rotary_cos: rotary_dim must be a positive multiple of 16 up to head_dim, got ", num(rotary_dim));
+    a.rotary_cos = n.rotary_cos->data_ptr(), a.rotary_sin = n.rotary_sin->data_ptr();
+    a.rotary_row_stride = n.rotary_cos->stride(0);
+    a.rotary_dim = int(rotary_dim), a.seqlen_ro = int(n.rotary_cos->size(0));
+    a.rotary_interleaved = n.rotary_interleaved;
+    a.rotary_q_per_row = q_per_row;
+    a.q_rotated = head_tensor(q_rotated);
+  }
+  return a;
+}
+
 // out <- attention of q over the first cache_seqlens[b] rows of k_cache and v_cache (batch, seqlen_cache,
 // heads_kv, head_dim), lse <- its logsumexp per query row; causal and the window aligned to each cache's
-// end. num_splits: 0 picks (kvcache_splits), 1 none, n > 1 that many (at most the key blocks and 128).
+// end. With new k and v, they are first written into the caches at rows cache_seqlens[b] + j (in place) and
+// attended to; with rotary, the new keys and q are rotated at their positions. num_splits: 0 picks
+// (kvcache_splits), 1 none, n > 1 that many (at most the key blocks and 128).
 void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache, at::Tensor &out,
-                 at::Tensor &lse, at::Tensor const &cache_seqlens, Scores const &scores, int64_t num_splits) {
+                 at::Tensor &lse, at::Tensor const &cache_seqlens, Scores const &scores, int64_t num_splits,
+                 KvCacheNew const &new_rows = {}) {
   flash::FwdParams p{};
   set_qkv(p, q, k_cache, v_cache, Seqlens{});
   set_scores(p, scores, q);
@@ -619,6 +675,18 @@ void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor cons
   TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: chosen from the shape), got ", num(num_splits));
   check_output(out, "out", q, "q");
   check_lse(lse, q, p);
+  bool const q_per_row = scores.causal || scores.window_left >= 0 || scores.window_right >= 0;
+  at::Tensor const q_rotated = new_rows.rotary_cos ? at::empty_like(q) : at::Tensor();
+  flash::KvCacheAppendParams const append =
+      append_params(p, q, k_cache, v_cache, new_rows, cache_seqlens, q_rotated, q_per_row);
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (p.heads_kv > 0 && p.head_dim > 0) {  // before any early return: the cache grows even without queries
+    dispatch_dtype(q.scalar_type(), [&](auto element) {
+      C10_CUDA_CHECK((flash::run_kvcache_append<decltype(element)>(append, stream)));
+    });
+  }
   if (q.numel() == 0) { return; }
   if (nothing_attends(p)) {  // a cache of capacity 0: every row sees nothing
     out.zero_();
@@ -627,9 +695,9 @@ void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor cons
   }
   set_out(p, out, lse);
   p.cache_seqlens = cache_seqlens.data_ptr<int>();
+  p.seqlen_new = append.seqlen_new;
+  if (q_rotated.defined()) { p.q = head_tensor(q_rotated); }
 
-  c10::cuda::CUDAGuard device_guard(q.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor o_partial, lse_partial;  // split-KV scratch, alive until the launches are queued
   launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
     constexpr int kHeadDim = decltype(head_dim)::value;
@@ -711,14 +779,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd_kvcache", [=](at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache, at::Tensor &out,
                            at::Tensor &lse, at::Tensor const &cache_seqlens, double softmax_scale, bool causal,
                            int64_t window_left, int64_t window_right, double softcap,
-                           std::optional<at::Tensor> alibi_slopes, int64_t num_splits) {
+                           std::optional<at::Tensor> alibi_slopes, int64_t num_splits, std::optional<at::Tensor> k,
+                           std::optional<at::Tensor> v, std::optional<at::Tensor> rotary_cos,
+                           std::optional<at::Tensor> rotary_sin, bool rotary_interleaved) {
           fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens,
                       scores(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, std::nullopt),
-                      num_splits);
-        }, "Attention over a KV cache into out and lse (flash_attn_with_kvcache)", py::arg("q"), py::arg("k_cache"),
+                      num_splits, KvCacheNew{k, v, rotary_cos, rotary_sin, rotary_interleaved});
+        }, "Attention over a KV cache into out and lse, after appending k and v (rotated) to it in place "
+           "(flash_attn_with_kvcache)", py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"), py::arg("softmax_scale"),
         py::arg("causal"), py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0,
-        py::arg("alibi_slopes") = py::none(), py::arg("num_splits") = 0);
+        py::arg("alibi_slopes") = py::none(), py::arg("num_splits") = 0, py::arg("k") = py::none(),
+        py::arg("v") = py::none(), py::arg("rotary_cos") = py::none(), py::arg("rotary_sin") = py::none(),
+        py::arg("rotary_interleaved") = true);
   m.def("kvcache_num_splits", &kvcache_num_splits, "The split count fwd_kvcache uses for this shape",
         py::arg("q"), py::arg("k_cache"), py::arg("num_splits") = 0);
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");

@@ -31,6 +31,7 @@ KERNELS = {
     # flash_attn_with_kvcache: the forward's KvCache variant (and the split-KV combine), TUs of their own so
     # that the plain forward's are unchanged.
     "fwd_kvcache": Kernel("sm80", "fwd_launch.h", "run_fwd_kvcache", "FwdParams", HEAD_DIMS),
+    "kvcache_append": Kernel("common", "kvcache_append.h", "run_kvcache_append", "KvCacheAppendParams", None),
     "fwd_sm90": Kernel("sm90", "fwd_launch.h", "sm90::run_fwd", "FwdParams", SM90_HEAD_DIMS, arch="90a"),
 }
 

@@ -13,11 +13,13 @@ from ._ops import _ext, kernel_ready
 
 
 def _fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, softmax_scale, causal, window=(-1, -1), softcap=0.0,
-                 alibi_slopes=None, num_splits=0):
+                 alibi_slopes=None, num_splits=0, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                 rotary_interleaved=True):
     """Kernel call into caller-owned out (like q) and lse (batch, heads, seqlen_q) fp32 (tests poison them).
-    cache_seqlens: int32 (batch,) on q's device."""
+    cache_seqlens: int32 (batch,) on q's device. k, v: appended to the caches in place first."""
     _ext().fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, float(softmax_scale), bool(causal),
-                       int(window[0]), int(window[1]), float(softcap), alibi_slopes, int(num_splits))
+                       int(window[0]), int(window[1]), float(softcap), alibi_slopes, int(num_splits), k, v,
+                       rotary_cos, rotary_sin, bool(rotary_interleaved))
 
 
 def kvcache_num_splits(q, k_cache, num_splits=0):
@@ -33,15 +35,15 @@ def _fwd_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     cache_leftpad: Optional[torch.Tensor], block_table: Optional[torch.Tensor], softmax_scale: float,
                     causal: bool, window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
                     alibi_slopes: Optional[torch.Tensor], num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse). k_cache and v_cache are declared mutated: the new k and v are appended to them in place
-    (when that lands: flash_attn_with_kvcache refuses k and v until then)."""
+    """(out, lse). k_cache and v_cache are mutated: the new k and v are appended to them in place."""
     _kvcache_checks.check_cache_alignment(k_cache, v_cache)
-    q = kernel_ready(q)
+    q, k, v = (None if t is None else kernel_ready(t) for t in (q, k, v))
+    rotary_cos, rotary_sin = (None if t is None else t.contiguous() for t in (rotary_cos, rotary_sin))
     batch, seqlen_q, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     _fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, softmax_scale, causal, (window_left, window_right),
-                 softcap, alibi_slopes, num_splits)
+                 softcap, alibi_slopes, num_splits, k, v, rotary_cos, rotary_sin, rotary_interleaved)
     return out, lse
 
 
@@ -78,13 +80,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     The scores are flash_attn_func's with Sk = cache_seqlens[b]: causal and window_size are aligned to the
     end of each sequence's cache (query i sits on key i + Sk - seqlen_q), softcap and alibi_slopes ((heads,)
     or (batch, heads)) as there. A row that sees no key gets out 0 and LSE +inf.
+    k, v: (batch, seqlen_new, heads_kv, head_dim) new keys and values, written into the caches in place at
+    rows cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1 (by a small kernel before the attention, in
+    the same call; rows that would fall past the cache are dropped) and attended to: the keys of sequence b
+    are then its first cache_seqlens[b] + seqlen_new rows.
+    rotary_cos, rotary_sin: (seqlen_ro >= seqlen_cache, rotary_dim / 2) tables of q's dtype, rotary_dim a
+    multiple of 16 up to head_dim; with them the new keys are rotated at their positions cache_seqlens[b] + j
+    before they are stored, and q at cache_seqlens[b] + i where causal or a window is on, else every query
+    at cache_seqlens[b] (flash_attn's rule); the cache's existing keys are taken as rotated already.
+    rotary_interleaved: pairs dims (2i, 2i + 1) (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX); the dims
+    past rotary_dim pass through.
     num_splits: split-KV (flash-decoding) splits the keys of each (sequence, head) across thread blocks
     whose partial results a second kernel merges by their LSE; 0 chooses the count from the shape (the
     grid is split until it fills the GPU), 1 disables it, n > 1 asks for n (at most 128, and at most the
     cache's key blocks).
 
-    Checked and refused for now (NotImplementedError): k, v (append to the cache), rotary_cos, rotary_sin,
-    cache_batch_idx, cache_leftpad, block_table (paged KV). rotary_interleaved only applies with rotary.
+    Checked and refused for now (NotImplementedError): cache_batch_idx, cache_leftpad, block_table (paged KV).
 
     Returns out (batch, seqlen_q, heads, head_dim), or (out, softmax_lse) if return_softmax_lse, softmax_lse
     fp32 (batch, heads, seqlen_q), the natural-log logsumexp of each row's scores.

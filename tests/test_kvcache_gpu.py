@@ -233,3 +233,134 @@ def test_cuda_graph_replay_with_new_lengths():
         expected, expected_lse = decode_step(q, k_cache, v_cache, seqlens)
         assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
         check_kvcache(out, lse, q, k_cache, v_cache, lengths, softmax_scale=head_dim ** -0.5, causal=True)
+
+
+# ---- Appending new keys and values (k, v), with and without rotary
+
+def rotary_ref(x, cos, sin, positions, interleaved):
+    """x (batch, seqlen, heads, head_dim) rotated at positions (batch, seqlen), in x's dtype (so: fp32 for
+    the reference, the input dtype for PyTorch's own low-precision result); dims past rotary_dim pass."""
+    rotary_dim = 2 * cos.shape[1]
+    c, s = (t.to(x.dtype)[positions].unsqueeze(2) for t in (cos, sin))  # (batch, seqlen, 1, rotary_dim / 2)
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+        rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return torch.cat([rotated, x_pass], dim=-1)
+
+
+def rotary_tables(seqlen_ro, rotary_dim, dtype):
+    """cos and sin of position * theta_i, RoPE's frequencies."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, device="cuda", dtype=torch.float32) / rotary_dim))
+    angles = torch.arange(seqlen_ro, device="cuda", dtype=torch.float32)[:, None] * inv_freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+APPEND_LENGTHS = [0, 1, 63, 129, 250]  # before the append; + seqlen_new <= CAPACITY = 300
+
+
+@pytest.mark.parametrize("num_splits", [1, 0], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seqlen_new", [1, 2, 7, 50])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_append(head_dim, seqlen_new, causal, num_splits):
+    # The new rows land at cache_seqlens[b] + j, every other cache entry is bit-identical, and the attention
+    # sees the old and new keys (seqlen_q = seqlen_new: the new tokens attend to themselves).
+    skip_unless_built(head_dim)
+    batch, dtype = len(APPEND_LENGTHS), torch.bfloat16
+    q = torch.randn(batch, seqlen_new, HEADS_Q, head_dim, dtype=dtype, device="cuda")
+    k_cache, v_cache = random_cache(batch, CAPACITY, 2, head_dim, dtype)
+    k_new, v_new = (torch.randn(batch, seqlen_new, 2, head_dim, dtype=dtype, device="cuda") for _ in "kv")
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(APPEND_LENGTHS):
+        expected_k[b, n:n + seqlen_new], expected_v[b, n:n + seqlen_new] = k_new[b], v_new[b]
+    seqlens = torch.tensor(APPEND_LENGTHS, dtype=torch.int32, device="cuda")
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, causal=causal,
+                                       num_splits=num_splits, return_softmax_lse=True)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert seqlens.tolist() == APPEND_LENGTHS, "cache_seqlens is the caller's: not advanced"
+    lengths = [n + seqlen_new for n in APPEND_LENGTHS]
+    check_kvcache(out, lse, q, k_cache, v_cache, lengths, softmax_scale=head_dim ** -0.5, causal=causal)
+
+
+def test_append_rows_past_the_cache_are_dropped():
+    # A tensor cache_seqlens is not read on the host: rows that would fall past the cache are not written,
+    # and the attention sees the cache up to its end.
+    head_dim = 64
+    skip_unless_built(head_dim)
+    q = torch.randn(2, 4, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(2, CAPACITY, 2, head_dim, torch.bfloat16)
+    k_new, v_new = (torch.randn(2, 4, 2, head_dim, dtype=torch.bfloat16, device="cuda") for _ in "kv")
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k[0, CAPACITY - 2:], expected_v[0, CAPACITY - 2:] = k_new[0, :2], v_new[0, :2]
+    seqlens = torch.tensor([CAPACITY - 2, CAPACITY + 1000], dtype=torch.int32, device="cuda")
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
+                                       return_softmax_lse=True)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    check_kvcache(out, lse, q, k_cache, v_cache, [CAPACITY, CAPACITY], softmax_scale=head_dim ** -0.5)
+
+
+@pytest.mark.parametrize("rotary_dim", [32, 128])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_append_rotary(dtype, causal, interleaved, rotary_dim):
+    # The new keys are stored rotated at cache_seqlens[b] + j; q is rotated at cache_seqlens[b] + i (causal)
+    # or cache_seqlens[b] (not); both against rotary_ref by the 2x rule, then the attention over them.
+    head_dim, seqlen_new = 128, 5
+    skip_unless_built(head_dim)
+    batch = len(APPEND_LENGTHS)
+    q = torch.randn(batch, seqlen_new, HEADS_Q, head_dim, dtype=dtype, device="cuda")
+    k_cache, v_cache = random_cache(batch, CAPACITY, 2, head_dim, dtype)
+    k_new, v_new = (torch.randn(batch, seqlen_new, 2, head_dim, dtype=dtype, device="cuda") for _ in "kv")
+    cos, sin = rotary_tables(CAPACITY + 11, rotary_dim, dtype)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    starts = torch.tensor(APPEND_LENGTHS, dtype=torch.int32, device="cuda")
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens=starts,
+                                       causal=causal, rotary_interleaved=interleaved, return_softmax_lse=True)
+    rows = torch.arange(seqlen_new, device="cuda")
+    k_positions = starts.long()[:, None] + rows
+    q_positions = k_positions if causal else starts.long()[:, None].expand(-1, seqlen_new)
+    k_ref, k_pt = (rotary_ref(k_new.to(t), cos, sin, k_positions, interleaved) for t in (torch.float32, dtype))
+    q_ref, q_pt = (rotary_ref(q.to(t), cos, sin, q_positions, interleaved) for t in (torch.float32, dtype))
+    stored = torch.stack([k_cache[b, n:n + seqlen_new] for b, n in enumerate(APPEND_LENGTHS)])
+    check_close(stored, k_ref, k_pt, "stored k")
+    expected_k, expected_v = before_k.clone(), before_v.clone()  # everything else untouched; v stored as given
+    for b, n in enumerate(APPEND_LENGTHS):
+        expected_k[b, n:n + seqlen_new], expected_v[b, n:n + seqlen_new] = k_cache[b, n:n + seqlen_new], v_new[b]
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    lengths = [n + seqlen_new for n in APPEND_LENGTHS]
+    scale = head_dim ** -0.5
+    out_ref, lse_ref = kvcache_ref(q_ref, k_cache, v_cache, lengths, softmax_scale=scale, causal=causal)
+    out_pt, lse_pt = kvcache_ref(q_pt, k_cache, v_cache, lengths, compute_dtype=dtype, softmax_scale=scale,
+                                 causal=causal)
+    check_close(out, out_ref, out_pt, "out")
+    check_close(lse, lse_ref, lse_pt, "lse")
+
+
+def test_decode_loop_with_append_matches_full_attention():
+    # Greedy-decoding shape: a prompt appended in one call, then one token per call; each step's out equals
+    # attention over everything appended so far (2x rule), and the cache equals the tokens in order.
+    head_dim, steps = 128, 6
+    skip_unless_built(head_dim)
+    batch, dtype, prompt = 2, torch.bfloat16, 37
+    k_cache, v_cache = (torch.zeros(batch, 64, 2, head_dim, dtype=dtype, device="cuda") for _ in "kv")
+    ks, vs = [], []
+    for step in range(steps):
+        rows = prompt if step == 0 else 1
+        start = 0 if step == 0 else prompt + step - 1
+        q = torch.randn(batch, rows, HEADS_Q, head_dim, dtype=dtype, device="cuda")
+        k_new, v_new = (torch.randn(batch, rows, 2, head_dim, dtype=dtype, device="cuda") for _ in "kv")
+        ks.append(k_new)
+        vs.append(v_new)
+        out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=start, causal=True,
+                                           return_softmax_lse=True)
+        k_all, v_all = torch.cat(ks, 1), torch.cat(vs, 1)
+        assert torch.equal(k_cache[:, :start + rows], k_all) and torch.equal(v_cache[:, :start + rows], v_all)
+        out_ref, lse_ref = attention_ref(q, k_all, v_all, causal=True)
+        out_pt, lse_pt = attention_ref(q, k_all, v_all, causal=True, compute_dtype=dtype)
+        check_close(out, out_ref, out_pt, f"out at step {step}")
+        check_close(lse, lse_ref, lse_pt, f"lse at step {step}")

@@ -140,8 +140,6 @@ BAD_INPUTS = [
      "float32"),
 
     # Checked but not built yet: refused by name after every other rule, before the devices.
-    ("append-not-built", lambda: dict(**new_kv()), NotImplementedError, "k", "not implemented"),
-    ("rotary-not-built", lambda: dict(**rotary(), **new_kv()), NotImplementedError, "k", "not implemented"),
     ("batch-idx-not-built", lambda: dict(cache_batch_idx=ints(1, 0)), NotImplementedError, "cache_batch_idx",
      "not implemented"),
     ("leftpad-not-built", lambda: dict(cache_leftpad=ints(0, 2)), NotImplementedError, "cache_leftpad",
@@ -154,7 +152,10 @@ BAD_INPUTS = [
     # Everything here is on the CPU: the device rule comes last.
     ("cpu", lambda: dict(), ValueError, "q", "CUDA"),
     ("cpu-int-seqlens", lambda: dict(cache_seqlens=7), ValueError, "q", "CUDA"),
-    ("order-shape-before-not-built", lambda: dict(q=randn(SEQ_Q, HEADS_Q, D), **new_kv()), ValueError, "q", "4-D"),
+    ("cpu-append", lambda: dict(**new_kv()), ValueError, "q", "CUDA"),
+    ("cpu-rotary", lambda: dict(**rotary(), **new_kv()), ValueError, "q", "CUDA"),
+    ("order-shape-before-not-built", lambda: dict(q=randn(SEQ_Q, HEADS_Q, D), cache_leftpad=ints(0, 2)), ValueError,
+     "q", "4-D"),
     ("order-not-built-before-device", lambda: dict(cache_leftpad=ints(0, 2)), NotImplementedError, "cache_leftpad",
      "not implemented"),
 ]

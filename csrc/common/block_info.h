@@ -22,8 +22,8 @@ struct BlockInfo {
   // forward's spills and cost causal short sequences up to 10% (benchmarks/NOTES.md).
   //
   // KvCache (the forward's KvCache variant only, false_type elsewhere so that nothing changes there): k and
-  // v are caches whose first cache_seqlens[batch] rows are the keys, clamped into [0, capacity] whatever
-  // the value.
+  // v are caches whose first cache_seqlens[batch] rows, and the seqlen_new appended after them, are the keys,
+  // clamped into [0, capacity] whatever the value.
   template <class MaybeVarlen = cute::true_type, class KvCache = cute::false_type>
   CUTE_DEVICE BlockInfo(AttnParams const &p, int batch, MaybeVarlen maybe_varlen = {}, KvCache kv_cache = {})
       : batch(batch) {
@@ -35,7 +35,9 @@ struct BlockInfo {
       clamped_span(p.cu_seqlens_k, p.total_k, p.seqlen_k, k_start, seqlen_k);
     }
     if constexpr (KvCache::value) {
-      if (p.cache_seqlens != nullptr) { seqlen_k = min(max(p.cache_seqlens[batch], 0), p.seqlen_k); }
+      if (p.cache_seqlens != nullptr) {
+        seqlen_k = min(min(max(p.cache_seqlens[batch], 0), p.seqlen_k) + p.seqlen_new, p.seqlen_k);
+      }
     }
   }
 

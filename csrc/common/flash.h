@@ -94,6 +94,9 @@ struct AttnParams {
   // Sequence b's keys are the first cache_seqlens[b] rows of its cache, a device (batch,) array whose
   // values come unchecked: BlockInfo clamps them into [0, seqlen_k].
   int const *__restrict__ cache_seqlens;
+  // Rows appended to each cache at cache_seqlens[b] before the attention (KvCacheAppendParams): sequence b
+  // then has min(cache_seqlens[b] + seqlen_new, seqlen_k) keys.
+  int seqlen_new;
 };
 
 struct FwdParams : AttnParams {
@@ -111,6 +114,25 @@ struct FwdParams : AttnParams {
   int num_splits;
   float *__restrict__ o_partial;
   float *__restrict__ lse_partial;
+};
+
+// ---- KV cache append (flash_attn_with_kvcache's k, v and rotary; common/kvcache_append.h) ----
+// New keys and values (batch, seqlen_new, heads_kv, head_dim) written into the caches in place at rows
+// cache_seqlens[b] + j (clamped: the rows past the cache are dropped), the keys rotated at those positions
+// when rotary_cos is given; q rotated into q_rotated at cache_seqlens[b] + i (rotary_q_per_row: causal or
+// a window) or cache_seqlens[b] (otherwise: every query at the first new position), as flash_attn does.
+struct KvCacheAppendParams {
+  HeadTensor k_cache, v_cache, k_new, v_new;
+  HeadTensor q, q_rotated;  // q_rotated.ptr nullptr: no rotary
+  int const *__restrict__ cache_seqlens;  // (batch,), unchecked values
+  int batch, heads, heads_kv, head_dim, seqlen_q, seqlen_new, seqlen_cache;
+  // Rotary: (seqlen_ro, rotary_dim / 2) tables of q's dtype, rows rotary_row_stride apart; nullptr for none.
+  void const *rotary_cos;
+  void const *rotary_sin;
+  index_t rotary_row_stride;
+  int rotary_dim, seqlen_ro;
+  bool rotary_interleaved;  // pairs (2i, 2i + 1) (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX)
+  bool rotary_q_per_row;
 };
 
 struct BwdParams : FwdParams {  // o and lse: the forward's outputs
