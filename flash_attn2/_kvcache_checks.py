@@ -18,7 +18,6 @@ MAX_SPLITS = 128
 NOT_BUILT = {
     "cache_batch_idx": "cache_batch_idx",
     "cache_leftpad": "cache_leftpad",
-    "block_table": "paged KV (block_table)",
 }
 
 
@@ -205,8 +204,7 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     _checks.check_scores(q, batch, window_size, softcap, alibi_slopes, None)
 
     # What is checked but not built yet (before the devices, so that CPU tests reach it too).
-    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
-                    ("block_table", block_table)):
+    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
         if t is not None:
             raise NotImplementedError(f"{name}: {NOT_BUILT[name]} is not implemented in flash_attn_with_kvcache "
                                       "yet; pass None")

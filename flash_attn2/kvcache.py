@@ -14,12 +14,12 @@ from ._ops import _ext, kernel_ready
 
 def _fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, softmax_scale, causal, window=(-1, -1), softcap=0.0,
                  alibi_slopes=None, num_splits=0, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                 rotary_interleaved=True):
+                 rotary_interleaved=True, block_table=None):
     """Kernel call into caller-owned out (like q) and lse (batch, heads, seqlen_q) fp32 (tests poison them).
     cache_seqlens: int32 (batch,) on q's device. k, v: appended to the caches in place first."""
     _ext().fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, float(softmax_scale), bool(causal),
                        int(window[0]), int(window[1]), float(softcap), alibi_slopes, int(num_splits), k, v,
-                       rotary_cos, rotary_sin, bool(rotary_interleaved))
+                       rotary_cos, rotary_sin, bool(rotary_interleaved), block_table)
 
 
 def kvcache_num_splits(q, k_cache, num_splits=0):
@@ -43,7 +43,7 @@ def _fwd_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     _fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, softmax_scale, causal, (window_left, window_right),
-                 softcap, alibi_slopes, num_splits, k, v, rotary_cos, rotary_sin, rotary_interleaved)
+                 softcap, alibi_slopes, num_splits, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
     return out, lse
 
 
@@ -95,7 +95,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     grid is split until it fills the GPU), 1 disables it, n > 1 asks for n (at most 128, and at most the
     cache's key blocks).
 
-    Checked and refused for now (NotImplementedError): cache_batch_idx, cache_leftpad, block_table (paged KV).
+    block_table: paged KV, int32 (batch, max_pages) on q's device; k_cache and v_cache are then (num_pages,
+    page_size, heads_kv, head_dim), page_size any multiple of 16 (16 included), and row r of sequence b lies
+    in row r % page_size of page block_table[b, r // page_size]; each sequence holds up to max_pages *
+    page_size rows. Page ids are not read on the host: one outside [0, num_pages) is clamped into it in
+    the kernels (wrong rows, never an access outside the cache). The append writes through the table too.
+
+    Checked and refused for now (NotImplementedError): cache_batch_idx, cache_leftpad.
 
     Returns out (batch, seqlen_q, heads, head_dim), or (out, softmax_lse) if return_softmax_lse, softmax_lse
     fp32 (batch, heads, seqlen_q), the natural-log logsumexp of each row's scores.

@@ -364,3 +364,96 @@ def test_decode_loop_with_append_matches_full_attention():
         out_pt, lse_pt = attention_ref(q, k_all, v_all, causal=True, compute_dtype=dtype)
         check_close(out, out_ref, out_pt, f"out at step {step}")
         check_close(lse, lse_ref, lse_pt, f"lse at step {step}")
+
+
+# ---- Paged caches (block_table)
+
+def to_paged(caches, page_size, max_pages, spare_pages=3):
+    """Contiguous caches (batch, capacity, heads_kv, head_dim) as pages in one shuffled order, with spare
+    random pages among them: ([pages (num_pages, page_size, heads_kv, head_dim)], block_table (batch,
+    max_pages) int32, bool mask of the spare pages)."""
+    batch, capacity = caches[0].shape[:2]
+    num_pages = batch * max_pages + spare_pages
+    table = torch.randperm(num_pages, device="cuda")[:batch * max_pages].view(batch, max_pages).int()
+    spare = torch.ones(num_pages, dtype=torch.bool, device="cuda")
+    spare[table.flatten().long()] = False
+    paged = []
+    for cache in caches:
+        pages = torch.randn(num_pages, page_size, *cache.shape[2:], dtype=cache.dtype, device="cuda")
+        rows = torch.randn(batch, max_pages * page_size, *cache.shape[2:], dtype=cache.dtype, device="cuda")
+        rows[:, :capacity] = cache
+        pages[table.flatten().long()] = rows.view(batch * max_pages, page_size, *cache.shape[2:])
+        paged.append(pages)
+    return paged, table, spare
+
+
+def gathered(pages, table, capacity):
+    """The paged cache back as a contiguous (batch, capacity, ...) one."""
+    return pages[table.long()].flatten(1, 2)[:, :capacity]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seqlen_q", [1, 7], ids=lambda s: f"sq{s}")
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_paged_equals_contiguous(head_dim, page_size, seqlen_q, causal, num_splits):
+    # The same bits as the contiguous cache (the same tiles reach shared memory), whatever the page order,
+    # with out-of-range page ids past each sequence's last page (never dereferenced); and within the 2x rule.
+    # 3 splits: the count is capped by the capacity's key blocks (300 rows: 3 at D = 64), which paging rounds up.
+    skip_unless_built(head_dim)
+    lengths = LENGTHS["ragged"]
+    batch = len(lengths)
+    q = torch.randn(batch, seqlen_q, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(batch, CAPACITY, 2, head_dim, torch.bfloat16)
+    max_pages = -(-CAPACITY // page_size)
+    (k_pages, v_pages), table, _ = to_paged((k_cache, v_cache), page_size, max_pages)
+    for b, n in enumerate(lengths):
+        used = -(-n // page_size)
+        table[b, used:] = torch.tensor([-7, 10 ** 6] * max_pages, dtype=torch.int32)[:max_pages - used]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    kwargs = dict(cache_seqlens=seqlens, causal=causal, num_splits=num_splits, return_softmax_lse=True)
+    out, lse = flash_attn_with_kvcache(q, k_pages, v_pages, block_table=table, **kwargs)
+    expected, expected_lse = flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    check_kvcache(out, lse, q, k_cache, v_cache, lengths, softmax_scale=head_dim ** -0.5, causal=causal)
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_paged_append_equals_contiguous(page_size, rotary):
+    # The append writes through the block table: the gathered pages equal the contiguous cache after the
+    # same append (new rows crossing page boundaries), the spare pages are untouched, out is the same bits.
+    head_dim, seqlen_new = 128, 21
+    skip_unless_built(head_dim)
+    batch = len(APPEND_LENGTHS)
+    q = torch.randn(batch, seqlen_new, HEADS_Q, head_dim, dtype=torch.float16, device="cuda")
+    k_cache, v_cache = random_cache(batch, CAPACITY, 2, head_dim, torch.float16)
+    max_pages = -(-CAPACITY // page_size)
+    (k_pages, v_pages), table, spare = to_paged((k_cache, v_cache), page_size, max_pages)
+    k_spare, v_spare = k_pages[spare].clone(), v_pages[spare].clone()
+    k_new, v_new = (torch.randn(batch, seqlen_new, 2, head_dim, dtype=torch.float16, device="cuda") for _ in "kv")
+    tables = rotary_tables(max_pages * page_size, 64, torch.float16) if rotary else (None, None)
+    seqlens = torch.tensor(APPEND_LENGTHS, dtype=torch.int32, device="cuda")
+    kwargs = dict(cache_seqlens=seqlens, causal=True, num_splits=1, return_softmax_lse=True)
+    out, lse = flash_attn_with_kvcache(q, k_pages, v_pages, k_new, v_new, *tables, block_table=table, **kwargs)
+    expected, expected_lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, *tables, **kwargs)
+    assert torch.equal(gathered(k_pages, table, CAPACITY), k_cache)
+    assert torch.equal(gathered(v_pages, table, CAPACITY), v_cache)
+    assert torch.equal(k_pages[spare], k_spare) and torch.equal(v_pages[spare], v_spare)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+
+
+def test_paged_ids_out_of_range_are_clamped():
+    # Page ids are not checked on the host: below 0 reads page 0, past the last page reads the last page.
+    head_dim, page_size = 64, 16
+    skip_unless_built(head_dim)
+    q = torch.randn(2, 3, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_pages, v_pages = (torch.randn(6, page_size, 2, head_dim, dtype=torch.bfloat16, device="cuda") for _ in "kv")
+    table = torch.tensor([[-3, 2, 10 ** 6], [5, 2 ** 31 - 1, -2 ** 31]], dtype=torch.int32, device="cuda")
+    clamped = torch.tensor([[0, 2, 5], [5, 5, 0]], dtype=torch.int32, device="cuda")
+    for splits in (1, 2):
+        kwargs = dict(cache_seqlens=3 * page_size, num_splits=splits, return_softmax_lse=True)
+        out, lse = flash_attn_with_kvcache(q, k_pages, v_pages, block_table=table, **kwargs)
+        expected, expected_lse = flash_attn_with_kvcache(q, k_pages, v_pages, block_table=clamped, **kwargs)
+        assert torch.equal(out, expected) and torch.equal(lse, expected_lse)

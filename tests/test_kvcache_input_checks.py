@@ -144,7 +144,7 @@ BAD_INPUTS = [
      "not implemented"),
     ("leftpad-not-built", lambda: dict(cache_leftpad=ints(0, 2)), NotImplementedError, "cache_leftpad",
      "not implemented"),
-    ("paged-not-built", lambda: paged(), NotImplementedError, "block_table", "paged.*not implemented"),
+    ("cpu-paged", lambda: paged(), ValueError, "q", "CUDA"),
     ("batch-idx-any-cache-batch", lambda: dict(cache_batch_idx=ints(1, 0), k_cache=randn(5, CACHE, HEADS_KV, D),
                                                v_cache=randn(5, CACHE, HEADS_KV, D)), NotImplementedError,
      "cache_batch_idx", "not implemented"),

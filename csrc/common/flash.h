@@ -34,6 +34,13 @@ struct RngState {
   uint64_t offset_intragraph;
 };
 
+// A paged KV cache's block table (flash_attn_with_kvcache's block_table); table nullptr for a contiguous cache.
+struct PageTable {
+  int const *__restrict__ table;  // (batch, max_pages) int32
+  index_t batch_stride;
+  int page_size, max_pages, num_pages;
+};
+
 // Inputs shared by every pass.
 struct AttnParams {
   HeadTensor q, k, v;
@@ -97,6 +104,11 @@ struct AttnParams {
   // Rows appended to each cache at cache_seqlens[b] before the attention (KvCacheAppendParams): sequence b
   // then has min(cache_seqlens[b] + seqlen_new, seqlen_k) keys.
   int seqlen_new;
+  // Paged caches (block_table != nullptr): k and v are (num_pages, page_size, heads_kv, head_dim), seqlen_k
+  // = max_pages * page_size, and row r of sequence b lies in row r % page_size of page
+  // block_table[b * block_table_batch_stride + r / page_size]. Page ids come unchecked: the kernels clamp
+  // them into [0, num_pages) (page_table.h).
+  PageTable pages;
 };
 
 struct FwdParams : AttnParams {
@@ -133,6 +145,7 @@ struct KvCacheAppendParams {
   int rotary_dim, seqlen_ro;
   bool rotary_interleaved;  // pairs (2i, 2i + 1) (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX)
   bool rotary_q_per_row;
+  PageTable pages;  // k_cache and v_cache paged where pages.table is set (seqlen_cache = max_pages * page_size)
 };
 
 struct BwdParams : FwdParams {  // o and lse: the forward's outputs

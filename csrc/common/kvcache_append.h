@@ -1,5 +1,5 @@
-// flash_attn_with_kvcache's append: the new keys and values go into the caches in place, at each sequence's
-// cache_seqlens[b], before the attention kernel reads them (same stream); with rotary, the new keys are
+// flash_attn_with_kvcache's append: the new keys and values go into the caches (contiguous or paged) in place,
+// at each sequence's cache_seqlens[b], before the attention kernel reads them (same stream); with rotary, the new keys are
 // rotated on the way and q is rotated into a buffer of its own. Memory-bound and small (seqlen_new rows):
 // plain CUDA, one thread per 16 bytes (8 elements) of a row, every index clamped into the tensors.
 #pragma once
@@ -10,6 +10,7 @@
 #include <cutlass/numeric_conversion.h>
 
 #include "flash.h"
+#include "page_table.h"
 
 namespace flash {
 
@@ -95,9 +96,9 @@ __global__ void kvcache_append_kernel(__grid_constant__ const KvCacheAppendParam
     int const dst = start + row;
     if (dst >= p.seqlen_cache) { return; }  // past the cache: dropped (the host refuses what it can see)
     rotated_chunk(p, row_ptr<Element>(p.k_new, batch, row, head), chunk, dst, x);
-    store(row_ptr<Element>(p.k_cache, batch, dst, head) + chunk * kVec, x);
+    store(cache_row<Element>(p.k_cache, p.pages, batch, dst, head) + chunk * kVec, x);
     load(row_ptr<Element>(p.v_new, batch, row, head) + chunk * kVec, x);
-    store(row_ptr<Element>(p.v_cache, batch, dst, head) + chunk * kVec, x);
+    store(cache_row<Element>(p.v_cache, p.pages, batch, dst, head) + chunk * kVec, x);
   } else {
     rotated_chunk(p, row_ptr<Element>(p.q, batch, row, head), chunk, start + (p.rotary_q_per_row ? row : 0), x);
     store(row_ptr<Element>(p.q_rotated, batch, row, head) + chunk * kVec, x);

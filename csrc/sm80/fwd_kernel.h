@@ -9,6 +9,7 @@
 #include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
+#include "common/page_table.h"
 #include "common/softmax.h"
 #include "common/utils.h"
 
@@ -142,12 +143,30 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
 
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(TileS{}));  // (row, col) of each score
 
+  // Key (or value) block n_block into shared memory; with CheckRows, rows past the sequence arrive as 0. A paged
+  // cache (KvCache only) takes each row's address from the block table.
+  auto load_kv = [&](auto check_rows, auto const &tKVgKV, auto &tKVsKV, HeadTensor const &cache, int n_block)
+      __attribute__((always_inline)) {
+    constexpr bool kCheckRows = decltype(check_rows)::value;
+    int const rows_left = seq.seqlen_k - n_block * kBlockN;
+    if constexpr (KvCache) {
+      if (params.pages.table != nullptr) {
+        auto row_address = [&](int row) {
+          return cache_row<Element const>(cache, params.pages, batch, n_block * kBlockN + row, params.kv_head(head));
+        };
+        load_tile_rows<kCheckRows>(gmem_copy, tKVgKV(_, _, _, 0), tKVsKV, tKVcKV, rows_left, params.head_dim,
+                                   row_address);
+        return;
+      }
+    }
+    load_tile<kCheckRows>(gmem_copy, tKVgKV(_, _, _, n_block), tKVsKV, tKVcKV, rows_left, params.head_dim);
+  };
+
   // Prologue: Q and the first K block. Key blocks are visited from the last down, so the ragged block and
   // those the window's right edge crosses come first, and those its left edge crosses last.
   int n_block = n_block_end - 1;
   load_tile<true>(gmem_copy, tQgQ, tQsQ, tQcQ, q_rows_left, params.head_dim);
-  load_tile<true>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, seq.seqlen_k - n_block * kBlockN,
-                  params.head_dim);
+  load_kv(cute::true_type{}, tKgK, tKsK, params.k, n_block);
   cp_async_fence();
 
   clear(acc_o);
@@ -160,8 +179,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     cp_async_wait<0>();
     __syncthreads();  // K[n_block] has landed, and every warp is done with V[n_block + 1]
     // V streams in while Q·Kᵀ runs. Only the first block visited can be the ragged last one.
-    load_tile<kFirst>(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, seq.seqlen_k - n_block * kBlockN,
-                      params.head_dim);
+    load_kv(is_first, tVgV, tVsV, params.v, n_block);
     cp_async_fence();
 
     gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_q, smem_copy_k);
@@ -170,7 +188,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     cp_async_wait<0>();
     __syncthreads();  // V[n_block] has landed, and every warp is done with K[n_block]
     if (n_block > n_block_begin) {  // the next K streams in while the softmax and P·V run
-      load_tile<false>(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, kBlockN, params.head_dim);
+      load_kv(cute::false_type{}, tKgK, tKsK, params.k, n_block - 1);
       cp_async_fence();
     }
 
