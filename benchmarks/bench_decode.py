@@ -6,7 +6,9 @@ out) / time, against a device-copy ceiling measured in the same run (a torch cop
 write bytes / time). Beside ours, PyTorch SDPA's flash and cuDNN backends on the same cache (a transposed
 view, (batch, heads_kv, seqlen, head_dim), no copy); "-" where a backend refuses the inputs. Points whose
 cache does not fit --mem-fraction of the GPU's memory are skipped. --splits times ours at several
-num_splits (0: the heuristic's count, shown in the table) to check the heuristic.
+num_splits (0: the heuristic's count, shown in the table) to check the heuristic. --page-sizes times ours
+on the same cache seen as pages of that size (a view, no copy) in shuffled order through block_table
+(the issue's goal: >= 0.9x the contiguous cache with 16-token pages).
 
     python3 benchmarks/bench_decode.py [--splits 0,1] [--markdown results/decode.md --json results/decode.json]
 """
@@ -35,6 +37,8 @@ def parse_args():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--splits", type=csv_of(int), default="0", help="num_splits values for ours (0: heuristic)")
+    parser.add_argument("--page-sizes", type=csv_of(int), default="16",
+                        help="paged runs of ours (num_splits 0) at these page sizes")
     parser.add_argument("--peers", type=csv_of(choices=PEERS), default=",".join(PEERS))
     parser.add_argument("--mem-fraction", type=float, default=0.6, help="largest cache, as a share of GPU memory")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the tensor the ceiling copies")
@@ -65,6 +69,12 @@ def point(args, batch, cache_len, heads_kv, ceiling):
 
     fns = {f"ours-splits{s}": (lambda s=s: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
                                                                    num_splits=s)) for s in args.splits}
+    for page_size in args.page_sizes:
+        if cache_len % page_size == 0:
+            pages = [t.view(-1, page_size, heads_kv, d) for t in (k_cache, v_cache)]  # the same bytes, as pages
+            table = torch.randperm(pages[0].shape[0], device="cuda").int().view(batch, -1)
+            fns[f"ours-paged{page_size}"] = (lambda p=pages, t=table: flash_attn_with_kvcache(
+                q, *p, cache_seqlens=seqlens, block_table=t))
     qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     for name in args.peers:
         if sdpa(qt, kt, vt, False, PEERS[name]) is not None:
@@ -72,7 +82,8 @@ def point(args, batch, cache_len, heads_kv, ceiling):
     ms = time_ms(fns, reps=args.reps, warmup=args.warmup)
     row = dict(batch=batch, cache_len=cache_len, heads=heads, heads_kv=heads_kv, head_dim=d, bytes=nbytes,
                ceiling_tbs=ceiling, splits_chosen=kvcache_num_splits(q, k_cache, 0))
-    for name in [*fns, *(p for p in args.peers if p not in fns)]:
+    missing = [f"ours-paged{p}" for p in args.page_sizes] + list(args.peers)
+    for name in [*fns, *(p for p in missing if p not in fns)]:
         t = ms.get(name)
         row[f"{name}_ms"] = t
         row[f"{name}_tbs"] = None if t is None else nbytes / t / 1e9
@@ -100,7 +111,7 @@ def main():
                 rows += progress([point(args, batch, cache_len, heads_kv, ceiling)], started)
                 torch.cuda.empty_cache()
 
-    names = [f"ours-splits{s}" for s in args.splits] + list(args.peers)
+    names = [f"ours-splits{s}" for s in args.splits] + [f"ours-paged{p}" for p in args.page_sizes] + list(args.peers)
     columns = ["batch", "cache", "heads:kv", "splits (0 picks)", *[f"{n} TB/s" for n in names],
                *[f"{n} % ceiling" for n in names[:len(args.splits)]]]
     table = [[r["batch"], r["cache_len"], f"{r['heads']}:{r['heads_kv']}", r["splits_chosen"],

@@ -602,39 +602,57 @@ int kvcache_splits(flash::FwdParams const &p, flash::TileShape tile, int64_t req
   return int(std::max<int64_t>(1, std::min({wanted, most, key_blocks / kMinSplitBlocks})));
 }
 
-// A paged cache: k_cache and v_cache (num_pages, page_size, heads_kv, head_dim), block_table (batch, max_pages)
-// int32; the capacity of each sequence is max_pages * page_size. set_qkv's rules otherwise.
-void set_paged_cache(flash::FwdParams &p, at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache,
-                     at::Tensor const &block_table) {
+// A cache whose rows are not q's batch: paged, k_cache and v_cache (num_pages, page_size, heads_kv, head_dim)
+// with block_table (batch, max_pages) int32, a sequence holding up to max_pages * page_size rows; or contiguous
+// (batch_cache, seqlen_cache, heads_kv, head_dim) read through cache_batch_idx. set_qkv's rules otherwise.
+void set_cache_qkv(flash::FwdParams &p, at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache,
+                   std::optional<at::Tensor> const &block_table) {
   check_heads(q, "q", false);
   check_heads(k_cache, "k_cache", false);
   check_heads(v_cache, "v_cache", false);
   check_same(k_cache, "k_cache", q, "q");
   check_same(v_cache, "v_cache", q, "q");
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
-  TORCH_CHECK_TYPE(block_table.scalar_type() == at::kInt, "block_table must be int32, got ", block_table.scalar_type());
-  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.size(0) == q.size(0) && block_table.size(1) > 0 &&
-                        block_table.stride(1) == 1,
-                    "block_table must be (batch, max_pages) with a contiguous last dim, got ", num(block_table.sizes()));
-  TORCH_CHECK_VALUE(block_table.device() == q.device(), "block_table is on ", block_table.device(), " but q is on ",
-                    q.device());
-  int64_t const page_size = k_cache.size(1), head_dim = q.size(3), heads = q.size(2), heads_kv = k_cache.size(2);
-  TORCH_CHECK_VALUE(page_size > 0 && page_size % 16 == 0, "k_cache: the page size (dim 1) must be a positive "
-                    "multiple of 16, got ", num(page_size));
-  TORCH_CHECK_VALUE(k_cache.size(0) > 0, "k_cache: a paged cache needs at least one page");
+  int64_t const head_dim = q.size(3), heads = q.size(2), heads_kv = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(0) > 0, "k_cache: a cache read through block_table or cache_batch_idx needs at "
+                    "least one page or row");
+  int64_t capacity = k_cache.size(1);
+  if (block_table) {
+    TORCH_CHECK_TYPE(block_table->scalar_type() == at::kInt, "block_table must be int32, got ",
+                     block_table->scalar_type());
+    TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == q.size(0) && block_table->size(1) > 0 &&
+                          block_table->stride(1) == 1,
+                      "block_table must be (batch, max_pages) with a contiguous last dim, got ",
+                      num(block_table->sizes()));
+    TORCH_CHECK_VALUE(block_table->device() == q.device(), "block_table is on ", block_table->device(),
+                      " but q is on ", q.device());
+    int64_t const page_size = k_cache.size(1);
+    TORCH_CHECK_VALUE(page_size > 0 && page_size % 16 == 0, "k_cache: the page size (dim 1) must be a positive "
+                      "multiple of 16, got ", num(page_size));
+    capacity = block_table->size(1) * page_size;
+    p.pages = {block_table->data_ptr<int>(), block_table->stride(0), int(page_size), int(block_table->size(1)),
+               int(k_cache.size(0))};
+  }
   TORCH_CHECK_VALUE(k_cache.size(3) == head_dim && head_dim % 8 == 0 && head_dim <= 256,
                     "k_cache and q must share a head_dim that is a multiple of 8 up to 256");
   TORCH_CHECK_VALUE(heads_kv > 0 && heads % heads_kv == 0 && heads <= 65535, "q has ", num(heads),
                     " heads, which must be a multiple of the heads of k_cache (", num(heads_kv), ")");
-  int64_t const capacity = block_table.size(1) * page_size;
   TORCH_CHECK_VALUE(q.size(1) <= kMaxSeqlen && capacity <= kMaxSeqlen && k_cache.size(0) <= kMaxSeqlen,
-                    "q, block_table: seqlen and max_pages * page_size must be below 2^31 - 1024");
+                    "q, k_cache: seqlen, seqlen_cache (max_pages * page_size) and the cache's rows (pages) must be "
+                    "below 2^31 - 1024");
   TORCH_CHECK_VALUE(q.size(0) <= 65535, "batch must be at most 65535, got ", num(q.size(0)));
   p.batch = q.size(0), p.seqlen_q = q.size(1), p.seqlen_k = int(capacity);
   p.heads = heads, p.heads_kv = heads_kv, p.head_dim = head_dim;
   p.q = head_tensor(q), p.k = head_tensor(k_cache), p.v = head_tensor(v_cache);
-  p.pages = {block_table.data_ptr<int>(), block_table.stride(0), int(page_size), int(block_table.size(1)),
-             int(k_cache.size(0))};
+  p.cache_rows.batch_cache = int(k_cache.size(0));
+}
+
+// cache_batch_idx or cache_leftpad: int32 (batch,) on q's device.
+void check_cache_index(at::Tensor const &t, char const *name, at::Tensor const &q) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == q.size(0) && t.is_contiguous(), name,
+                    " must be a contiguous (batch,) tensor, got shape ", num(t.sizes()));
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
 }
 
 // What flash_attn_with_kvcache appends before the attention: new k and v, and the rotary tables.
@@ -655,6 +673,7 @@ flash::KvCacheAppendParams append_params(flash::FwdParams const &p, at::Tensor c
   a.batch = p.batch, a.heads = p.heads, a.heads_kv = p.heads_kv, a.head_dim = p.head_dim;
   a.seqlen_q = p.seqlen_q, a.seqlen_cache = p.seqlen_k;
   a.pages = p.pages;
+  a.cache_rows = p.cache_rows;
   TORCH_CHECK_VALUE(n.k.has_value() == n.v.has_value(), "k and v must be given together");
   if (n.k) {
     for (auto [t, name] : {std::pair{&*n.k, "k"}, std::pair{&*n.v, "v"}}) {
@@ -698,12 +717,24 @@ flash::KvCacheAppendParams append_params(flash::FwdParams const &p, at::Tensor c
 // (kvcache_splits), 1 none, n > 1 that many (at most the key blocks and 128).
 void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache, at::Tensor &out,
                  at::Tensor &lse, at::Tensor const &cache_seqlens, Scores const &scores, int64_t num_splits,
-                 KvCacheNew const &new_rows = {}, std::optional<at::Tensor> const &block_table = std::nullopt) {
+                 KvCacheNew const &new_rows = {}, std::optional<at::Tensor> const &block_table = std::nullopt,
+                 std::optional<at::Tensor> const &cache_batch_idx = std::nullopt,
+                 std::optional<at::Tensor> const &cache_leftpad = std::nullopt) {
   flash::FwdParams p{};
-  if (block_table) {
-    set_paged_cache(p, q, k_cache, v_cache, *block_table);
+  if (block_table || cache_batch_idx) {
+    TORCH_CHECK_VALUE(!(block_table && (cache_batch_idx || cache_leftpad)), "block_table cannot be combined with "
+                      "cache_batch_idx or cache_leftpad");
+    set_cache_qkv(p, q, k_cache, v_cache, block_table);
   } else {
     set_qkv(p, q, k_cache, v_cache, Seqlens{});
+  }
+  if (cache_batch_idx) {
+    check_cache_index(*cache_batch_idx, "cache_batch_idx", q);
+    p.cache_rows.batch_idx = cache_batch_idx->data_ptr<int>();
+  }
+  if (cache_leftpad) {
+    check_cache_index(*cache_leftpad, "cache_leftpad", q);
+    p.cache_rows.leftpad = cache_leftpad->data_ptr<int>();
   }
   set_scores(p, scores, q);
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
@@ -753,11 +784,13 @@ void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor cons
   });
 }
 
-// The split count fwd_kvcache would use (num_splits = 0: the heuristic's), for tests and benchmarks.
-int64_t kvcache_num_splits(at::Tensor const &q, at::Tensor const &k_cache, int64_t num_splits) {
+// The split count fwd_kvcache would use (num_splits = 0: the heuristic's), for tests and benchmarks;
+// seqlen_cache: a paged cache's max_pages * page_size (-1: k_cache's dim 1).
+int64_t kvcache_num_splits(at::Tensor const &q, at::Tensor const &k_cache, int64_t num_splits, int64_t seqlen_cache) {
   TORCH_CHECK_VALUE(q.dim() == 4 && k_cache.dim() == 4 && q.is_cuda(), "q and k_cache must be 4-D CUDA tensors");
   flash::FwdParams p{};
-  p.batch = q.size(0), p.seqlen_q = q.size(1), p.heads = q.size(2), p.seqlen_k = k_cache.size(1);
+  p.batch = q.size(0), p.seqlen_q = q.size(1), p.heads = q.size(2);
+  p.seqlen_k = int(std::min(seqlen_cache < 0 ? k_cache.size(1) : seqlen_cache, kMaxSeqlen));
   int splits = 1;
   bool const found = dispatch_head_dim(q.size(3), [&](auto head_dim) {
     splits = kvcache_splits(p, flash::fwd_kvcache_tile(decltype(head_dim)::value), num_splits,
@@ -822,19 +855,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            std::optional<at::Tensor> alibi_slopes, int64_t num_splits, std::optional<at::Tensor> k,
                            std::optional<at::Tensor> v, std::optional<at::Tensor> rotary_cos,
                            std::optional<at::Tensor> rotary_sin, bool rotary_interleaved,
-                           std::optional<at::Tensor> block_table) {
+                           std::optional<at::Tensor> block_table, std::optional<at::Tensor> cache_batch_idx,
+                           std::optional<at::Tensor> cache_leftpad) {
           fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens,
                       scores(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, std::nullopt),
-                      num_splits, KvCacheNew{k, v, rotary_cos, rotary_sin, rotary_interleaved}, block_table);
+                      num_splits, KvCacheNew{k, v, rotary_cos, rotary_sin, rotary_interleaved}, block_table,
+                      cache_batch_idx, cache_leftpad);
         }, "Attention over a KV cache into out and lse, after appending k and v (rotated) to it in place "
            "(flash_attn_with_kvcache)", py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"), py::arg("softmax_scale"),
         py::arg("causal"), py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0,
         py::arg("alibi_slopes") = py::none(), py::arg("num_splits") = 0, py::arg("k") = py::none(),
         py::arg("v") = py::none(), py::arg("rotary_cos") = py::none(), py::arg("rotary_sin") = py::none(),
-        py::arg("rotary_interleaved") = true, py::arg("block_table") = py::none());
+        py::arg("rotary_interleaved") = true, py::arg("block_table") = py::none(),
+        py::arg("cache_batch_idx") = py::none(), py::arg("cache_leftpad") = py::none());
   m.def("kvcache_num_splits", &kvcache_num_splits, "The split count fwd_kvcache uses for this shape",
-        py::arg("q"), py::arg("k_cache"), py::arg("num_splits") = 0);
+        py::arg("q"), py::arg("k_cache"), py::arg("num_splits") = 0, py::arg("seqlen_cache") = -1);
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
   m.def("has_sm90", [] { return bool(FLASH_ATTN2_SM90); }, "Whether this build has the Hopper (sm_90a) kernels");
 }

@@ -1,7 +1,6 @@
 """Argument checks of flash_attn_with_kvcache, in _checks' style: each raises before any launch, naming the
 argument and the rule (TypeError for a type or dtype, ValueError for a shape, a value or a device), device
-rules last so that every other rule can be checked with CPU tensors. Features that are checked but not
-built yet raise NotImplementedError naming the argument, after every rule but the devices'."""
+rules last so that every other rule can be checked with CPU tensors."""
 
 import math
 
@@ -14,11 +13,6 @@ PAGE_MULTIPLE = 16  # a page holds whole 16-row slices of the key tiles' MMAs
 ROTARY_MULTIPLE = 16
 MAX_SPLITS = 128
 
-# Checked here, not yet served by the kernels: the argument's name -> what it is.
-NOT_BUILT = {
-    "cache_batch_idx": "cache_batch_idx",
-    "cache_leftpad": "cache_leftpad",
-}
 
 
 def _tensor(name, t, optional=True):
@@ -155,6 +149,9 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                              "batch row to its pages")
     if cache_leftpad is not None:
         _index_vector("cache_leftpad", cache_leftpad, batch)
+        if paged:
+            raise ValueError("cache_leftpad and block_table cannot be combined (as in flash_attn): a paged "
+                             "sequence starts at its first page")
 
     # New keys and values.
     if (k is None) != (v is None):
@@ -202,12 +199,6 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         if not (math.isfinite(softmax_scale) and softmax_scale > 0):
             raise ValueError(f"softmax_scale must be finite and positive, got {softmax_scale}")
     _checks.check_scores(q, batch, window_size, softcap, alibi_slopes, None)
-
-    # What is checked but not built yet (before the devices, so that CPU tests reach it too).
-    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
-        if t is not None:
-            raise NotImplementedError(f"{name}: {NOT_BUILT[name]} is not implemented in flash_attn_with_kvcache "
-                                      "yet; pass None")
 
     # Devices, last.
     tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v), ("rotary_cos", rotary_cos),

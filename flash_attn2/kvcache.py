@@ -1,8 +1,8 @@
 """The inference entry point, as flash_attn 2.8 names it: attention of a few new query tokens over a KV
 cache (decoding), forward only. One torch.library custom op (flash_attn2::fwd_kvcache) with a fake
 implementation that declares the caches' mutation, so that torch.compile and CUDA graphs can capture a
-decode step; its arguments are those of the whole contract (new k/v, rotary, paged caches), the ones not
-built yet being refused before the op (_kvcache_checks.NOT_BUILT)."""
+decode step; its arguments are those of flash_attn's contract (new k/v, rotary, paged caches, cache_batch_idx,
+cache_leftpad)."""
 
 from typing import Optional
 
@@ -14,18 +14,19 @@ from ._ops import _ext, kernel_ready
 
 def _fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, softmax_scale, causal, window=(-1, -1), softcap=0.0,
                  alibi_slopes=None, num_splits=0, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                 rotary_interleaved=True, block_table=None):
+                 rotary_interleaved=True, block_table=None, cache_batch_idx=None, cache_leftpad=None):
     """Kernel call into caller-owned out (like q) and lse (batch, heads, seqlen_q) fp32 (tests poison them).
     cache_seqlens: int32 (batch,) on q's device. k, v: appended to the caches in place first."""
     _ext().fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, float(softmax_scale), bool(causal),
                        int(window[0]), int(window[1]), float(softcap), alibi_slopes, int(num_splits), k, v,
-                       rotary_cos, rotary_sin, bool(rotary_interleaved), block_table)
+                       rotary_cos, rotary_sin, bool(rotary_interleaved), block_table, cache_batch_idx, cache_leftpad)
 
 
-def kvcache_num_splits(q, k_cache, num_splits=0):
-    """The split count a call with these q and k_cache shapes runs with (num_splits=0: the heuristic's,
-    csrc/flash_api.cpp kvcache_splits), on q's device."""
-    return _ext().kvcache_num_splits(q, k_cache, int(num_splits))
+def kvcache_num_splits(q, k_cache, num_splits=0, block_table=None):
+    """The split count a call with these q, k_cache (and block_table) shapes runs with (num_splits=0: the
+    heuristic's, csrc/flash_api.cpp kvcache_splits), on q's device."""
+    seqlen_cache = -1 if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    return _ext().kvcache_num_splits(q, k_cache, int(num_splits), seqlen_cache)
 
 
 @torch.library.custom_op("flash_attn2::fwd_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -43,7 +44,8 @@ def _fwd_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     _fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, softmax_scale, causal, (window_left, window_right),
-                 softcap, alibi_slopes, num_splits, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table)
+                 softcap, alibi_slopes, num_splits, k, v, rotary_cos, rotary_sin, rotary_interleaved, block_table,
+                 cache_batch_idx, cache_leftpad)
     return out, lse
 
 
@@ -101,7 +103,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     page_size rows. Page ids are not read on the host: one outside [0, num_pages) is clamped into it in
     the kernels (wrong rows, never an access outside the cache). The append writes through the table too.
 
-    Checked and refused for now (NotImplementedError): cache_batch_idx, cache_leftpad.
+    cache_batch_idx: int32 (batch,): sequence b reads (and appends to) row cache_batch_idx[b] of a contiguous
+    cache of any batch_cache rows (not with block_table); values clamped into [0, batch_cache) in the
+    kernels; rows must be distinct when appending (two sequences writing one row race).
+    cache_leftpad: int32 (batch,): sequence b's keys start at row cache_leftpad[b] of its cache (left
+    padding): its keys are rows [cache_leftpad[b], cache_seqlens[b] + seqlen_new), positions (causal,
+    window, ALiBi, rotary) counted from cache_leftpad[b]; not with block_table; clamped into
+    [0, cache_seqlens[b]].
 
     Returns out (batch, seqlen_q, heads, head_dim), or (out, softmax_lse) if return_softmax_lse, softmax_lse
     fp32 (batch, heads, seqlen_q), the natural-log logsumexp of each row's scores.

@@ -164,14 +164,17 @@ def run_variant(scores, causal, shape, head_dim, dtype, varlen_shape):
     forward_backward(qkv, causal, varlen, **scores(heads_q, batch))
 
 
-# flash_attn_with_kvcache: (name, cache_seqlens, paged page size or None, seqlen_new, rotary, num_splits). Lengths
-# past the cache and negative ones, page ids out of range: clamped in the kernels, never an access outside.
+# flash_attn_with_kvcache: (name, cache_seqlens, paged page size or None, seqlen_new, rotary, num_splits, and
+# cache_batch_idx / cache_leftpad values or None). Lengths past the cache and negative ones, page ids, cache
+# rows and left pads out of range: clamped in the kernels, never an access outside.
 KVCACHE_CASES = [
-    ("contiguous ragged split", [0, 1, 77, 200], None, 0, False, 0),
-    ("contiguous append rotary", [0, 5, 150, 190], None, 7, True, 1),
-    ("bad lengths", [-5, 2 ** 31 - 1, 199, -2 ** 31], None, 3, False, 3),
-    ("paged 16 append split", [0, 17, 100, 200], 16, 5, True, 4),
-    ("paged 64 bad lengths", [2 ** 31 - 1, -1, 64, 3], 64, 2, False, 0),
+    ("contiguous ragged split", [0, 1, 77, 200], None, 0, False, 0, None, None),
+    ("contiguous append rotary", [0, 5, 150, 190], None, 7, True, 1, None, None),
+    ("bad lengths", [-5, 2 ** 31 - 1, 199, -2 ** 31], None, 3, False, 3, None, None),
+    ("paged 16 append split", [0, 17, 100, 200], 16, 5, True, 4, None, None),
+    ("paged 64 bad lengths", [2 ** 31 - 1, -1, 64, 3], 64, 2, False, 0, None, None),
+    ("bad batch idx append", [3, 50, 100, 7], None, 2, False, 2, [-4, 2, 2 ** 31 - 1, 1], None),
+    ("bad leftpad append rotary", [30, 50, 100, 7], None, 2, True, 0, None, [-1, 60, 2 ** 31 - 1, 3]),
 ]
 
 
@@ -180,7 +183,7 @@ def run_kvcache(case, head_dim, dtype):
     Paged: page ids past the used pages and some used ones out of range."""
     from flash_attn2 import flash_attn_with_kvcache
 
-    _, lengths, page_size, seqlen_new, rotary, splits = case
+    _, lengths, page_size, seqlen_new, rotary, splits, batch_idx, leftpad = case
     batch, capacity, heads_q, heads_kv = len(lengths), 200, 4, 2
     q = torch.randn(batch, 3, heads_q, head_dim, dtype=dtype, device="cuda")
     extra = {}
@@ -198,6 +201,9 @@ def run_kvcache(case, head_dim, dtype):
     if rotary:
         angles = torch.rand(capacity + (page_size or 0), 8 * min(4, head_dim // 16), device="cuda")
         extra.update(rotary_cos=angles.cos().to(dtype), rotary_sin=angles.sin().to(dtype))
+    for name, values in (("cache_batch_idx", batch_idx), ("cache_leftpad", leftpad)):
+        if values is not None:
+            extra[name] = torch.tensor(values, dtype=torch.int32, device="cuda")
     seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True, num_splits=splits, **extra)
     torch.cuda.synchronize()

@@ -457,3 +457,70 @@ def test_paged_ids_out_of_range_are_clamped():
         out, lse = flash_attn_with_kvcache(q, k_pages, v_pages, block_table=table, **kwargs)
         expected, expected_lse = flash_attn_with_kvcache(q, k_pages, v_pages, block_table=clamped, **kwargs)
         assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+
+
+# ---- cache_batch_idx and cache_leftpad
+
+@pytest.mark.parametrize("num_splits", [1, 0], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("seqlen_new", [0, 3])
+def test_cache_batch_idx(seqlen_new, num_splits):
+    # Sequence b reads (and appends to) cache row idx[b] of a larger cache; the other rows are untouched.
+    head_dim = 128
+    skip_unless_built(head_dim)
+    idx, lengths = [5, 0, 6, 2], [0, 17, 200, 64]
+    q = torch.randn(len(idx), 4, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(7, CAPACITY, 2, head_dim, torch.bfloat16)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    new = {}
+    if seqlen_new:
+        new = dict(k=torch.randn(len(idx), seqlen_new, 2, head_dim, dtype=torch.bfloat16, device="cuda"))
+        new["v"] = torch.randn_like(new["k"])
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, **new, cache_seqlens=torch.tensor(lengths, dtype=torch.int32,
+                                       device="cuda"), cache_batch_idx=torch.tensor(idx, dtype=torch.int32,
+                                       device="cuda"), causal=True, num_splits=num_splits, return_softmax_lse=True)
+    expected_k, expected_v = before_k.clone(), before_v.clone()
+    for b, (row, n) in enumerate(zip(idx, lengths)):
+        if seqlen_new:
+            expected_k[row, n:n + seqlen_new], expected_v[row, n:n + seqlen_new] = new["k"][b], new["v"][b]
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    rows = torch.tensor(idx, device="cuda")
+    check_kvcache(out, lse, q, k_cache[rows], v_cache[rows], [n + seqlen_new for n in lengths],
+                  softmax_scale=head_dim ** -0.5, causal=True)
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+@pytest.mark.parametrize("seqlen_new", [0, 3])
+@pytest.mark.parametrize("seqlen_q", [1, 7], ids=lambda s: f"sq{s}")
+def test_cache_leftpad(seqlen_q, seqlen_new, rotary):
+    # Sequence b's keys start at row leftpad[b]: the same bits as a cache that starts there (a slice), positions
+    # (causal, rotary) counted from it; within the 2x rule of the reference over rows [leftpad, length).
+    head_dim = 128
+    skip_unless_built(head_dim)
+    if rotary and not seqlen_new:
+        pytest.skip("rotary needs new keys")
+    leftpad, lengths = [0, 3, 50, 10], [5, 40, 200, 10]
+    batch = len(lengths)
+    q = torch.randn(batch, seqlen_q, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(batch, CAPACITY, 2, head_dim, torch.bfloat16)
+    k_new, v_new = (torch.randn(batch, seqlen_new, 2, head_dim, dtype=torch.bfloat16, device="cuda") for _ in "kv")
+    tables = rotary_tables(CAPACITY, 32, torch.bfloat16) if rotary else (None, None)
+    new = dict(k=k_new, v=v_new) if seqlen_new else {}
+    slices = [(k_cache[b:b + 1, p:].clone(), v_cache[b:b + 1, p:].clone()) for b, p in enumerate(leftpad)]
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, **new, rotary_cos=tables[0], rotary_sin=tables[1],
+                                       cache_seqlens=torch.tensor(lengths, dtype=torch.int32, device="cuda"),
+                                       cache_leftpad=torch.tensor(leftpad, dtype=torch.int32, device="cuda"),
+                                       causal=True, num_splits=1, return_softmax_lse=True)
+    for b, (p, n) in enumerate(zip(leftpad, lengths)):
+        k_slice, v_slice = slices[b]
+        one = {name: t[b:b + 1] for name, t in new.items()}
+        expected, expected_lse = flash_attn_with_kvcache(
+            q[b:b + 1], k_slice, v_slice, **one, rotary_cos=tables[0], rotary_sin=tables[1], cache_seqlens=n - p,
+            causal=True, num_splits=1, return_softmax_lse=True)
+        assert torch.equal(out[b:b + 1], expected) and torch.equal(lse[b:b + 1], expected_lse)
+        assert torch.equal(k_cache[b:b + 1, p:], k_slice) and torch.equal(v_cache[b:b + 1, p:], v_slice)
+    if not rotary:
+        keys = [(k_cache[b:b + 1, p:], v_cache[b:b + 1, p:], n - p + seqlen_new)
+                for b, (p, n) in enumerate(zip(leftpad, lengths))]
+        for b, (k_b, v_b, n) in enumerate(keys):
+            check_kvcache(out[b:b + 1], lse[b:b + 1], q[b:b + 1], k_b, v_b, [n], softmax_scale=head_dim ** -0.5,
+                          causal=True)

@@ -1,7 +1,6 @@
 """flash_attn_with_kvcache rejects bad arguments before any launch, naming the argument and the rule, as
 test_input_checks does for flash_attn_func. Device rules come last, so every other rule is tested here with
-CPU tensors and needs neither a GPU nor the compiled extension; the features not built yet are refused
-(NotImplementedError, naming the argument) after every rule but the devices'."""
+CPU tensors and needs neither a GPU nor the compiled extension."""
 
 import pytest
 import torch
@@ -139,25 +138,23 @@ BAD_INPUTS = [
     ("alibi-dtype", lambda: dict(alibi_slopes=torch.ones(HEADS_Q, dtype=torch.float16)), TypeError, "alibi_slopes",
      "float32"),
 
-    # Checked but not built yet: refused by name after every other rule, before the devices.
-    ("batch-idx-not-built", lambda: dict(cache_batch_idx=ints(1, 0)), NotImplementedError, "cache_batch_idx",
-     "not implemented"),
-    ("leftpad-not-built", lambda: dict(cache_leftpad=ints(0, 2)), NotImplementedError, "cache_leftpad",
-     "not implemented"),
+    # Every feature's valid arguments reach the device rule.
+    ("block-table-with-leftpad", lambda: paged(cache_leftpad=ints(0, 1)), ValueError, "cache_leftpad", "block_table"),
+    ("cpu-batch-idx", lambda: dict(cache_batch_idx=ints(1, 0)), ValueError, "q", "CUDA"),
+    ("cpu-leftpad", lambda: dict(cache_leftpad=ints(0, 2)), ValueError, "q", "CUDA"),
     ("cpu-paged", lambda: paged(), ValueError, "q", "CUDA"),
     ("batch-idx-any-cache-batch", lambda: dict(cache_batch_idx=ints(1, 0), k_cache=randn(5, CACHE, HEADS_KV, D),
-                                               v_cache=randn(5, CACHE, HEADS_KV, D)), NotImplementedError,
-     "cache_batch_idx", "not implemented"),
+                                               v_cache=randn(5, CACHE, HEADS_KV, D)), ValueError, "q", "CUDA"),
 
     # Everything here is on the CPU: the device rule comes last.
     ("cpu", lambda: dict(), ValueError, "q", "CUDA"),
     ("cpu-int-seqlens", lambda: dict(cache_seqlens=7), ValueError, "q", "CUDA"),
     ("cpu-append", lambda: dict(**new_kv()), ValueError, "q", "CUDA"),
     ("cpu-rotary", lambda: dict(**rotary(), **new_kv()), ValueError, "q", "CUDA"),
-    ("order-shape-before-not-built", lambda: dict(q=randn(SEQ_Q, HEADS_Q, D), cache_leftpad=ints(0, 2)), ValueError,
+    ("order-shape-before-index", lambda: dict(q=randn(SEQ_Q, HEADS_Q, D), cache_leftpad=ints(0, 2, 3)), ValueError,
      "q", "4-D"),
-    ("order-not-built-before-device", lambda: dict(cache_leftpad=ints(0, 2)), NotImplementedError, "cache_leftpad",
-     "not implemented"),
+    ("order-index-before-device", lambda: dict(cache_leftpad=ints(0, 2, dtype=I64)), TypeError, "cache_leftpad",
+     "int32"),
 ]
 
 

@@ -41,6 +41,15 @@ struct PageTable {
   int page_size, max_pages, num_pages;
 };
 
+// Which cache row a sequence reads and where its keys start (flash_attn_with_kvcache's cache_batch_idx and
+// cache_leftpad; cache_layout.h clamps both): sequence b uses cache row batch_idx[b] of a (batch_cache, ...)
+// contiguous cache (nullptr: row b), its keys starting at row leftpad[b] (nullptr: 0).
+struct CacheRows {
+  int const *__restrict__ batch_idx;
+  int batch_cache;
+  int const *__restrict__ leftpad;
+};
+
 // Inputs shared by every pass.
 struct AttnParams {
   HeadTensor q, k, v;
@@ -107,8 +116,9 @@ struct AttnParams {
   // Paged caches (block_table != nullptr): k and v are (num_pages, page_size, heads_kv, head_dim), seqlen_k
   // = max_pages * page_size, and row r of sequence b lies in row r % page_size of page
   // block_table[b * block_table_batch_stride + r / page_size]. Page ids come unchecked: the kernels clamp
-  // them into [0, num_pages) (page_table.h).
+  // them into [0, num_pages) (cache_layout.h).
   PageTable pages;
+  CacheRows cache_rows;
 };
 
 struct FwdParams : AttnParams {
@@ -146,6 +156,7 @@ struct KvCacheAppendParams {
   bool rotary_interleaved;  // pairs (2i, 2i + 1) (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX)
   bool rotary_q_per_row;
   PageTable pages;  // k_cache and v_cache paged where pages.table is set (seqlen_cache = max_pages * page_size)
+  CacheRows cache_rows;
 };
 
 struct BwdParams : FwdParams {  // o and lse: the forward's outputs

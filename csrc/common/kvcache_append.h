@@ -10,7 +10,7 @@
 #include <cutlass/numeric_conversion.h>
 
 #include "flash.h"
-#include "page_table.h"
+#include "cache_layout.h"
 
 namespace flash {
 
@@ -90,17 +90,19 @@ __global__ void kvcache_append_kernel(__grid_constant__ const KvCacheAppendParam
   int const row = int(idx % rows);
   int const batch = int(idx / rows);
   if (batch >= p.batch) { return; }
-  int const start = min(max(p.cache_seqlens[batch], 0), p.seqlen_cache);  // as BlockInfo clamps it
+  // As BlockInfo sees it; positions (rotary) count from the sequence's first key, span.begin (leftpad).
+  CacheSpan const span = cache_span(p.cache_seqlens, p.cache_rows, batch, p.seqlen_cache, p.seqlen_new);
   float x[kVec];
   if (is_kv) {
-    int const dst = start + row;
-    if (dst >= p.seqlen_cache) { return; }  // past the cache: dropped (the host refuses what it can see)
-    rotated_chunk(p, row_ptr<Element>(p.k_new, batch, row, head), chunk, dst, x);
-    store(cache_row<Element>(p.k_cache, p.pages, batch, dst, head) + chunk * kVec, x);
+    int const dst = span.start + row;
+    if (dst >= span.end) { return; }  // past the cache: dropped (the host refuses what it can see)
+    rotated_chunk(p, row_ptr<Element>(p.k_new, batch, row, head), chunk, dst - span.begin, x);
+    store(cache_row<Element>(p.k_cache, p.pages, span.batch, dst, head) + chunk * kVec, x);
     load(row_ptr<Element>(p.v_new, batch, row, head) + chunk * kVec, x);
-    store(cache_row<Element>(p.v_cache, p.pages, batch, dst, head) + chunk * kVec, x);
+    store(cache_row<Element>(p.v_cache, p.pages, span.batch, dst, head) + chunk * kVec, x);
   } else {
-    rotated_chunk(p, row_ptr<Element>(p.q, batch, row, head), chunk, start + (p.rotary_q_per_row ? row : 0), x);
+    int const position = span.start - span.begin + (p.rotary_q_per_row ? row : 0);
+    rotated_chunk(p, row_ptr<Element>(p.q, batch, row, head), chunk, position, x);
     store(row_ptr<Element>(p.q_rotated, batch, row, head) + chunk * kVec, x);
   }
 }

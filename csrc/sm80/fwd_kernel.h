@@ -9,7 +9,7 @@
 #include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
-#include "common/page_table.h"
+#include "common/cache_layout.h"
 #include "common/softmax.h"
 #include "common/utils.h"
 
@@ -152,7 +152,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     if constexpr (KvCache) {
       if (params.pages.table != nullptr) {
         auto row_address = [&](int row) {
-          return cache_row<Element const>(cache, params.pages, batch, n_block * kBlockN + row, params.kv_head(head));
+          return cache_row<Element const>(cache, params.pages, seq.k_batch, seq.k_start + n_block * kBlockN + row,
+                                          params.kv_head(head));
         };
         load_tile_rows<kCheckRows>(gmem_copy, tKVgKV(_, _, _, 0), tKVsKV, tKVcKV, rows_left, params.head_dim,
                                    row_address);

@@ -24,7 +24,7 @@ CUTE_DEVICE void load_tile(TiledCopy const &tiled_copy, Src const &src, Dst &&ds
 }
 
 // load_tile where each row of the tile has an address of its own, row_address(row) for a row within the tile
-// (a paged KV cache: a tile may span pages, page_table.h). src_like: the tile's source partition, for the
+// (a paged KV cache: a tile may span pages, cache_layout.h). src_like: the tile's source partition, for the
 // per-copy layout only (its addresses are not used).
 template <bool CheckRows, class TiledCopy, class Src, class Dst, class Coords, class RowAddress>
 CUTE_DEVICE void load_tile_rows(TiledCopy const &tiled_copy, Src const &src_like, Dst &&dst, Coords const &tCcC,
