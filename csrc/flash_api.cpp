@@ -655,6 +655,27 @@ void check_cache_index(at::Tensor const &t, char const *name, at::Tensor const &
   TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
 }
 
+// Decoding with GQA (one query, heads > heads_kv): the query heads of one kv head become the rows of one
+// block, so that K and V are read once per kv head, not once per query head. A view, nothing copied: q and out
+// (batch, 1, heads, head_dim) are seen as (batch, groups, heads_kv, head_dim), row i of kv head h being query
+// head h * groups + i, and lse (batch, heads, 1) as (batch, heads_kv, groups). Only where no score depends on
+// the query's position or head beyond that (the kernel takes the packed rows for queries 0 .. groups - 1): one
+// query (causal is then a no-op), no window's left edge, no ALiBi (slopes per head). Returns whether it packed.
+bool pack_gqa_decode(flash::FwdParams &p) {
+  if (p.seqlen_q != 1 || p.heads == p.heads_kv || p.alibi_slopes != nullptr || p.window_left < p.seqlen_k) {
+    return false;
+  }
+  int const groups = p.heads / p.heads_kv;
+  for (flash::HeadTensor *t : {&p.q, &p.o}) {
+    t->row_stride = t->head_stride;
+    t->head_stride *= groups;
+  }
+  p.lse.head_stride = groups;  // lse is contiguous (check_lse)
+  p.seqlen_q = groups, p.heads = p.heads_kv;
+  p.window_right = groups, p.is_windowed = false;  // one query: no key lies right of its diagonal
+  return true;
+}
+
 // What flash_attn_with_kvcache appends before the attention: new k and v, and the rotary tables.
 struct KvCacheNew {
   std::optional<at::Tensor> k, v, rotary_cos, rotary_sin;
@@ -768,6 +789,7 @@ void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor cons
   p.cache_seqlens = cache_seqlens.data_ptr<int>();
   p.seqlen_new = append.seqlen_new;
   if (q_rotated.defined()) { p.q = head_tensor(q_rotated); }
+  pack_gqa_decode(p);
 
   at::Tensor o_partial, lse_partial;  // split-KV scratch, alive until the launches are queued
   launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
@@ -785,12 +807,16 @@ void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor cons
 }
 
 // The split count fwd_kvcache would use (num_splits = 0: the heuristic's), for tests and benchmarks;
-// seqlen_cache: a paged cache's max_pages * page_size (-1: k_cache's dim 1).
+// seqlen_cache: a paged cache's max_pages * page_size (-1: k_cache's dim 1). A GQA decode is taken as packed
+// (pack_gqa_decode: no ALiBi, no window's left edge).
 int64_t kvcache_num_splits(at::Tensor const &q, at::Tensor const &k_cache, int64_t num_splits, int64_t seqlen_cache) {
   TORCH_CHECK_VALUE(q.dim() == 4 && k_cache.dim() == 4 && q.is_cuda(), "q and k_cache must be 4-D CUDA tensors");
   flash::FwdParams p{};
   p.batch = q.size(0), p.seqlen_q = q.size(1), p.heads = q.size(2);
   p.seqlen_k = int(std::min(seqlen_cache < 0 ? k_cache.size(1) : seqlen_cache, kMaxSeqlen));
+  if (p.seqlen_q == 1 && k_cache.size(2) > 0 && p.heads > k_cache.size(2)) {
+    p.seqlen_q = p.heads / k_cache.size(2), p.heads = k_cache.size(2);
+  }
   int splits = 1;
   bool const found = dispatch_head_dim(q.size(3), [&](auto head_dim) {
     splits = kvcache_splits(p, flash::fwd_kvcache_tile(decltype(head_dim)::value), num_splits,

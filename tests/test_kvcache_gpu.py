@@ -524,3 +524,23 @@ def test_cache_leftpad(seqlen_q, seqlen_new, rotary):
         for b, (k_b, v_b, n) in enumerate(keys):
             check_kvcache(out[b:b + 1], lse[b:b + 1], q[b:b + 1], k_b, v_b, [n], softmax_scale=head_dim ** -0.5,
                           causal=True)
+
+
+# ---- GQA decode packing (one query: the query heads of a kv head are the rows of one block)
+
+@pytest.mark.parametrize("softcap", [0.0, 7.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("num_splits", [1, 0], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("heads_kv", [1, 4, 8])
+def test_gqa_decode(heads_kv, num_splits, softcap):
+    # 32 query heads over 1 (32 rows per block), 4 or 8 kv heads: the packed rows against the reference, and
+    # against the same call with K/V repeated per query head (MHA, not packed), causal (a no-op for one query).
+    head_dim = 128
+    skip_unless_built(head_dim)
+    lengths = [1, 777, 4999, 4096]
+    q = torch.randn(len(lengths), 1, 32, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(len(lengths), 5000, heads_kv, head_dim, torch.bfloat16)
+    out, lse = kvcache_into_nan(q, k_cache, v_cache, lengths, 0.09, True, softcap=softcap, num_splits=num_splits)
+    check_kvcache(out, lse, q, k_cache, v_cache, lengths, softmax_scale=0.09, causal=True, softcap=softcap)
+    k_mha, v_mha = (t.repeat_interleave(32 // heads_kv, dim=2) for t in (k_cache, v_cache))
+    out_mha, lse_mha = kvcache_into_nan(q, k_mha, v_mha, lengths, 0.09, True, softcap=softcap, num_splits=num_splits)
+    check_kvcache(out_mha, lse_mha, q, k_cache, v_cache, lengths, softmax_scale=0.09, causal=True, softcap=softcap)
