@@ -20,6 +20,7 @@
 
 #include "common/dropout_mask.h"
 #include "instantiations/kernels.h"
+#include "sm80/tile_config.h"  // torch- and CUDA-free: the KV-cache tiles, for the split heuristic
 
 namespace {
 
@@ -586,6 +587,264 @@ at::Tensor dropout_mask(at::Tensor const &rng_state, double dropout_p, int64_t b
   return keep;
 }
 
+// ---- flash_attn_with_kvcache ----
+
+// Streaming multiprocessors of a device, asked once per device.
+int sm_count(int device) {
+  static std::map<int, int> known;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(device);
+  if (it == known.end()) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = known.emplace(device, sms).first;
+  }
+  return it->second;
+}
+
+constexpr int kMaxSplits = 128;
+// The split heuristic for num_splits = 0 (flash-decoding): decoding is memory-bound, so the grid should hold
+// enough blocks to keep every SM streaming keys. Without splits it has batch x heads x query blocks; split
+// the keys until it has about kBlocksPerSm blocks per SM (at D = 128 a decoding block takes 48 KB of shared
+// memory: four fit an SM), with at least kMinSplitBlocks key blocks per split so that the partials' writes
+// and the combine stay small beside the keys' reads. The capacity of the cache sizes it (the lengths are on
+// the device); the kernel spreads each sequence's own keys over the splits. A first rule, to be measured
+// (benchmarks/bench_decode.py --splits).
+constexpr int kBlocksPerSm = 4, kMinSplitBlocks = 4;
+int kvcache_splits(flash::FwdParams const &p, flash::TileShape tile, int64_t requested, int sms) {
+  int64_t const key_blocks = (int64_t(p.seqlen_k) + tile.block_n - 1) / tile.block_n;
+  int64_t const most = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, key_blocks));
+  if (requested > 0) { return int(std::min(requested, most)); }
+  int64_t const blocks = int64_t(p.batch) * p.heads * ((p.seqlen_q + tile.block_m - 1) / tile.block_m);
+  int64_t const wanted = int64_t(kBlocksPerSm) * sms / std::max<int64_t>(blocks, 1);
+  return int(std::max<int64_t>(1, std::min({wanted, most, key_blocks / kMinSplitBlocks})));
+}
+
+// A cache whose rows are not q's batch: paged, k_cache and v_cache (num_pages, page_size, heads_kv, head_dim)
+// with block_table (batch, max_pages) int32, a sequence holding up to max_pages * page_size rows; or contiguous
+// (batch_cache, seqlen_cache, heads_kv, head_dim) read through cache_batch_idx. set_qkv's rules otherwise.
+void set_cache_qkv(flash::FwdParams &p, at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache,
+                   std::optional<at::Tensor> const &block_table) {
+  check_heads(q, "q", false);
+  check_heads(k_cache, "k_cache", false);
+  check_heads(v_cache, "v_cache", false);
+  check_same(k_cache, "k_cache", q, "q");
+  check_same(v_cache, "v_cache", q, "q");
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
+  int64_t const head_dim = q.size(3), heads = q.size(2), heads_kv = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(0) > 0, "k_cache: a cache read through block_table or cache_batch_idx needs at "
+                    "least one page or row");
+  int64_t capacity = k_cache.size(1);
+  if (block_table) {
+    TORCH_CHECK_TYPE(block_table->scalar_type() == at::kInt, "block_table must be int32, got ",
+                     block_table->scalar_type());
+    TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == q.size(0) && block_table->size(1) > 0 &&
+                          block_table->stride(1) == 1,
+                      "block_table must be (batch, max_pages) with a contiguous last dim, got ",
+                      num(block_table->sizes()));
+    TORCH_CHECK_VALUE(block_table->device() == q.device(), "block_table is on ", block_table->device(),
+                      " but q is on ", q.device());
+    int64_t const page_size = k_cache.size(1);
+    TORCH_CHECK_VALUE(page_size > 0 && page_size % 16 == 0, "k_cache: the page size (dim 1) must be a positive "
+                      "multiple of 16, got ", num(page_size));
+    capacity = block_table->size(1) * page_size;
+    p.pages = {block_table->data_ptr<int>(), block_table->stride(0), int(page_size), int(block_table->size(1)),
+               int(k_cache.size(0))};
+  }
+  TORCH_CHECK_VALUE(k_cache.size(3) == head_dim && head_dim % 8 == 0 && head_dim <= 256,
+                    "k_cache and q must share a head_dim that is a multiple of 8 up to 256");
+  TORCH_CHECK_VALUE(heads_kv > 0 && heads % heads_kv == 0 && heads <= 65535, "q has ", num(heads),
+                    " heads, which must be a multiple of the heads of k_cache (", num(heads_kv), ")");
+  TORCH_CHECK_VALUE(q.size(1) <= kMaxSeqlen && capacity <= kMaxSeqlen && k_cache.size(0) <= kMaxSeqlen,
+                    "q, k_cache: seqlen, seqlen_cache (max_pages * page_size) and the cache's rows (pages) must be "
+                    "below 2^31 - 1024");
+  TORCH_CHECK_VALUE(q.size(0) <= 65535, "batch must be at most 65535, got ", num(q.size(0)));
+  p.batch = q.size(0), p.seqlen_q = q.size(1), p.seqlen_k = int(capacity);
+  p.heads = heads, p.heads_kv = heads_kv, p.head_dim = head_dim;
+  p.q = head_tensor(q), p.k = head_tensor(k_cache), p.v = head_tensor(v_cache);
+  p.cache_rows.batch_cache = int(k_cache.size(0));
+}
+
+// cache_batch_idx or cache_leftpad: int32 (batch,) on q's device.
+void check_cache_index(at::Tensor const &t, char const *name, at::Tensor const &q) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == q.size(0) && t.is_contiguous(), name,
+                    " must be a contiguous (batch,) tensor, got shape ", num(t.sizes()));
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
+}
+
+// Decoding with GQA (one query, heads > heads_kv): the query heads of one kv head become the rows of one
+// block, so that K and V are read once per kv head, not once per query head. A view, nothing copied: q and out
+// (batch, 1, heads, head_dim) are seen as (batch, groups, heads_kv, head_dim), row i of kv head h being query
+// head h * groups + i, and lse (batch, heads, 1) as (batch, heads_kv, groups). Only where no score depends on
+// the query's position or head beyond that (the kernel takes the packed rows for queries 0 .. groups - 1): one
+// query (causal is then a no-op), no window's left edge, no ALiBi (slopes per head). Returns whether it packed.
+bool pack_gqa_decode(flash::FwdParams &p) {
+  if (p.seqlen_q != 1 || p.heads == p.heads_kv || p.alibi_slopes != nullptr || p.window_left < p.seqlen_k) {
+    return false;
+  }
+  int const groups = p.heads / p.heads_kv;
+  for (flash::HeadTensor *t : {&p.q, &p.o}) {
+    t->row_stride = t->head_stride;
+    t->head_stride *= groups;
+  }
+  p.lse.head_stride = groups;  // lse is contiguous (check_lse)
+  p.seqlen_q = groups, p.heads = p.heads_kv;
+  p.window_right = groups, p.is_windowed = false;  // one query: no key lies right of its diagonal
+  return true;
+}
+
+// What flash_attn_with_kvcache appends before the attention: new k and v, and the rotary tables.
+struct KvCacheNew {
+  std::optional<at::Tensor> k, v, rotary_cos, rotary_sin;
+  bool rotary_interleaved = true;
+};
+
+// The append's params (common/kvcache_append.h), after set_qkv and the cache_seqlens checks; q_rotated: a
+// buffer like q that receives the rotated q (undefined: no rotary).
+flash::KvCacheAppendParams append_params(flash::FwdParams const &p, at::Tensor const &q, at::Tensor const &k_cache,
+                                         at::Tensor const &v_cache, KvCacheNew const &n, at::Tensor const &seqlens,
+                                         at::Tensor const &q_rotated, bool q_per_row) {
+  flash::KvCacheAppendParams a{};
+  a.k_cache = head_tensor(k_cache), a.v_cache = head_tensor(v_cache);
+  a.q = head_tensor(q);
+  a.cache_seqlens = seqlens.data_ptr<int>();
+  a.batch = p.batch, a.heads = p.heads, a.heads_kv = p.heads_kv, a.head_dim = p.head_dim;
+  a.seqlen_q = p.seqlen_q, a.seqlen_cache = p.seqlen_k;
+  a.pages = p.pages;
+  a.cache_rows = p.cache_rows;
+  TORCH_CHECK_VALUE(n.k.has_value() == n.v.has_value(), "k and v must be given together");
+  if (n.k) {
+    for (auto [t, name] : {std::pair{&*n.k, "k"}, std::pair{&*n.v, "v"}}) {
+      check_heads(*t, name, false);
+      check_same(*t, name, q, "q");
+      TORCH_CHECK_VALUE(t->size(0) == p.batch && t->size(1) == n.k->size(1) && t->size(2) == p.heads_kv &&
+                            t->size(3) == p.head_dim,
+                        name, " must be (batch, seqlen_new, heads_kv, head_dim), got ", num(t->sizes()));
+    }
+    TORCH_CHECK_VALUE(n.k->size(1) <= p.seqlen_k, "k, v: ", num(n.k->size(1)), " new rows do not fit the cache (",
+                      num(int64_t(p.seqlen_k)), " rows)");
+    a.k_new = head_tensor(*n.k), a.v_new = head_tensor(*n.v);
+    a.seqlen_new = n.k->size(1);
+  }
+  TORCH_CHECK_VALUE(n.rotary_cos.has_value() == n.rotary_sin.has_value(), "rotary_cos and rotary_sin must be given together");
+  if (n.rotary_cos) {
+    TORCH_CHECK_VALUE(n.k.has_value(), "rotary_cos, rotary_sin need k and v");
+    for (auto [t, name] : {std::pair{&*n.rotary_cos, "rotary_cos"}, std::pair{&*n.rotary_sin, "rotary_sin"}}) {
+      check_same(*t, name, q, "q");
+      TORCH_CHECK_VALUE(t->dim() == 2 && t->sizes() == n.rotary_cos->sizes() && t->stride(1) == 1 &&
+                            t->stride(0) == n.rotary_cos->stride(0),
+                        name, " must be (seqlen_ro, rotary_dim / 2) with a contiguous last dim, like rotary_cos");
+    }
+    int64_t const rotary_dim = 2 * n.rotary_cos->size(1);
+    TORCH_CHECK_VALUE(rotary_dim > 0 && rotary_dim % 16 == 0 && rotary_dim <= p.head_dim && n.rotary_cos->size(0) > 0,
+                      "rotary_cos: rotary_dim must be a positive multiple of 16 up to head_dim, got ", num(rotary_dim));
+    a.rotary_cos = n.rotary_cos->data_ptr(), a.rotary_sin = n.rotary_sin->data_ptr();
+    a.rotary_row_stride = n.rotary_cos->stride(0);
+    a.rotary_dim = int(rotary_dim), a.seqlen_ro = int(n.rotary_cos->size(0));
+    a.rotary_interleaved = n.rotary_interleaved;
+    a.rotary_q_per_row = q_per_row;
+    a.q_rotated = head_tensor(q_rotated);
+  }
+  return a;
+}
+
+// out <- attention of q over the first cache_seqlens[b] rows of k_cache and v_cache (batch, seqlen_cache,
+// heads_kv, head_dim), lse <- its logsumexp per query row; causal and the window aligned to each cache's
+// end. With new k and v, they are first written into the caches at rows cache_seqlens[b] + j (in place) and
+// attended to; with rotary, the new keys and q are rotated at their positions. num_splits: 0 picks
+// (kvcache_splits), 1 none, n > 1 that many (at most the key blocks and 128).
+void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache, at::Tensor &out,
+                 at::Tensor &lse, at::Tensor const &cache_seqlens, Scores const &scores, int64_t num_splits,
+                 KvCacheNew const &new_rows = {}, std::optional<at::Tensor> const &block_table = std::nullopt,
+                 std::optional<at::Tensor> const &cache_batch_idx = std::nullopt,
+                 std::optional<at::Tensor> const &cache_leftpad = std::nullopt) {
+  flash::FwdParams p{};
+  if (block_table || cache_batch_idx) {
+    TORCH_CHECK_VALUE(!(block_table && (cache_batch_idx || cache_leftpad)), "block_table cannot be combined with "
+                      "cache_batch_idx or cache_leftpad");
+    set_cache_qkv(p, q, k_cache, v_cache, block_table);
+  } else {
+    set_qkv(p, q, k_cache, v_cache, Seqlens{});
+  }
+  if (cache_batch_idx) {
+    check_cache_index(*cache_batch_idx, "cache_batch_idx", q);
+    p.cache_rows.batch_idx = cache_batch_idx->data_ptr<int>();
+  }
+  if (cache_leftpad) {
+    check_cache_index(*cache_leftpad, "cache_leftpad", q);
+    p.cache_rows.leftpad = cache_leftpad->data_ptr<int>();
+  }
+  set_scores(p, scores, q);
+  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
+                   cache_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == p.batch && cache_seqlens.is_contiguous(),
+                    "cache_seqlens must be a contiguous (batch,) tensor, got shape ", num(cache_seqlens.sizes()));
+  TORCH_CHECK_VALUE(cache_seqlens.device() == q.device(), "cache_seqlens is on ", cache_seqlens.device(),
+                    " but q is on ", q.device());
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: chosen from the shape), got ", num(num_splits));
+  check_output(out, "out", q, "q");
+  check_lse(lse, q, p);
+  bool const q_per_row = scores.causal || scores.window_left >= 0 || scores.window_right >= 0;
+  at::Tensor const q_rotated = new_rows.rotary_cos ? at::empty_like(q) : at::Tensor();
+  flash::KvCacheAppendParams const append =
+      append_params(p, q, k_cache, v_cache, new_rows, cache_seqlens, q_rotated, q_per_row);
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (p.heads_kv > 0 && p.head_dim > 0) {  // before any early return: the cache grows even without queries
+    dispatch_dtype(q.scalar_type(), [&](auto element) {
+      C10_CUDA_CHECK((flash::run_kvcache_append<decltype(element)>(append, stream)));
+    });
+  }
+  if (q.numel() == 0) { return; }
+  if (nothing_attends(p)) {  // a cache of capacity 0: every row sees nothing
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return;
+  }
+  set_out(p, out, lse);
+  p.cache_seqlens = cache_seqlens.data_ptr<int>();
+  p.seqlen_new = append.seqlen_new;
+  if (q_rotated.defined()) { p.q = head_tensor(q_rotated); }
+  pack_gqa_decode(p);
+
+  at::Tensor o_partial, lse_partial;  // split-KV scratch, alive until the launches are queued
+  launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    p.num_splits = kvcache_splits(p, flash::fwd_kvcache_tile(kHeadDim), num_splits, sm_count(q.device().index()));
+    if (p.num_splits > 1) {
+      auto const options = q.options().dtype(at::kFloat);
+      o_partial = at::empty({p.num_splits, p.batch, p.heads, p.seqlen_q, p.head_dim}, options);
+      lse_partial = at::empty({p.num_splits, p.batch, p.heads, p.seqlen_q}, options);
+      p.o_partial = o_partial.data_ptr<float>();
+      p.lse_partial = lse_partial.data_ptr<float>();
+    }
+    return flash::run_fwd_kvcache<kHeadDim, decltype(element)>(p, stream);
+  });
+}
+
+// The split count fwd_kvcache would use (num_splits = 0: the heuristic's), for tests and benchmarks;
+// seqlen_cache: a paged cache's max_pages * page_size (-1: k_cache's dim 1). A GQA decode is taken as packed
+// (pack_gqa_decode: no ALiBi, no window's left edge).
+int64_t kvcache_num_splits(at::Tensor const &q, at::Tensor const &k_cache, int64_t num_splits, int64_t seqlen_cache) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && k_cache.dim() == 4 && q.is_cuda(), "q and k_cache must be 4-D CUDA tensors");
+  flash::FwdParams p{};
+  p.batch = q.size(0), p.seqlen_q = q.size(1), p.heads = q.size(2);
+  p.seqlen_k = int(std::min(seqlen_cache < 0 ? k_cache.size(1) : seqlen_cache, kMaxSeqlen));
+  if (p.seqlen_q == 1 && k_cache.size(2) > 0 && p.heads > k_cache.size(2)) {
+    p.seqlen_q = p.heads / k_cache.size(2), p.heads = k_cache.size(2);
+  }
+  int splits = 1;
+  bool const found = dispatch_head_dim(q.size(3), [&](auto head_dim) {
+    splits = kvcache_splits(p, flash::fwd_kvcache_tile(decltype(head_dim)::value), num_splits,
+                            sm_count(q.device().index()));
+  });
+  TORCH_CHECK_VALUE(found, "no kernel built for head_dim ", num(q.size(3)));
+  return splits;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -637,6 +896,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("time_kernels", &time_kernels, "Milliseconds per launch of each kernel, timed from C++",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("reps"));
+  m.def("fwd_kvcache", [=](at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache, at::Tensor &out,
+                           at::Tensor &lse, at::Tensor const &cache_seqlens, double softmax_scale, bool causal,
+                           int64_t window_left, int64_t window_right, double softcap,
+                           std::optional<at::Tensor> alibi_slopes, int64_t num_splits, std::optional<at::Tensor> k,
+                           std::optional<at::Tensor> v, std::optional<at::Tensor> rotary_cos,
+                           std::optional<at::Tensor> rotary_sin, bool rotary_interleaved,
+                           std::optional<at::Tensor> block_table, std::optional<at::Tensor> cache_batch_idx,
+                           std::optional<at::Tensor> cache_leftpad) {
+          fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens,
+                      scores(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, std::nullopt),
+                      num_splits, KvCacheNew{k, v, rotary_cos, rotary_sin, rotary_interleaved}, block_table,
+                      cache_batch_idx, cache_leftpad);
+        }, "Attention over a KV cache into out and lse, after appending k and v (rotated) to it in place "
+           "(flash_attn_with_kvcache)", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"), py::arg("softmax_scale"),
+        py::arg("causal"), py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("softcap") = 0.0,
+        py::arg("alibi_slopes") = py::none(), py::arg("num_splits") = 0, py::arg("k") = py::none(),
+        py::arg("v") = py::none(), py::arg("rotary_cos") = py::none(), py::arg("rotary_sin") = py::none(),
+        py::arg("rotary_interleaved") = true, py::arg("block_table") = py::none(),
+        py::arg("cache_batch_idx") = py::none(), py::arg("cache_leftpad") = py::none());
+  m.def("kvcache_num_splits", &kvcache_num_splits, "The split count fwd_kvcache uses for this shape",
+        py::arg("q"), py::arg("k_cache"), py::arg("num_splits") = 0, py::arg("seqlen_cache") = -1);
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
   m.def("has_sm90", [] { return bool(FLASH_ATTN2_SM90); }, "Whether this build has the Hopper (sm_90a) kernels");
 }

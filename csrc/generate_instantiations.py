@@ -30,6 +30,10 @@ KERNELS = {
     "bwd_dkdv": Kernel("sm80", "bwd_launch.h", "run_bwd_dkdv", "BwdParams", HEAD_DIMS),
     # deterministic=False: dK/dV with dQ by atomics (bwd_dkdv_kernel.h), apart from bwd_dkdv's units.
     "bwd_dkdv_atomic_dq": Kernel("sm80", "bwd_launch.h", "run_bwd_dkdv_atomic_dq", "BwdParams", HEAD_DIMS),
+    # flash_attn_with_kvcache: the forward's KvCache variant (and the split-KV combine), TUs of their own so
+    # that the plain forward's are unchanged.
+    "fwd_kvcache": Kernel("sm80", "fwd_launch.h", "run_fwd_kvcache", "FwdParams", HEAD_DIMS),
+    "kvcache_append": Kernel("common", "kvcache_append.h", "run_kvcache_append", "KvCacheAppendParams", None),
     "fwd_sm90": Kernel("sm90", "fwd_launch.h", "sm90::run_fwd", "FwdParams", SM90_HEAD_DIMS, arch="90a"),
     # The Hopper forward's general variant (varlen, softcap, ALiBi, left window edges, dropout) apart from the
     # common one, so that the two compile in parallel and each nvcc process stays small.

@@ -14,6 +14,7 @@ never checked, their results are garbage by design).
 
     python3 tests/sanitize_workload.py [--dtypes fp16 bf16] [--head-dims 64 128] [--no-check] [--varlen-only]
                                        [--deterministic]
+                                       [--variants] [--kvcache]
 """
 
 import argparse
@@ -58,6 +59,8 @@ def parse_args():
     parser.add_argument("--varlen-only", action="store_true", help="run the varlen cases alone")
     parser.add_argument("--deterministic", action="store_true",
                         help="the split backward (deterministic=True) instead of the default atomic one")
+    parser.add_argument("--kvcache", action="store_true",
+                        help="run flash_attn_with_kvcache's cases alone (bad lengths and page ids included), unchecked")
     parser.add_argument("--variants", action="store_true",
                         help="run the score variants (window, softcap, ALiBi, sinks, dropout) alone, unchecked")
     return parser.parse_args()
@@ -169,8 +172,58 @@ def run_variant(scores, causal, shape, head_dim, dtype, varlen_shape):
     forward_backward(qkv, causal, varlen, **scores(heads_q, batch))
 
 
+# flash_attn_with_kvcache: (name, cache_seqlens, paged page size or None, seqlen_new, rotary, num_splits, and
+# cache_batch_idx / cache_leftpad values or None). Lengths past the cache and negative ones, page ids, cache
+# rows and left pads out of range: clamped in the kernels, never an access outside.
+KVCACHE_CASES = [
+    ("contiguous ragged split", [0, 1, 77, 200], None, 0, False, 0, None, None),
+    ("contiguous append rotary", [0, 5, 150, 190], None, 7, True, 1, None, None),
+    ("bad lengths", [-5, 2 ** 31 - 1, 199, -2 ** 31], None, 3, False, 3, None, None),
+    ("paged 16 append split", [0, 17, 100, 200], 16, 5, True, 4, None, None),
+    ("paged 64 bad lengths", [2 ** 31 - 1, -1, 64, 3], 64, 2, False, 0, None, None),
+    ("bad batch idx append", [3, 50, 100, 7], None, 2, False, 2, [-4, 2, 2 ** 31 - 1, 1], None),
+    ("bad leftpad append rotary", [30, 50, 100, 7], None, 2, True, 0, None, [-1, 60, 2 ** 31 - 1, 3]),
+]
+
+
+def run_kvcache(case, head_dim, dtype):
+    """One flash_attn_with_kvcache call (contiguous or paged, with an append) on random values; unchecked.
+    Paged: page ids past the used pages and some used ones out of range."""
+    from flash_attn2 import flash_attn_with_kvcache
+
+    _, lengths, page_size, seqlen_new, rotary, splits, batch_idx, leftpad = case
+    batch, capacity, heads_q, heads_kv = len(lengths), 200, 4, 2
+    q = torch.randn(batch, 3, heads_q, head_dim, dtype=dtype, device="cuda")
+    extra = {}
+    if page_size:
+        max_pages = -(-capacity // page_size)
+        shape = (batch * max_pages + 2, page_size, heads_kv, head_dim)
+        table = torch.randperm(batch * max_pages + 2, device="cuda")[:batch * max_pages].view(batch, max_pages).int()
+        table[0, -1], table[-1, 0] = -9, 10 ** 6
+        extra["block_table"] = table
+    else:
+        shape = (batch, capacity, heads_kv, head_dim)
+    k_cache, v_cache = (torch.randn(shape, dtype=dtype, device="cuda") for _ in "kv")
+    k, v = ((torch.randn(batch, seqlen_new, heads_kv, head_dim, dtype=dtype, device="cuda") for _ in "kv")
+            if seqlen_new else (None, None))
+    if rotary:
+        angles = torch.rand(capacity + (page_size or 0), 8 * min(4, head_dim // 16), device="cuda")
+        extra.update(rotary_cos=angles.cos().to(dtype), rotary_sin=angles.sin().to(dtype))
+    for name, values in (("cache_batch_idx", batch_idx), ("cache_leftpad", leftpad)):
+        if values is not None:
+            extra[name] = torch.tensor(values, dtype=torch.int32, device="cuda")
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True, num_splits=splits, **extra)
+    torch.cuda.synchronize()
+
+
 def cases(args, head_dims):
     """(description, run(check)) for every case the arguments ask for."""
+    if args.kvcache:
+        for head_dim, dtype, case in itertools.product(head_dims, args.dtypes, KVCACHE_CASES):
+            yield (f"d{head_dim} {dtype} kvcache {case[0]}",
+                   lambda check, a=(case, head_dim, DTYPES[dtype]): run_kvcache(*a))
+        return
     if args.variants:
         for head_dim, dtype, (name, causal, scores) in itertools.product(head_dims, args.dtypes, VARIANTS):
             for shape, is_varlen in [(s, False) for s in SHAPES] + [(s, True) for s in VARLEN_SHAPES]:

@@ -34,6 +34,22 @@ struct RngState {
   uint64_t offset_intragraph;
 };
 
+// A paged KV cache's block table (flash_attn_with_kvcache's block_table); table nullptr for a contiguous cache.
+struct PageTable {
+  int const *__restrict__ table;  // (batch, max_pages) int32
+  index_t batch_stride;
+  int page_size, max_pages, num_pages;
+};
+
+// Which cache row a sequence reads and where its keys start (flash_attn_with_kvcache's cache_batch_idx and
+// cache_leftpad; cache_layout.h clamps both): sequence b uses cache row batch_idx[b] of a (batch_cache, ...)
+// contiguous cache (nullptr: row b), its keys starting at row leftpad[b] (nullptr: 0).
+struct CacheRows {
+  int const *__restrict__ batch_idx;
+  int batch_cache;
+  int const *__restrict__ leftpad;
+};
+
 // Inputs shared by every pass.
 struct AttnParams {
   HeadTensor q, k, v;
@@ -88,6 +104,21 @@ struct AttnParams {
 
   // Which kv head serves query head h.
   __host__ __device__ int kv_head(int h) const { return h / (heads / heads_kv); }
+
+  // ---- KV cache (flash_attn_with_kvcache; read only by the kernels' KvCache variant, fwd_kernel.h) ----
+  // k and v are the caches, (batch, seqlen_cache, heads_kv, head_dim): seqlen_k is their capacity.
+  // Sequence b's keys are the first cache_seqlens[b] rows of its cache, a device (batch,) array whose
+  // values come unchecked: BlockInfo clamps them into [0, seqlen_k].
+  int const *__restrict__ cache_seqlens;
+  // Rows appended to each cache at cache_seqlens[b] before the attention (KvCacheAppendParams): sequence b
+  // then has min(cache_seqlens[b] + seqlen_new, seqlen_k) keys.
+  int seqlen_new;
+  // Paged caches (block_table != nullptr): k and v are (num_pages, page_size, heads_kv, head_dim), seqlen_k
+  // = max_pages * page_size, and row r of sequence b lies in row r % page_size of page
+  // block_table[b * block_table_batch_stride + r / page_size]. Page ids come unchecked: the kernels clamp
+  // them into [0, num_pages) (cache_layout.h).
+  PageTable pages;
+  CacheRows cache_rows;
 };
 
 struct FwdParams : AttnParams {
@@ -96,6 +127,36 @@ struct FwdParams : AttnParams {
   // With dropout: (2,) int64 that the forward writes the (seed, offset) it used into, for the backward
   // and for the caller (valid under CUDA-graph capture too, where only the device knows them); or nullptr.
   int64_t *rng_state_out;
+
+  // ---- Split-KV (flash-decoding; the KvCache variant only) ----
+  // With num_splits > 1 each sequence's key blocks are cut into num_splits runs, one thread block each;
+  // a block writes its unnormalised-by-the-others O (fp32, (num_splits, batch, heads, seqlen_q, head_dim),
+  // contiguous) and LSE (fp32, (num_splits, batch, heads, seqlen_q); -inf for a split that sees no key),
+  // and the combine kernel (common/split_combine.h) merges them into o and lse.
+  int num_splits;
+  float *__restrict__ o_partial;
+  float *__restrict__ lse_partial;
+};
+
+// ---- KV cache append (flash_attn_with_kvcache's k, v and rotary; common/kvcache_append.h) ----
+// New keys and values (batch, seqlen_new, heads_kv, head_dim) written into the caches in place at rows
+// cache_seqlens[b] + j (clamped: the rows past the cache are dropped), the keys rotated at those positions
+// when rotary_cos is given; q rotated into q_rotated at cache_seqlens[b] + i (rotary_q_per_row: causal or
+// a window) or cache_seqlens[b] (otherwise: every query at the first new position), as flash_attn does.
+struct KvCacheAppendParams {
+  HeadTensor k_cache, v_cache, k_new, v_new;
+  HeadTensor q, q_rotated;  // q_rotated.ptr nullptr: no rotary
+  int const *__restrict__ cache_seqlens;  // (batch,), unchecked values
+  int batch, heads, heads_kv, head_dim, seqlen_q, seqlen_new, seqlen_cache;
+  // Rotary: (seqlen_ro, rotary_dim / 2) tables of q's dtype, rows rotary_row_stride apart; nullptr for none.
+  void const *rotary_cos;
+  void const *rotary_sin;
+  index_t rotary_row_stride;
+  int rotary_dim, seqlen_ro;
+  bool rotary_interleaved;  // pairs (2i, 2i + 1) (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX)
+  bool rotary_q_per_row;
+  PageTable pages;  // k_cache and v_cache paged where pages.table is set (seqlen_cache = max_pages * page_size)
+  CacheRows cache_rows;
 };
 
 struct BwdParams : FwdParams {  // o and lse: the forward's outputs

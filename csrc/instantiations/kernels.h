@@ -20,6 +20,10 @@ template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dkdv(BwdParams const &, cudaStream_t);
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dkdv_atomic_dq(BwdParams const &, cudaStream_t);
+template <int kHeadDim, typename Element>
+cudaError_t run_fwd_kvcache(FwdParams const &, cudaStream_t);
+template <typename Element>
+cudaError_t run_kvcache_append(KvCacheAppendParams const &, cudaStream_t);
 namespace sm90 {
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &, cudaStream_t);

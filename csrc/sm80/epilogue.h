@@ -4,6 +4,8 @@
 
 #include <cute/tensor.hpp>
 
+#include "common/block_info.h"
+#include "common/flash.h"
 #include "common/utils.h"
 
 #include "tile_copy.h"
@@ -38,6 +40,31 @@ CUTE_DEVICE void store_acc_tile(TiledMma const &tiled_mma, Acc const &acc, SmemT
   Tensor tRr = make_tensor<Element>(shape(tRg));
   copy(gmem_copy, tRs, tRr);
   store_tile(gmem_copy, tRr, tRg, tRc, max_row, head_dim);
+}
+
+// Split-KV: one split's O (fp32, normalised over this split's keys only) and LSE into the (num_splits, batch,
+// heads, seqlen_q, ...) scratch that the combine kernel merges (common/split_combine.h). Straight from the
+// accumulator, with no staging through shared memory: a decoding block holds few valid rows.
+template <class Traits, class TiledMma, class Acc, class RowValues>
+CUTE_DEVICE void store_split_partial(FwdParams const &p, TiledMma const &tiled_mma, Acc const &acc_o,
+                                     RowValues const &lse, int split, BlockInfo const &seq, int head, int m_block) {
+  using TileO = Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>;
+  index_t const row0 = ((index_t(split) * p.batch + seq.batch) * p.heads + head) * p.seqlen_q;
+  Tensor mO = make_tensor(make_gmem_ptr(p.o_partial + row0 * p.head_dim),
+                          make_shape(p.seqlen_q, Int<Traits::kHeadDim>{}), make_stride(index_t(p.head_dim), _1{}));
+  Tensor gO = local_tile(mO, TileO{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
+  Tensor mLSE = make_tensor(make_gmem_ptr(p.lse_partial + row0), make_shape(p.seqlen_q));
+  Tensor gLSE = local_tile(mLSE, Shape<Int<Traits::kBlockM>>{}, make_coord(m_block));  // (kBlockM)
+  auto thr_mma = tiled_mma.get_thread_slice(threadIdx.x);
+  Tensor tOgO = thr_mma.partition_C(gO);                             // (MMA, MMA_M, MMA_N)
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(TileO{}));  // (row, col) of each
+  static_assert(decltype(size(tOgO) == size(acc_o))::value);
+  int const max_row = p.seqlen_q - m_block * Traits::kBlockM;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_o); ++i) {
+    if (get<0>(tOcO(i)) < max_row && get<1>(tOcO(i)) < p.head_dim) { tOgO(i) = acc_o(i); }
+  }
+  store_row_values(lse, gLSE, tOcO, max_row);
 }
 
 }  // namespace flash

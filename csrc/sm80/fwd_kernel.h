@@ -9,6 +9,7 @@
 #include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
+#include "common/cache_layout.h"
 #include "common/softmax.h"
 #include "common/utils.h"
 
@@ -28,7 +29,10 @@ constexpr int fwd_smem_size() { return Traits::kSmemSizeM + 2 * Traits::kSmemSiz
 // for the common case, compiles them out (each raises the D = 128 forward's spills several-fold:
 // block_info.h, mask.h). So dropout adds no instantiation: 2 (Windowed) x 2 (General) per kernel, head dim
 // and dtype, as before.
-template <class Traits, bool Windowed, bool General>
+// KvCache: the variant behind flash_attn_with_kvcache (its own instantiations, fwd_launch.h): k and v are
+// caches whose per-sequence lengths come from cache_seqlens (block_info.h), and with num_splits > 1 each
+// block takes one split of the keys and writes a partial result for the combine kernel (split_combine.h).
+template <class Traits, bool Windowed, bool General, bool KvCache = false>
 __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant__ const FwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -39,7 +43,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
 
   // Scheduler: the query blocks with the most keys (causal) start first, so the grid's tail is short.
-  int const m_block = gridDim.x - 1 - blockIdx.x;
+  // Split-KV: blockIdx.x = m_block * num_splits + split.
+  int const num_splits = KvCache ? params.num_splits : 1;
+  int const m_block = KvCache ? blockIdx.x / num_splits : gridDim.x - 1 - blockIdx.x;
+  int const split = KvCache ? blockIdx.x % num_splits : 0;
   int const batch = blockIdx.y, head = blockIdx.z;
   int const tid = threadIdx.x;
 
@@ -52,11 +59,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     params.rng_state_out[1] = int64_t(offset);
   }
 
-  BlockInfo const seq{params, batch, cute::bool_constant<General>{}};
+  BlockInfo const seq{params, batch, cute::bool_constant<General>{}, cute::bool_constant<KvCache>{}};
   int const q_rows_left = seq.seqlen_q - m_block * kBlockM;
   if (General && q_rows_left <= 0) { return; }  // varlen: the grid is sized for the longest sequence
   Mask<kBlockM, kBlockN, Windowed, General> const mask{params, seq, head};
-  int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
+  int n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
+  if constexpr (KvCache) {  // this split's run of the visible key blocks (all of them without splits)
+    int const per_split = ceil_div(max(n_block_end - n_block_begin, 0), num_splits);
+    n_block_begin += split * per_split;
+    n_block_end = min(n_block_end, n_block_begin + per_split);
+  }
+  bool const partial = KvCache && num_splits > 1;  // the result is one split's, for the combine kernel
   // Dropout (General only): P's dropped entries are zeroed before P·V, the kept ones' 1 / (1 - p) is applied
   // once to O; the row sums (and LSE) are those of the undropped P.
   bool const dropout_on = General && params.has_dropout();
@@ -85,11 +98,19 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor acc_o = partition_fragment_C(tiled_mma, TileQ{});  // (MMA, MMA_M, MMA_K)
 
-  // Only a window, or a varlen sequence with no keys, can hide every key from every row here (testing it
-  // where neither can raised the D = 128 forward's spills from 116 to 360 bytes): O = 0, LSE = +inf (or
-  // the sink's logit).
-  if ((Windowed || General) && n_block_end <= n_block_begin) {
+  // Only a window, a varlen sequence or a cache with no keys, or a split past the keys, can hide every key
+  // from every row here (testing it where none can raised the D = 128 forward's spills from 116 to 360
+  // bytes): O = 0, LSE = +inf (or the sink's logit; a partial's -inf, which weighs it 0 in the combine).
+  if ((Windowed || General || KvCache) && n_block_end <= n_block_begin) {
     clear(acc_o);
+    if constexpr (KvCache) {
+      if (partial) {
+        Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});
+        fill(lse, -INFINITY);
+        store_split_partial<Traits>(params, tiled_mma, acc_o, lse, split, seq, head, m_block);
+        return;
+      }
+    }
     store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
     Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});
     fill(lse, params.sinks == nullptr ? INFINITY : params.sinks[head]);
@@ -122,12 +143,31 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
 
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(TileS{}));  // (row, col) of each score
 
+  // Key (or value) block n_block into shared memory; with CheckRows, rows past the sequence arrive as 0. A paged
+  // cache (KvCache only) takes each row's address from the block table.
+  auto load_kv = [&](auto check_rows, auto const &tKVgKV, auto &tKVsKV, HeadTensor const &cache, int n_block)
+      __attribute__((always_inline)) {
+    constexpr bool kCheckRows = decltype(check_rows)::value;
+    int const rows_left = seq.seqlen_k - n_block * kBlockN;
+    if constexpr (KvCache) {
+      if (params.pages.table != nullptr) {
+        auto row_address = [&](int row) {
+          return cache_row<Element const>(cache, params.pages, seq.k_batch, seq.k_start + n_block * kBlockN + row,
+                                          params.kv_head(head));
+        };
+        load_tile_rows<kCheckRows>(gmem_copy, tKVgKV(_, _, _, 0), tKVsKV, tKVcKV, rows_left, params.head_dim,
+                                   row_address);
+        return;
+      }
+    }
+    load_tile<kCheckRows>(gmem_copy, tKVgKV(_, _, _, n_block), tKVsKV, tKVcKV, rows_left, params.head_dim);
+  };
+
   // Prologue: Q and the first K block. Key blocks are visited from the last down, so the ragged block and
   // those the window's right edge crosses come first, and those its left edge crosses last.
   int n_block = n_block_end - 1;
   load_tile<true>(gmem_copy, tQgQ, tQsQ, tQcQ, q_rows_left, params.head_dim);
-  load_tile<true>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, seq.seqlen_k - n_block * kBlockN,
-                  params.head_dim);
+  load_kv(cute::true_type{}, tKgK, tKsK, params.k, n_block);
   cp_async_fence();
 
   clear(acc_o);
@@ -140,8 +180,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     cp_async_wait<0>();
     __syncthreads();  // K[n_block] has landed, and every warp is done with V[n_block + 1]
     // V streams in while Q·Kᵀ runs. Only the first block visited can be the ragged last one.
-    load_tile<kFirst>(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, seq.seqlen_k - n_block * kBlockN,
-                      params.head_dim);
+    load_kv(is_first, tVgV, tVsV, params.v, n_block);
     cp_async_fence();
 
     gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_q, smem_copy_k);
@@ -150,7 +189,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
     cp_async_wait<0>();
     __syncthreads();  // V[n_block] has landed, and every warp is done with K[n_block]
     if (n_block > n_block_begin) {  // the next K streams in while the softmax and P·V run
-      load_tile<false>(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, kBlockN, params.head_dim);
+      load_kv(cute::false_type{}, tKgK, tKsK, params.k, n_block - 1);
       cp_async_fence();
     }
 
@@ -186,6 +225,14 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
 
   // Epilogue: normalise once, then O through shared memory (Q's buffer) and the LSE from registers.
   Tensor lse = softmax.finalize(acc_o, sink_log2(), dropout_on ? params.dropout_scale : 1.f);
+  if constexpr (KvCache) {
+    if (partial) {
+      CUTE_UNROLL
+      for (int r = 0; r < size(lse); ++r) { lse(r) = lse(r) == INFINITY ? -INFINITY : lse(r); }  // saw no key
+      store_split_partial<Traits>(params, tiled_mma, acc_o, lse, split, seq, head, m_block);
+      return;
+    }
+  }
   store_acc_tile<Traits>(tiled_mma, acc_o, sQ, gO, q_rows_left, params.head_dim);
   store_row_values(lse, gLSE, thr_mma.partition_C(make_identity_tensor(TileQ{})), q_rows_left);
 }

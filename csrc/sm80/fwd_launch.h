@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "common/launch_utils.h"
+#include "common/split_combine.h"
 
 #include "fwd_kernel.h"
 #include "kernel_traits.h"
@@ -20,6 +21,22 @@ cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
                            Traits::kNThreads, fwd_smem_size<Traits>(), params, stream);
     });
   });
+}
+
+// Over a KV cache (flash_attn_with_kvcache): the kernel's KvCache variant on the decoding tiles, then, with
+// num_splits > 1, the combine of the splits' partials (params.o_partial, lse_partial) into o and lse.
+template <int kHeadDim, typename Element>
+cudaError_t run_fwd_kvcache(FwdParams const &params, cudaStream_t stream) {
+  using Traits = TraitsFor<kHeadDim, Element, fwd_kvcache_tile>;
+  dim3 const grid(ceil_div(params.seqlen_q, Traits::kBlockM) * params.num_splits, params.batch, params.heads);
+  cudaError_t err = bool_switch(params.is_windowed, [&](auto windowed) {
+    return bool_switch(params.needs_general(), [&](auto general) {
+      return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value, decltype(general)::value, true>, grid,
+                           Traits::kNThreads, fwd_smem_size<Traits>(), params, stream);
+    });
+  });
+  if (err == cudaSuccess && params.num_splits > 1) { err = run_split_combine<Element>(params, stream); }
+  return err;
 }
 
 }  // namespace flash

@@ -17,6 +17,13 @@ constexpr TileShape fwd_tile(int head_dim) {
                          : TileShape{128, 64, 8};
 }
 
+// Forward over a KV cache (flash_attn_with_kvcache): decoding has a few query rows and many keys, so the
+// block owns fewer rows than the forward's (one 16-row MMA tile per warp) and more blocks fit an SM, each
+// streaming its split of the keys. A first choice, not yet measured (benchmarks/bench_decode.py).
+constexpr TileShape fwd_kvcache_tile(int head_dim) {
+  return head_dim <= 64 ? TileShape{64, 128, 4} : TileShape{64, 64, 4};
+}
+
 // Backward dQ: owns query rows, streams keys; holds dQ, S and dP in registers.
 constexpr TileShape bwd_dq_tile(int head_dim) { return TileShape{64, 64, 4}; }
 

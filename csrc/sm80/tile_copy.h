@@ -23,6 +23,26 @@ CUTE_DEVICE void load_tile(TiledCopy const &tiled_copy, Src const &src, Dst &&ds
   }
 }
 
+// load_tile where each row of the tile has an address of its own, row_address(row) for a row within the tile
+// (a paged KV cache: a tile may span pages, cache_layout.h). src_like: the tile's source partition, for the
+// per-copy layout only (its addresses are not used).
+template <bool CheckRows, class TiledCopy, class Src, class Dst, class Coords, class RowAddress>
+CUTE_DEVICE void load_tile_rows(TiledCopy const &tiled_copy, Src const &src_like, Dst &&dst, Coords const &tCcC,
+                                int max_row, int head_dim, RowAddress const &row_address) {
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src_like); ++m) {
+    int const row = get<0>(tCcC(0, m, 0));
+    bool const row_ok = !CheckRows || row < max_row;
+    auto const *src_row = row_address(row);
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(src_like); ++k) {
+      int const col = get<1>(tCcC(0, m, k));
+      Tensor src = make_tensor(make_gmem_ptr(src_row + col), src_like(_, m, k).layout());
+      copy(tiled_copy.with(row_ok && col < head_dim), src, dst(_, m, k));
+    }
+  }
+}
+
 // Shared -> global tile store: only rows below max_row and columns below head_dim are written.
 template <class TiledCopy, class Src, class Dst, class Coords>
 CUTE_DEVICE void store_tile(TiledCopy const &tiled_copy, Src const &src, Dst &&dst, Coords const &tCcC,
