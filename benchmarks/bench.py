@@ -4,8 +4,9 @@ PyTorch attention ("math": flash_attn2.reference.attention_ref in the input dtyp
 Passes: forward, backward (on a graph built once), forward + backward, every implementation timed
 alternately on the same values. Each point has batch = tokens // seqlen and heads = hidden // head_dim,
 seqlen_q = seqlen_k. Math is skipped where its S x S matrix in float32 would pass --math-max-gib.
-"ours" is flash_attn_func's default backward (deterministic=False: dQ by fp32 atomics, as SDPA-flash's),
-"ours-det" the deterministic split backward: `--impls ours-det,sdpa-flash` compares both modes in one run.
+"ours" is flash_attn_func as called by default (deterministic=False: today the split backward, the faster),
+"ours-det" deterministic=True, "ours-atomic" the atomic-dQ backward (FLASH_ATTN2_ATOMIC_BWD=1, as SDPA-flash's):
+`--impls ours,ours-atomic,sdpa-flash` compares the modes in one run.
 """
 
 import argparse
@@ -89,7 +90,7 @@ PEERS = {"flash": "sdpa-flash", "cudnn": "cudnn"}
 
 
 # Ours in each backward mode (common.IMPLS): ratios to the peers for each that ran.
-OURS = ("ours", "ours-det")
+OURS = ("ours", "ours-det", "ours-atomic")
 
 
 def ratio(row, peer="flash", ours="ours"):

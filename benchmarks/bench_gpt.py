@@ -18,7 +18,8 @@ from torch import nn
 from common import (unavailable, SDPA_BACKENDS, add_output_args, csv_of, describe, fmt,
                     loop_times_ms, markdown_table, run_meta, sdpa, write_outputs)
 
-# ours: flash_attn_func's default backward (atomic dQ); ours-det: deterministic=True (not run by default).
+# ours: flash_attn_func's default backward (deterministic=False: the split one unless FLASH_ATTN2_ATOMIC_BWD=1);
+# ours-det: deterministic=True (not run by default).
 IMPLS = ["ours", "ours-det", "sdpa-flash", "cudnn"]
 
 

@@ -27,27 +27,34 @@ L2_FLUSH_BYTES = 256 * 2**20
 
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
-# "ours" is flash_attn_func as called by default (deterministic=False: the backward with the atomic dQ, as
-# flash_attn's and SDPA-flash's), "ours-det" with deterministic=True (the split backward, no atomics);
+# "ours" is flash_attn_func as called by default (deterministic=False, which takes the split backward unless
+# the atomic one is opted into: flash_attn2/_ops.py), "ours-det" with deterministic=True (the split backward,
+# no atomics), "ours-atomic" the atomic-dQ backward (FLASH_ATTN2_ATOMIC_BWD=1, as flash_attn's and SDPA-flash's);
 # "ours-mma" is ours with the forward forced onto the mma.sync kernels (FLASH_ATTN2_FORCE_SM80: on Hopper
 # the A/B of the two paths); "math" is attention_ref in the input dtype: PyTorch attention as written by
 # hand, S x S in memory.
-IMPLS = ["ours", "ours-det", "ours-mma", *SDPA_BACKENDS, "math"]
+IMPLS = ["ours", "ours-det", "ours-atomic", "ours-mma", *SDPA_BACKENDS, "math"]
 
 
-def on_mma_sync(f):
-    """f with flash_attn2's forward forced onto the mma.sync kernels; the binding reads the switch at each call."""
+def with_env(f, name, value):
+    """f with the environment variable `name` set to value during each call (flash_attn2's switches are read
+    when the kernels run)."""
     def call(*args, **kwargs):
-        before = os.environ.get("FLASH_ATTN2_FORCE_SM80")
-        os.environ["FLASH_ATTN2_FORCE_SM80"] = "1"
+        before = os.environ.get(name)
+        os.environ[name] = value
         try:
             return f(*args, **kwargs)
         finally:
             if before is None:
-                del os.environ["FLASH_ATTN2_FORCE_SM80"]
+                del os.environ[name]
             else:
-                os.environ["FLASH_ATTN2_FORCE_SM80"] = before
+                os.environ[name] = before
     return call
+
+
+def on_mma_sync(f):
+    """f with flash_attn2's forward forced onto the mma.sync kernels; the binding reads the switch at each call."""
+    return with_env(f, "FLASH_ATTN2_FORCE_SM80", "1")
 
 
 def cuda_ready():
@@ -286,6 +293,7 @@ class Impl(NamedTuple):
     qkv: list          # the leaves that gradients are taken for
     dout: torch.Tensor
     to_ours: Callable  # its layout of out and dq -> ours
+    atomic: bool = False  # its backward the atomic one (opted into around each timed call)
 
 
 def make_impls(names, q, k, v, dout, causal, requires_grad):
@@ -306,6 +314,10 @@ def make_impls(names, q, k, v, dout, causal, requires_grad):
         det_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
         impls["ours-det"] = Impl(functools.partial(flash_attn_func, *det_qkv, causal=causal, deterministic=True),
                                  det_qkv, dout, lambda t: t)
+    if "ours-atomic" in names:
+        atomic_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
+        impls["ours-atomic"] = Impl(functools.partial(flash_attn_func, *atomic_qkv, causal=causal, deterministic=False),
+                                    atomic_qkv, dout, lambda t: t, atomic=True)
     if "ours-mma" in names:
         mma_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
         impls["ours-mma"] = Impl(on_mma_sync(functools.partial(flash_attn_func, *mma_qkv, causal=causal,
@@ -325,6 +337,8 @@ def make_impls(names, q, k, v, dout, causal, requires_grad):
 
 def timed_call(pass_, impl):
     """The call that is timed (or measured) for one pass of one implementation."""
+    if impl.atomic:
+        return with_env(timed_call(pass_, impl._replace(atomic=False)), "FLASH_ATTN2_ATOMIC_BWD", "1")
     if pass_ == "fwd":
         return torch.no_grad()(impl.forward)  # as inference runs it: no graph, nothing saved
     if pass_ == "bwd":

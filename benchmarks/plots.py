@@ -19,7 +19,7 @@ except ImportError:
     plt = None
 
 PASS_TITLES = {"fwd": "Forward", "bwd": "Backward", "fwdbwd": "Forward + backward"}
-COLORS = {"ours": "tab:red", "ours-det": "tab:pink", "sdpa-flash": "tab:blue", "cudnn": "tab:green",
+COLORS = {"ours": "tab:red", "ours-det": "tab:pink", "ours-atomic": "tab:purple", "sdpa-flash": "tab:blue", "cudnn": "tab:green",
           "efficient": "tab:orange", "math": "tab:gray"}
 
 

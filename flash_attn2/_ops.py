@@ -6,6 +6,7 @@ as strided views of it, and its backward writes the gradients into views of one 
 shape, so nothing is copied either way.
 """
 
+import os
 from typing import Optional
 
 import torch
@@ -57,10 +58,19 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, cu_seqlens_
                       deterministic)
 
 
+# The atomic backward is opt-in until it is the faster one: on the H200 it measured 0.55-0.75x the split
+# backward's forward + backward speed (benchmarks/NOTES.md, session 6), so deterministic=False, which allows
+# atomics but does not ask for them, takes the split kernels too unless this is set to 1.
+ATOMIC_BACKWARD_ENV = "FLASH_ATTN2_ATOMIC_BWD"
+
+
 def use_deterministic_backward(deterministic):
-    """Whether the backward takes the split kernels: asked for (deterministic=True), or required by
-    torch.use_deterministic_algorithms(True). Otherwise the atomic one, flash_attn's default."""
-    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    """Whether the backward takes the split kernels: asked for (deterministic=True), required by
+    torch.use_deterministic_algorithms(True), or the atomic one not opted into (FLASH_ATTN2_ATOMIC_BWD=1).
+    Read when the backward runs."""
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        return True
+    return os.environ.get(ATOMIC_BACKWARD_ENV, "0") != "1"
 
 
 def dropout_keep_mask(rng_state, dropout_p, batch, heads, seqlen_q, seqlen_k):

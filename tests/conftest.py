@@ -104,14 +104,16 @@ def fwd_path(request, monkeypatch):
     return request.param
 
 
-# The backward's two modes (flash_attn_func's deterministic): the split backward, bit-identical from run to
-# run, and the atomic one (dQ added up by fp32 atomics in the dK/dV kernel, flash_attn's default).
+# The backward's two modes: the split backward, bit-identical from run to run (deterministic=True), and the
+# atomic one (dQ added up by fp32 atomics in the dK/dV kernel: deterministic=False with its opt-in set, _ops).
 BWD_MODES = {"deterministic": True, "atomic": False}
 
 
 @pytest.fixture(params=list(BWD_MODES.values()), ids=list(BWD_MODES))
-def deterministic(request):
-    """A test that takes it runs once per backward mode: the value to pass as deterministic."""
+def deterministic(request, monkeypatch):
+    """A test that takes it runs once per backward mode: the value to pass as deterministic (the atomic mode's
+    opt-in is set for the test)."""
+    monkeypatch.setenv("FLASH_ATTN2_ATOMIC_BWD", "0" if request.param else "1")
     return request.param
 
 

@@ -18,6 +18,7 @@ never checked, their results are garbage by design).
 """
 
 import argparse
+import os
 import itertools
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def parse_args():
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the reference")
     parser.add_argument("--varlen-only", action="store_true", help="run the varlen cases alone")
     parser.add_argument("--deterministic", action="store_true",
-                        help="the split backward (deterministic=True) instead of the default atomic one")
+                        help="the split backward (deterministic=True) instead of the atomic one (opted into here)")
     parser.add_argument("--kvcache", action="store_true",
                         help="run flash_attn_with_kvcache's cases alone (bad lengths and page ids included), unchecked")
     parser.add_argument("--variants", action="store_true",
@@ -66,7 +67,7 @@ def parse_args():
     return parser.parse_args()
 
 
-# The backward's mode (--deterministic): the atomic one by default, as flash_attn_func's.
+# The backward's mode (--deterministic): the atomic one (FLASH_ATTN2_ATOMIC_BWD=1, set in main) by default.
 DETERMINISTIC = False
 
 
@@ -247,6 +248,7 @@ def main():
     global DETERMINISTIC
     args = parse_args()
     DETERMINISTIC = args.deterministic
+    os.environ["FLASH_ATTN2_ATOMIC_BWD"] = "0" if DETERMINISTIC else "1"
     if not torch.cuda.is_available():
         sys.exit("sanitize_workload: no CUDA GPU")
     head_dims = args.head_dims or list(built_head_dims())

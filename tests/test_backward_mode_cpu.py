@@ -22,7 +22,7 @@ ENTRIES = {
 
 @pytest.mark.parametrize("op", ["fwd", "bwd"])
 def test_schema_has_deterministic(op):
-    # A bool that defaults to the atomic backward, as flash_attn's deterministic=False.
+    # A bool that defaults to False, as flash_attn's deterministic (which allows the atomic backward).
     schema = getattr(torch.ops.flash_attn2, op).default._schema
     arg = next(a for a in schema.arguments if a.name == "deterministic")
     assert str(arg.type) == "bool" and arg.default_value is False
@@ -31,7 +31,8 @@ def test_schema_has_deterministic(op):
 @pytest.fixture
 def kernels(monkeypatch):
     """_fwd and _bwd replaced by stand-ins on CPU tensors: out = q, lse = 0; zero gradients. Returns the list
-    of deterministic values the backward kernel call was given."""
+    of deterministic values the backward kernel call was given. The atomic backward opted into (_ops)."""
+    monkeypatch.setenv(_ops.ATOMIC_BACKWARD_ENV, "1")
     modes = []
 
     def fwd(q, k, v, out, lse, *args, **kwargs):
@@ -67,6 +68,13 @@ def run_backward(deterministic):
 def test_autograd_carries_the_mode(kernels, deterministic):
     run_backward(deterministic)
     assert kernels == [deterministic]
+
+
+def test_without_the_opt_in_false_takes_the_split_backward(kernels, monkeypatch):
+    # The atomic backward measured slower than the split one: deterministic=False allows it, never forces it.
+    monkeypatch.delenv(_ops.ATOMIC_BACKWARD_ENV)
+    run_backward(False)
+    assert kernels == [True]
 
 
 def test_deterministic_algorithms_select_the_split_backward(kernels, deterministic_algorithms):
