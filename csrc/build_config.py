@@ -5,6 +5,8 @@ Environment switches:
                           (sm_90a: wgmma, TMA) builds the Hopper kernels too, "90" the mma.sync ones only
   FLASH_ATTN2_HEAD_DIMS   kernel head dims to build, e.g. "64,128" (default: all; for fast iteration and CI)
   CUTLASS_DIR             a CUTLASS checkout (its include/ is used), overriding the lookup below
+  FLASH_ATTN2_BUILD_ATOMIC_BWD  1: also build the atomic-dQ backward's kernels (off by default: the split
+                          backward is the faster today, and these 12 units would cost the default build ~2 min)
   NVCC_THREADS            threads per nvcc process (default 2: each handles one arch)
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
 """
@@ -78,11 +80,22 @@ def cutlass_include(env=os.environ, root=ROOT):
         "`git submodule update --init third_party/cutlass`, or set CUTLASS_DIR to a CUTLASS checkout.")
 
 
-def kernel_sources(dims, archs=("80", "90a")):
+def builds_atomic_bwd(env=os.environ):
+    """Whether the atomic-dQ backward's kernels are built (FLASH_ATTN2_BUILD_ATOMIC_BWD=1): opt-in, as their use
+    is (FLASH_ATTN2_ATOMIC_BWD=1 at run time, flash_attn2/_ops.py)."""
+    return env.get("FLASH_ATTN2_BUILD_ATOMIC_BWD", "0") == "1"
+
+
+# Kernels built only when their switch says so.
+OPTIONAL_KERNELS = {"bwd_dkdv_atomic_dq": builds_atomic_bwd}
+
+
+def kernel_sources(dims, archs=("80", "90a"), env=os.environ):
     """The translation units to compile for head dims `dims`: those of kernels for every arch, and those of
-    an arch-specific kernel when `archs` has its arch."""
+    an arch-specific kernel when `archs` has its arch; optional kernels only when switched on in env."""
     return [OUT_DIR / source_name(kernel, d, dtype)
             for kernel, k in KERNELS.items() if k.arch is None or k.arch in archs
+            if kernel not in OPTIONAL_KERNELS or OPTIONAL_KERNELS[kernel](env)
             for d in kernel_head_dims(kernel, dims) for dtype in DTYPES]
 
 

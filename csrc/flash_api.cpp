@@ -28,6 +28,9 @@ constexpr int kBuiltHeadDims[] = {FLASH_ATTN2_BUILT_HEAD_DIMS};
 #ifndef FLASH_ATTN2_SM90
 #define FLASH_ATTN2_SM90 0  // setup.py defines it: 1 when the Hopper kernels (sm_90a) are built
 #endif
+#ifndef FLASH_ATTN2_ATOMIC_BWD
+#define FLASH_ATTN2_ATOMIC_BWD 0  // setup.py defines it: 1 when the atomic-dQ backward is built (opt-in)
+#endif
 
 template <size_t N>
 constexpr bool contains(int const (&values)[N], int value) {
@@ -39,6 +42,8 @@ constexpr bool contains(int const (&values)[N], int value) {
 
 constexpr bool is_built(int head_dim) { return contains(kBuiltHeadDims, head_dim); }
 constexpr bool has_sm90_fwd(int head_dim) { return contains(flash::kSm90FwdHeadDims, head_dim); }
+constexpr bool any_kernel(int) { return true; }
+constexpr bool has_kvcache(int head_dim) { return contains(flash::kKvcacheHeadDims, head_dim); }
 
 // Whether a device is compute capability 9.0, asked once per device (not through ATen/cuda/CUDAContext.h,
 // which needs the CUDA math libraries' headers to build).
@@ -67,10 +72,10 @@ bool hopper_fwd(flash::FwdParams const &) {
   return is_sm90(c10::cuda::current_device());
 }
 
-template <size_t I, class F>
+template <size_t I, bool (*Has)(int), class F>
 bool try_kernel(int head_dim, F &f) {
   constexpr int kHeadDim = flash::kKernelHeadDims[I];
-  if constexpr (is_built(kHeadDim)) {
+  if constexpr (is_built(kHeadDim) && Has(kHeadDim)) {
     if (head_dim <= kHeadDim) {
       f(std::integral_constant<int, kHeadDim>{});
       return true;
@@ -79,15 +84,16 @@ bool try_kernel(int head_dim, F &f) {
   return false;
 }
 
-// Calls f(integral_constant<kHeadDim>) for the smallest built kernel head dim >= head_dim.
-template <class F, size_t... I>
+// Calls f(integral_constant<kHeadDim>) for the smallest built kernel head dim >= head_dim that Has (a pass's
+// own list of head dims, where it has fewer kernels than kKernelHeadDims).
+template <bool (*Has)(int), class F, size_t... I>
 bool dispatch_head_dim(int head_dim, F &&f, std::index_sequence<I...>) {
-  return (try_kernel<I>(head_dim, f) || ...);
+  return (try_kernel<I, Has>(head_dim, f) || ...);
 }
 
-template <class F>
+template <bool (*Has)(int) = any_kernel, class F>
 bool dispatch_head_dim(int head_dim, F &&f) {
-  return dispatch_head_dim(head_dim, f, std::make_index_sequence<std::size(flash::kKernelHeadDims)>{});
+  return dispatch_head_dim<Has>(head_dim, f, std::make_index_sequence<std::size(flash::kKernelHeadDims)>{});
 }
 
 template <class F>
@@ -363,9 +369,9 @@ bool nothing_attends(flash::AttnParams const &p) {
   return p.batch == 0 || p.heads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0;
 }
 
-template <class Launch>
+template <bool (*Has)(int) = any_kernel, class Launch>
 void launch(flash::AttnParams const &p, at::ScalarType dtype, Launch &&run) {
-  bool const found = dispatch_head_dim(p.head_dim, [&](auto head_dim) {
+  bool const found = dispatch_head_dim<Has>(p.head_dim, [&](auto head_dim) {
     dispatch_dtype(dtype, [&](auto element) {
       C10_CUDA_CHECK((run(head_dim, element)));
     });
@@ -495,6 +501,8 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
     dv.zero_();
     return b.dpsum.zero_();  // out is 0
   }
+  TORCH_CHECK(deterministic || FLASH_ATTN2_ATOMIC_BWD, "the atomic backward (FLASH_ATTN2_ATOMIC_BWD=1) is not in this "
+              "build: rebuild with FLASH_ATTN2_BUILD_ATOMIC_BWD=1, or unset FLASH_ATTN2_ATOMIC_BWD");
   c10::cuda::CUDAGuard device_guard(q.device());
   at::Tensor dq_accum;  // fp32 dQ, shaped as q, for the atomic adds
   if (!deterministic) {
@@ -509,8 +517,8 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
     if (deterministic) {
       if (err == cudaSuccess) { err = flash::run_bwd_dq<kHeadDim, Element>(p, stream); }
       if (err == cudaSuccess) { err = flash::run_bwd_dkdv<kHeadDim, Element>(p, stream); }
-    } else if (err == cudaSuccess) {
-      err = flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream);
+    } else if constexpr (FLASH_ATTN2_ATOMIC_BWD) {
+      if (err == cudaSuccess) { err = flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); }
     }
     return err;
   });
@@ -560,7 +568,9 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
     time("bwd_preprocess", [&] { return flash::run_bwd_preprocess<Element>(p, stream); });
     time("bwd_dq", [&] { return flash::run_bwd_dq<kHeadDim, Element>(p, stream); });
     time("bwd_dkdv", [&] { return flash::run_bwd_dkdv<kHeadDim, Element>(p, stream); });
-    time("bwd_dkdv_atomic_dq", [&] { return flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); });
+    if constexpr (FLASH_ATTN2_ATOMIC_BWD) {
+      time("bwd_dkdv_atomic_dq", [&] { return flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); });
+    }
     return cudaSuccess;
   });
   return ms;
@@ -811,7 +821,7 @@ void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor cons
   pack_gqa_decode(p);
 
   at::Tensor o_partial, lse_partial;  // split-KV scratch, alive until the launches are queued
-  launch(p, q.scalar_type(), [&](auto head_dim, auto element) {
+  launch<has_kvcache>(p, q.scalar_type(), [&](auto head_dim, auto element) {
     constexpr int kHeadDim = decltype(head_dim)::value;
     p.num_splits = kvcache_splits(p, flash::fwd_kvcache_tile(kHeadDim), num_splits, sm_count(q.device().index()));
     if (p.num_splits > 1) {
@@ -837,7 +847,7 @@ int64_t kvcache_num_splits(at::Tensor const &q, at::Tensor const &k_cache, int64
     p.seqlen_q = p.heads / k_cache.size(2), p.heads = k_cache.size(2);
   }
   int splits = 1;
-  bool const found = dispatch_head_dim(q.size(3), [&](auto head_dim) {
+  bool const found = dispatch_head_dim<has_kvcache>(q.size(3), [&](auto head_dim) {
     splits = kvcache_splits(p, flash::fwd_kvcache_tile(decltype(head_dim)::value), num_splits,
                             sm_count(q.device().index()));
   });
@@ -920,4 +930,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("num_splits") = 0, py::arg("seqlen_cache") = -1);
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
   m.def("has_sm90", [] { return bool(FLASH_ATTN2_SM90); }, "Whether this build has the Hopper (sm_90a) kernels");
+  m.def("has_atomic_bwd", [] { return bool(FLASH_ATTN2_ATOMIC_BWD); },
+        "Whether this build has the atomic-dQ backward (FLASH_ATTN2_BUILD_ATOMIC_BWD=1)");
 }

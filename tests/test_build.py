@@ -132,12 +132,16 @@ def head_dim_of(path):
 
 def test_kernel_sources():
     # For a head-dim subset, setup.py compiles the generated files of those head dims and those
-    # that serve every head dim, each once; for all head dims, every generated file (sm_90a included).
+    # that serve every head dim, each once; for all head dims, every generated file (sm_90a included) but
+    # those of optional kernels (the atomic backward), which their switch adds.
     generated = [path for path in gen.generated_files() if path.suffix == ".cu"]
-    for dims in [(64, 128), (32, 96), gen.HEAD_DIMS]:
-        wanted = {path for path in generated if head_dim_of(path) in (None, *dims)}
-        sources = build_config.kernel_sources(dims, ["80", "90a"])
-        assert len(sources) == len(set(sources)) and set(sources) == wanted
+    optional = {path for path in generated if path.name.startswith("bwd_dkdv_atomic_dq_")}
+    assert optional
+    for env, left_out in [({}, optional), ({"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, set())]:
+        for dims in [(64, 128), (32, 96), gen.HEAD_DIMS]:
+            wanted = {path for path in generated if head_dim_of(path) in (None, *dims)} - left_out
+            sources = build_config.kernel_sources(dims, ["80", "90a"], env)
+            assert len(sources) == len(set(sources)) and set(sources) == wanted
 
 
 def test_hopper_head_dims_are_kernel_head_dims():

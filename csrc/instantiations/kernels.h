@@ -8,7 +8,8 @@
 namespace flash {
 
 constexpr int kKernelHeadDims[] = {32, 64, 96, 128, 192, 256};
-constexpr int kSm90FwdHeadDims[] = {64, 96, 128, 192, 256};
+constexpr int kSm90FwdHeadDims[] = {64, 128, 256};
+constexpr int kKvcacheHeadDims[] = {64, 128, 256};
 
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &, cudaStream_t);
