@@ -80,6 +80,10 @@ __global__ void kvcache_append_kernel(__grid_constant__ const KvCacheAppendParam
   int const chunks = p.head_dim / kVec;
   index_t idx = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
   index_t const kv_items = index_t(p.batch) * p.seqlen_new * p.heads_kv * chunks;
+  index_t const q_items = p.q_rotated.ptr == nullptr ? 0 : index_t(p.batch) * p.seqlen_q * p.heads * chunks;
+  // The last block's spare threads: without rotary there are no q items, and a thread past the kv items
+  // would otherwise be read as one and store through the null q_rotated (session 6's illegal address).
+  if (idx >= kv_items + q_items) { return; }
   bool const is_kv = idx < kv_items;
   if (!is_kv) { idx -= kv_items; }
   int const chunk = int(idx % chunks);
