@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tile candidates, each built as its own binary (in parallel) and timed on the GPU:
 #   bash benchmarks/tile_sweep.sh "fwd:128:128x64x4 dq:128:64x64x4 dkdv:128:64x64x4 ..."
-#   (kernel:hdim:block_m x block_n x warps[x warps_n]; kernel is fwd, dq or dkdv; warps_n: warps side by
+#   (kernel:hdim:block_m x block_n x warps[x warps_n]; kernel is fwd, dq, dkdv or dkdv_atomic; warps_n: warps side by
 #   side along the columns, 1 if left out)
 # Needs nvcc and the CUTLASS headers (CUTLASS_INCLUDE, else found as the build finds them).
 set -euo pipefail
@@ -11,7 +11,7 @@ include=${CUTLASS_INCLUDE:-$(cd csrc && python3 -c "import build_config; print(b
 dir=$(mktemp -d)
 for c in $candidates; do
   IFS=':x' read -r kernel d m n w wn <<<"$c"
-  case $kernel in fwd) id=0 ;; dq) id=1 ;; dkdv) id=2 ;; *) echo "unknown kernel in $c"; exit 1 ;; esac
+  case $kernel in fwd) id=0 ;; dq) id=1 ;; dkdv) id=2 ;; dkdv_atomic) id=3 ;; *) echo "unknown kernel in $c"; exit 1 ;; esac
   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 -Icsrc -I"$include" \
     -DKERNEL=$id -DHDIM="$d" -DBLOCK_M="$m" -DBLOCK_N="$n" -DWARPS="$w" -DWARPS_N="${wn:-1}" -Xptxas -v benchmarks/tile_sweep.cu -o "$dir/$c" \
     >"$dir/$c.log" 2>&1 &
