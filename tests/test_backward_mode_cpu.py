@@ -111,3 +111,20 @@ def test_every_entry_passes_it(monkeypatch, entry, deterministic):
     else:
         ENTRIES[entry](t, **kwargs)
     assert seen == [bool(deterministic)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_with_the_argument(kernels, deterministic):
+    # Schema, fake implementations, autograd registration and AOT dispatch hold with deterministic given
+    # (tests/test_compile_gpu.py runs opcheck on the real kernels).
+    q = torch.randn(2, 5, 4, 16, requires_grad=True)
+    k, v = (torch.randn(2, 7, 2, 16, requires_grad=True) for _ in "kv")
+    scores = (0.25, True, -1, -1, 0.0, None, None, 0.0)  # softmax_scale ... dropout_p
+    fwd_args = (q, k, v, None, None, 0, 0, *scores, deterministic)
+    results = [torch.library.opcheck(torch.ops.flash_attn2.fwd.default, fwd_args, raise_exception=False)]
+    out, lse, rng_state = torch.ops.flash_attn2.fwd(q.detach(), k.detach(), v.detach(), *fwd_args[3:])
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, None, 0, 0, *scores,
+                rng_state, deterministic)
+    results.append(torch.library.opcheck(torch.ops.flash_attn2.bwd.default, bwd_args, raise_exception=False))
+    for result in results:
+        assert all(outcome == "SUCCESS" for outcome in result.values()), result
