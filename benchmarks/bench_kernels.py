@@ -17,7 +17,7 @@ from common import (unavailable, DTYPES, add_grid_args, add_output_args, describ
                     progress, run_meta, tflops, timed_call, write_outputs)
 
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv")  # the deterministic backward's, in order
-ATOMIC = "bwd_dkdv_atomic_dq"  # the default backward's one kernel after the preprocess
+ATOMIC = "bwd_dkdv_atomic_dq"  # the atomic backward's one kernel after the preprocess (timed where built)
 # The deterministic backward does its matmuls as 3 in the dQ kernel and 4 in the dK/dV kernel; each kernel
 # is credited with its share of the backward's FLOPs (2.5x the forward's). The atomic kernel does all five.
 BWD_SHARE = {"bwd_dq": 3 / 7, "bwd_dkdv": 4 / 7, ATOMIC: 1.0}
@@ -50,8 +50,8 @@ def bench_point(args, dtype, head_dim, causal, seqlen):
     read_bytes = 2 * q.numel() * q.element_size()  # the preprocess reads O and dO
     bwd_kernels_ms = sum(ms[name] for name in KERNELS[1:])
     return {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch,
-            "heads": heads, **{f"{name}_ms": ms[name] for name in (*KERNELS, ATOMIC)},
-            **{f"{name}_tflops": tflops(f, ms[name]) for name, f in kernel_flops.items()},
+            "heads": heads, **{f"{name}_ms": ms.get(name) for name in (*KERNELS, ATOMIC)},
+            **{f"{name}_tflops": tflops(f, ms[name]) if name in ms else None for name, f in kernel_flops.items()},
             "bwd_preprocess_gbs": read_bytes / ms["bwd_preprocess"] / 1e6,
             "python_fwd_ms": python_ms["fwd"], "python_bwd_ms": python_ms["bwd"],
             "bwd_kernels_ms": bwd_kernels_ms, "bwd_overhead_ms": python_ms["bwd"] - bwd_kernels_ms}
@@ -71,8 +71,8 @@ def table(header, rows):
              "backward's 2.5x that (ours splits the backward's matmuls 3 + 4). pre GB/s: bytes of O and dO "
              "read by the preprocess. bwd kernels = pre + dQ + dK/dV from the C++ loop; bwd overhead = Python bwd "
              "(autograd.grad back to back, by CUDA events, deterministic=True) minus that. atomic: the "
-             "default backward's dK/dV kernel with dQ by atomics (all five matmuls: credited the whole backward; "
-             "it runs after the same preprocess, and dQ's zeroing and cast are not in it).")
+             "atomic backward's dK/dV kernel with dQ by atomics (all five matmuls: credited the whole backward; "
+             "it runs after the same preprocess, and dQ's zeroing and cast are not in it; '-' where it is not built).")
     overhead = statistics.median(r["bwd_overhead_ms"] / r["python_bwd_ms"] for r in rows)
     return "\n".join([header, "", notes, "", *markdown_table(columns, cells), "",
                       f"Backward overhead over its kernels, {rows[0]['dtype']}: median {overhead:.1%} of the "

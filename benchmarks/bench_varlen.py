@@ -55,7 +55,8 @@ def parse_args():
                         help="mix: how PyTorch's FA2 is called: njt (SDPA on nested jagged tensors), aten "
                              "(aten._flash_attention_forward), auto (njt, else aten)")
     parser.add_argument("--deterministic", action="store_true",
-                        help="time our deterministic (split) backward instead of the default atomic one")
+                        help="pass deterministic=True (the split backward); without it deterministic=False, which "
+                             "runs the split one too unless FLASH_ATTN2_ATOMIC_BWD=1")
     parser.add_argument("--reps", type=int, default=30, help="timed calls per implementation and pass")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before them")
     add_output_args(parser)

@@ -52,6 +52,12 @@ def with_env(f, name, value):
     return call
 
 
+def atomic_backward_built():
+    """Whether this build of flash_attn2 has the atomic-dQ backward (FLASH_ATTN2_BUILD_ATOMIC_BWD=1)."""
+    from flash_attn2._extension import C
+    return C is not None and C.has_atomic_bwd()
+
+
 def on_mma_sync(f):
     """f with flash_attn2's forward forced onto the mma.sync kernels; the binding reads the switch at each call."""
     return with_env(f, "FLASH_ATTN2_FORCE_SM80", "1")
@@ -314,7 +320,7 @@ def make_impls(names, q, k, v, dout, causal, requires_grad):
         det_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
         impls["ours-det"] = Impl(functools.partial(flash_attn_func, *det_qkv, causal=causal, deterministic=True),
                                  det_qkv, dout, lambda t: t)
-    if "ours-atomic" in names:
+    if "ours-atomic" in names and atomic_backward_built():  # not in a build without it: left out
         atomic_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
         impls["ours-atomic"] = Impl(functools.partial(flash_attn_func, *atomic_qkv, causal=causal, deterministic=False),
                                     atomic_qkv, dout, lambda t: t, atomic=True)

@@ -541,8 +541,11 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
   BwdLaunch b = prepare_bwd(dout, q, k, v, out, lse, dq, dk, dv, Scores{softmax_scale, causal}, Seqlens{});
   flash::BwdParams &p = b.params;
   TORCH_CHECK_VALUE(q.numel() > 0 && k.numel() > 0, "time_kernels needs non-empty q, k and v");
-  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // the atomic dQ's, summed over reps
-  p.dq_accum = head_tensor(dq_accum);
+  at::Tensor dq_accum;  // the atomic dQ's, summed over reps (where it is built)
+  if (FLASH_ATTN2_ATOMIC_BWD) {
+    dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    p.dq_accum = head_tensor(dq_accum);
+  }
   c10::cuda::CUDAGuard device_guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   std::map<std::string, double> ms;

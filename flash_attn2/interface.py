@@ -33,12 +33,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Any combination with the other arguments (softcap included, which flash_attn refuses).
 
     Differentiable w.r.t. q, k, v and s_aux (softmax_lse is not). The backward recomputes the attention
-    matrix from q, k, v and the saved LSE. deterministic=False (the default, as flash_attn's): one dK/dV
-    kernel that also adds each block's share of dQ into an fp32 buffer with atomics (FlashAttention-2's
-    five matmuls, the faster backward); the order of those adds varies, so dq may differ from run to run
-    in its last bits (dk, dv do not). deterministic=True, or torch.use_deterministic_algorithms(True):
-    separate dQ and dK/dV kernels with no atomics, gradients bit-identical from run to run. With GQA, dK
-    and dV are summed over each group of query heads in a fixed order in both modes.
+    matrix from q, k, v and the saved LSE, by default in separate dQ and dK/dV kernels with no atomics:
+    gradients bit-identical from run to run (deterministic=True, or torch.use_deterministic_algorithms(True),
+    guarantees it). deterministic=False (the default, as flash_attn's) also allows FlashAttention-2's atomic
+    backward, taken only with FLASH_ATTN2_ATOMIC_BWD=1 in a build with FLASH_ATTN2_BUILD_ATOMIC_BWD=1 (today
+    it is the slower one, README): one dK/dV kernel that also adds each block's share of dQ into an fp32
+    buffer with atomics, so dq may differ from run to run in its last bits (dk, dv do not). With GQA, dK and
+    dV are summed over each group of query heads in a fixed order in both modes.
 
     Returns out (batch, seqlen_q, heads, head_dim), or (out, softmax_lse, probs) if return_attn_probs,
     with softmax_lse fp32 (batch, heads, seqlen_q), the natural-log logsumexp of the scores, and probs None

@@ -3,7 +3,7 @@
 # its own process; prints one line per tool with its error count, then the total. Exits 1 if any tool
 # found errors or gave no summary.
 #   bash tests/run_sanitizer.sh [workload args, e.g. --dtypes fp16 --head-dims 64 128, --varlen-only, or
-#   --deterministic: the split backward, not the default atomic one]
+#   --deterministic: the split backward, not the atomic one the workload opts into]
 # Env: COMPUTE_SANITIZER (its path; default: on PATH, else $CUDA_HOME/bin), TOOLS (a subset of the four),
 #      SANITIZER_ARGS (more flags for every tool, e.g. "--kernel-name kns=flash" to check only our kernels).
 # Full logs go to $OUT/sanitizer, else ./sanitizer_logs.
