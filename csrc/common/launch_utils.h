@@ -14,6 +14,15 @@ auto bool_switch(bool condition, F &&f) {
   return condition ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// The kernels' two variant flags from the params (mask.h: Windowed, and General for what needs_general()
+// lists): f(windowed, general), each a std::bool_constant, instantiated for the four combinations.
+template <class Params, class F>
+auto variant_switch(Params const &params, F &&f) {
+  return bool_switch(params.is_windowed, [&](auto windowed) {
+    return bool_switch(params.needs_general(), [&](auto general) { return f(windowed, general); });
+  });
+}
+
 // Raises the kernel's dynamic shared-memory limit (above 48 KB needs it), then launches.
 template <class Params>
 cudaError_t launch_kernel(void (*kernel)(Params), dim3 grid, int threads, int smem_size, Params const &params,

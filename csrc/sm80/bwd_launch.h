@@ -20,11 +20,9 @@ template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
   using Traits = TraitsFor<kHeadDim, Element, bwd_dq_tile>;
   dim3 const grid(ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.heads);
-  return bool_switch(params.is_windowed, [&](auto windowed) {
-    return bool_switch(params.needs_general(), [&](auto general) {
-      return launch_kernel(&bwd_dq_kernel<Traits, decltype(windowed)::value, decltype(general)::value>, grid,
-                           Traits::kNThreads, bwd_dq_smem_size<Traits>(), params, stream);
-    });
+  return variant_switch(params, [&](auto windowed, auto general) {
+    return launch_kernel(&bwd_dq_kernel<Traits, decltype(windowed)::value, decltype(general)::value>, grid,
+                         Traits::kNThreads, bwd_dq_smem_size<Traits>(), params, stream);
   });
 }
 
@@ -33,11 +31,9 @@ cudaError_t launch_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
   using Traits = std::conditional_t<AtomicDq, TraitsFor<kHeadDim, Element, bwd_dkdv_atomic_tile>,
                                     TraitsFor<kHeadDim, Element, bwd_dkdv_tile>>;
   dim3 const grid(ceil_div(params.seqlen_k, Traits::kBlockM), params.batch, params.heads);
-  return bool_switch(params.is_windowed, [&](auto windowed) {
-    return bool_switch(params.needs_general(), [&](auto general) {
-      return launch_kernel(&bwd_dkdv_kernel<Traits, decltype(windowed)::value, decltype(general)::value, AtomicDq>,
-                           grid, Traits::kNThreads, bwd_dkdv_smem_size<Traits, AtomicDq>(), params, stream);
-    });
+  return variant_switch(params, [&](auto windowed, auto general) {
+    return launch_kernel(&bwd_dkdv_kernel<Traits, decltype(windowed)::value, decltype(general)::value, AtomicDq>,
+                         grid, Traits::kNThreads, bwd_dkdv_smem_size<Traits, AtomicDq>(), params, stream);
   });
 }
 

@@ -15,11 +15,9 @@ template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
   using Traits = TraitsFor<kHeadDim, Element, fwd_tile>;
   dim3 const grid(ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.heads);
-  return bool_switch(params.is_windowed, [&](auto windowed) {
-    return bool_switch(params.needs_general(), [&](auto general) {
-      return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value, decltype(general)::value>, grid,
-                           Traits::kNThreads, fwd_smem_size<Traits>(), params, stream);
-    });
+  return variant_switch(params, [&](auto windowed, auto general) {
+    return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value, decltype(general)::value>, grid,
+                         Traits::kNThreads, fwd_smem_size<Traits>(), params, stream);
   });
 }
 
@@ -29,11 +27,9 @@ template <int kHeadDim, typename Element>
 cudaError_t run_fwd_kvcache(FwdParams const &params, cudaStream_t stream) {
   using Traits = TraitsFor<kHeadDim, Element, fwd_kvcache_tile>;
   dim3 const grid(ceil_div(params.seqlen_q, Traits::kBlockM) * params.num_splits, params.batch, params.heads);
-  cudaError_t err = bool_switch(params.is_windowed, [&](auto windowed) {
-    return bool_switch(params.needs_general(), [&](auto general) {
-      return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value, decltype(general)::value, true>, grid,
-                           Traits::kNThreads, fwd_smem_size<Traits>(), params, stream);
-    });
+  cudaError_t err = variant_switch(params, [&](auto windowed, auto general) {
+    return launch_kernel(&fwd_kernel<Traits, decltype(windowed)::value, decltype(general)::value, true>, grid,
+                         Traits::kNThreads, fwd_smem_size<Traits>(), params, stream);
   });
   if (err == cudaSuccess && params.num_splits > 1) { err = run_split_combine<Element>(params, stream); }
   return err;
