@@ -51,6 +51,12 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def vector_aligned(t):
+    """The kernels move 16-byte vectors: the base must be 16-byte aligned and every stride but the last
+    (of a dim longer than 1) a multiple of 8 elements."""
+    return t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
 def _check_per_head(name, t, heads, batch=None):
     """fp32 (heads,), or (batch, heads) where batch is given, with a contiguous last dim."""
     if not isinstance(t, torch.Tensor):

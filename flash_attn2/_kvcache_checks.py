@@ -15,7 +15,6 @@ ROTARY_MULTIPLE = 16
 MAX_SPLITS = 128
 
 
-
 def _tensor(name, t, optional=True):
     if t is None and optional:
         return
@@ -34,16 +33,11 @@ def _index_vector(name, t, batch):
         raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
 
 
-def _vector_aligned(t):
-    """The kernels move 16-byte vectors: 16-byte aligned base, strides multiples of 8 elements."""
-    return t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
-
-
 def check_cache_alignment(k_cache, v_cache):
     """The caches are read (and written) in place, never copied to fix their alignment. Called inside the op,
     where tensors are real: data_ptr cannot be traced by torch.compile."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.numel() > 0 and not _vector_aligned(t):
+        if t.numel() > 0 and not _checks.vector_aligned(t):
             raise ValueError(f"{name} must have a 16-byte aligned data pointer and strides that are multiples of "
                              f"8 elements (it is read and written in place, never copied), got strides {t.stride()}")
 

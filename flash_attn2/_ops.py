@@ -26,15 +26,9 @@ def _ext():
     return _extension.ext()
 
 
-def _vector_aligned(t):
-    """The kernels move 16-byte vectors: the base must be 16-byte aligned and every stride but the last
-    (of a dim longer than 1) a multiple of 8 elements."""
-    return t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
-
-
 def kernel_ready(t):
-    """t itself if the kernels can read it in place, else a contiguous copy."""
-    return t if t.stride(-1) == 1 and _vector_aligned(t) else t.contiguous()
+    """t itself if the kernels can read it in place (_checks.vector_aligned), else a contiguous copy."""
+    return t if t.stride(-1) == 1 and _checks.vector_aligned(t) else t.contiguous()
 
 
 def _fwd(q, k, v, out, lse, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
