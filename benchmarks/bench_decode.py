@@ -14,17 +14,12 @@ on the same cache seen as pages of that size (a view, no copy) in shuffled order
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
 from torch.nn.attention import SDPBackend
-
-# The paged runs time a path still refused by default (flash_attn2/_kvcache_checks.py): measured, not yet
-# verified on a GPU.
-os.environ.setdefault("FLASH_ATTN2_UNVERIFIED_KVCACHE", "1")
 
 from common import (DTYPES, add_output_args, csv_of, describe, fmt, markdown_table, progress, run_meta, sdpa,
                     time_ms, unavailable, write_outputs)

@@ -34,17 +34,12 @@ def check_dropout(dropout_p):
         raise ValueError(f"dropout_p must be finite and in [0, 1) (0.0 for none), got {dropout_p}")
 
 
-def check_dropout_use(dropout_p, return_attn_probs, varlen, causal, window_size):
+def check_dropout_use(dropout_p, return_attn_probs, varlen):
     """What dropout does not do yet, refused before any launch (dropout_p already checked)."""
     if return_attn_probs and dropout_p > 0 and varlen:
         raise NotImplementedError("return_attn_probs with dropout_p > 0 returns the attention probabilities for "
                                   "flash_attn_func and its packed variants only (as flash_attn); varlen has no "
                                   "(batch, heads, seqlen_q, seqlen_k) layout for them")
-    if dropout_p > 0 and varlen and not causal and tuple(window_size) == (-1, -1):
-        # Measured on the H200 (tests/test_dropout_gpu.py::test_dropout_varlen[*-plain]): dK 3x past the
-        # error bound in the dK/dV kernel without a window; refused until found, rather than wrong.
-        raise NotImplementedError("dropout_p > 0 with varlen inputs needs causal=True or a window_size for now: "
-                                  "without either, the backward's dK is wrong (flash_attn2 issue 11)")
 
 
 def _is_int(x):

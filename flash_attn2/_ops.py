@@ -203,7 +203,7 @@ def attention(q, k, v, softmax_scale, causal, return_attn_probs, cu_seqlens_q=No
     head_dim = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     dropout_p = float(dropout_p)
-    _checks.check_dropout_use(dropout_p, return_attn_probs, cu_seqlens_q is not None, causal, window_size)
+    _checks.check_dropout_use(dropout_p, return_attn_probs, cu_seqlens_q is not None)
     unpadded = unpack(q, k, v)
     tensors = [t for t in (q, k, v) if t is not None]
     if head_dim % 8 != 0:  # kernels load 16-byte rows; zeros add nothing to q·kᵀ and are sliced off out

@@ -117,7 +117,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _kvcache_checks.check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                   cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
                                   rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
-    _kvcache_checks.check_verified(k, rotary_cos, block_table, cache_batch_idx, cache_leftpad)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     seqlens = _cache_seqlens_tensor(cache_seqlens, q, k_cache, block_table)
     out, lse = _fwd_kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx,

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's flash_attn2
 from flash_attn2 import flash_attn_func, flash_attn_varlen_func, set_value_checks  # noqa: E402
+from flash_attn2._extension import C  # noqa: E402
 from flash_attn2.interface import built_head_dims  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,7 +60,8 @@ def parse_args():
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the reference")
     parser.add_argument("--varlen-only", action="store_true", help="run the varlen cases alone")
     parser.add_argument("--deterministic", action="store_true",
-                        help="the split backward (deterministic=True) instead of the atomic one (opted into here)")
+                        help="the split backward (deterministic=True) even where the atomic one is built (which "
+                             "is opted into then)")
     parser.add_argument("--kvcache", action="store_true",
                         help="run flash_attn_with_kvcache's cases alone (bad lengths and page ids included), unchecked")
     parser.add_argument("--variants", action="store_true",
@@ -67,7 +69,8 @@ def parse_args():
     return parser.parse_args()
 
 
-# The backward's mode (--deterministic): the atomic one (FLASH_ATTN2_ATOMIC_BWD=1, set in main) by default.
+# The backward's mode: the atomic one (FLASH_ATTN2_ATOMIC_BWD=1, set in main) where it is built (opt-in,
+# FLASH_ATTN2_BUILD_ATOMIC_BWD=1) and --deterministic is not given; else the split one, the default build's.
 DETERMINISTIC = False
 
 
@@ -247,10 +250,10 @@ def cases(args, head_dims):
 def main():
     global DETERMINISTIC
     args = parse_args()
-    DETERMINISTIC = args.deterministic
-    os.environ["FLASH_ATTN2_ATOMIC_BWD"] = "0" if DETERMINISTIC else "1"
     if not torch.cuda.is_available():
         sys.exit("sanitize_workload: no CUDA GPU")
+    DETERMINISTIC = args.deterministic or not C.has_atomic_bwd()
+    os.environ["FLASH_ATTN2_ATOMIC_BWD"] = "0" if DETERMINISTIC else "1"
     head_dims = args.head_dims or list(built_head_dims())
     if not head_dims:
         sys.exit("flash_attn2._C has no kernels built")

@@ -26,13 +26,6 @@ LENGTHS = {"zero": [0] * 5, "one": [1] * 5, "ragged": [0, 1, 63, 129, 300], "ful
 SPLITS = [1, 0, 5]
 
 
-@pytest.fixture(autouse=True)
-def unverified_kvcache_features(monkeypatch):
-    """The append, rotary, paged, cache_batch_idx and cache_leftpad paths are refused until these tests pass on
-    a GPU (flash_attn2/_kvcache_checks.py): here they are opted into, so that the tests run them."""
-    monkeypatch.setenv("FLASH_ATTN2_UNVERIFIED_KVCACHE", "1")
-
-
 def random_cache(batch, capacity, heads_kv, head_dim, dtype):
     k_cache = torch.randn(batch, capacity, heads_kv, head_dim, dtype=dtype, device="cuda")
     return k_cache, torch.randn_like(k_cache)

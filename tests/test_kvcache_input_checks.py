@@ -186,24 +186,3 @@ def test_cache_alignment_is_checked_in_the_op():
         check_cache_alignment(randn(BATCH, CACHE, HEADS_KV, D), odd_stride)
     check_cache_alignment(randn(BATCH, CACHE, HEADS_KV, D), randn(BATCH, CACHE, HEADS_KV, D))
 
-
-# Each gated argument with valid values (rotary needs the new k, which is named first).
-GATED = {"k": lambda: new_kv(), "block_table": lambda: paged(), "cache_batch_idx": lambda: dict(cache_batch_idx=ints(1, 0)),
-         "cache_leftpad": lambda: dict(cache_leftpad=ints(0, 2))}
-
-
-@pytest.mark.parametrize("name", list(GATED))
-def test_unverified_arguments_raise_not_implemented(name, monkeypatch):
-    # Valid values of an argument whose kernel path has not passed its GPU tests: NotImplementedError naming it,
-    # before any launch (the device rule switched off so that the CPU call gets that far), unless opted into.
-    from flash_attn2 import _kvcache_checks
-    monkeypatch.delenv(_kvcache_checks.UNVERIFIED_ENV, raising=False)
-    monkeypatch.setattr(_kvcache_checks._checks, "check_devices", lambda named: None)
-    with pytest.raises(NotImplementedError, match=name):
-        flash_attn_with_kvcache(**kvcache_args(**GATED[name]()))
-    with pytest.raises(NotImplementedError, match="rotary_cos"):
-        _kvcache_checks.check_verified(None, rotary()["rotary_cos"], None, None, None)
-    monkeypatch.setenv(_kvcache_checks.UNVERIFIED_ENV, "1")
-    args = kvcache_args(**GATED[name](), **rotary())
-    _kvcache_checks.check_verified(args.get("k"), args.get("rotary_cos"), args.get("block_table"),
-                                   args.get("cache_batch_idx"), args.get("cache_leftpad"))
