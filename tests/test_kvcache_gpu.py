@@ -214,6 +214,40 @@ def test_torch_compile():
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("case", ["contiguous", "append-rotary", "paged-append", "batch-idx-leftpad"])
+def test_opcheck(case):
+    # torch.library.opcheck of flash_attn2::fwd_kvcache (schema with the declared k_cache / v_cache mutation,
+    # fake implementation, autograd registration, AOT dispatch with dynamic shapes). Repeated calls append the
+    # same rows at the same cache_seqlens (the op does not advance them), so their results compare equal.
+    head_dim, batch, heads_kv, capacity = 64, 2, 2, 320
+    skip_unless_built(head_dim)
+    dtype = torch.bfloat16
+    q = torch.randn(batch, 3, HEADS_Q, head_dim, dtype=dtype, device="cuda")
+    k_cache, v_cache = random_cache(batch, capacity, heads_kv, head_dim, dtype)
+    seqlens = torch.tensor([200, 17], dtype=torch.int32, device="cuda")
+    new_k, new_v = (torch.randn(batch, 3, heads_kv, head_dim, dtype=dtype, device="cuda") for _ in range(2))
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                cache_seqlens=seqlens, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                softmax_scale=head_dim ** -0.5, causal=True, window_left=-1, window_right=0, softcap=0.0,
+                rotary_interleaved=False, alibi_slopes=None, num_splits=0)
+    if case == "append-rotary":
+        cos, sin = rotary_tables(capacity, 32, dtype)
+        args.update(k=new_k, v=new_v, rotary_cos=cos, rotary_sin=sin)
+    elif case == "paged-append":
+        (k_pages, v_pages), table, _ = to_paged((k_cache, v_cache), 16, capacity // 16)
+        args.update(k_cache=k_pages, v_cache=v_pages, block_table=table, k=new_k, v=new_v)
+    elif case == "batch-idx-leftpad":
+        k_cache, v_cache = random_cache(batch + 1, capacity, heads_kv, head_dim, dtype)
+        args.update(k_cache=k_cache, v_cache=v_cache, cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32,
+                    device="cuda"), cache_leftpad=torch.tensor([5, 0], dtype=torch.int32, device="cuda"))
+    op = torch.ops.flash_attn2.fwd_kvcache.default
+    names = [a.name for a in op._schema.arguments]
+    assert sorted(names) == sorted(args), f"the test's arguments differ from the schema {op._schema}"
+    results = torch.library.opcheck(op, tuple(args[n] for n in names), raise_exception=False)
+    failed = {name: result for name, result in results.items() if result != "SUCCESS"}
+    assert not failed, f"opcheck of {op}: {failed}"
+
+
 def test_cuda_graph_replay_with_new_lengths():
     # A captured decode step replayed after cache_seqlens (and q) change in place: the same bits as eager calls.
     head_dim = 128
