@@ -54,8 +54,10 @@ def plan(tmp_path_factory):
 
     def decide(batch, heads, heads_kv, seqlen_k, seqlen_q=1, head_dim=128, alibi=False, window_left=-1,
                sms=H200_SMS, requested=0):
-        line = f"{batch} {heads} {heads_kv} {seqlen_q} {seqlen_k} {head_dim} {int(alibi)} {window_left} {sms} {requested}\n"
-        result = subprocess.run([str(folder / "driver")], input=line, capture_output=True, text=True, check=True)
+        line = " ".join(map(str, (batch, heads, heads_kv, seqlen_q, seqlen_k, head_dim, int(alibi), window_left, sms,
+                                  requested)))
+        result = subprocess.run([str(folder / "driver")], input=line + "\n", capture_output=True, text=True,
+                                check=True)
         packed, splits = result.stdout.split()
         return packed == "1", int(splits)
     return decide
