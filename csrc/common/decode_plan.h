@@ -32,10 +32,10 @@ struct DecodeGrid {
   int64_t slots;
 };
 
-// Blocks of the decoding kernel an SM holds at once: at D = 128 its 128 threads take 255 registers (ptxas,
-// sm_80 and sm_90a, every variant within 214-255), so two fit the 64K registers of an SM (their 48 KB of
-// shared memory would allow four); D = 64 and 256 are not smaller. A constant: the count must be known where
-// the scratch is allocated, before the launch header that knows the kernel is reached.
+// Blocks of the decoding kernel an SM holds at once: its 128 threads take up to 255 registers (ptxas, bf16:
+// D = 128 214-255 over the four variants, sm_80 and sm_90a; D = 64 255 in all four, sm_80; D = 256 spills),
+// so two fit the 64K registers of an SM (their 48 KB of shared memory would allow four). A constant: the
+// count must be known where the scratch is allocated, before the launch header that knows the kernel.
 constexpr int kDecodeBlocksPerSm = 2;
 
 constexpr int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
