@@ -207,29 +207,68 @@ def geomean(values):
 
 # ---- timing
 
-def time_ms(fns, reps=30, warmup=5):
+def time_ms(fns, reps=30, warmup=5, graph_calls=0, failures=None):
     """Median milliseconds per call of each function in `fns` (name -> callable), by CUDA events.
 
     The calls alternate (a, b, c, a, b, c, ...) so that clock and temperature drift hits all of
     them alike. L2 is flushed before each call; the flush also keeps the GPU busy while Python
-    launches the call, so launch overhead is not timed on short problems.
+    launches the call, so launch overhead is not timed on short problems, but only until the call's
+    first kernel: a call of several kernels (or one shorter than its own host work) still shows the
+    host's time between them.
+
+    graph_calls > 0 removes the host altogether, as serving does for decoding: each entry is captured
+    once as a CUDA graph of graph_calls calls, and a timed rep is one replay of it (after the flush),
+    its time divided by graph_calls. An entry may then be a list of callables, called in turn (on
+    copies of the inputs, say, so that no call finds its inputs in L2 from the one before); eager timing
+    calls the first. An entry that cannot be captured is left out of the result, with its error in
+    failures[name] where a dict is given (capture fails with RuntimeError on a call that synchronises
+    or copies to the host).
     """
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+    calls = {name: list(fn) if isinstance(fn, (list, tuple)) else [fn] for name, fn in fns.items()}
+    runs = {}
+    for name, fn in calls.items():
+        if not graph_calls:
+            for _ in range(warmup):
+                fn[0]()
+            runs[name] = fn[0]
+            continue
+        try:
+            runs[name] = cuda_graph(fn, graph_calls, warmup).replay
+        except RuntimeError as error:
+            if failures is not None:
+                failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    per_run = max(graph_calls, 1)
     new_event = lambda: torch.cuda.Event(enable_timing=True)
-    events = {name: [(new_event(), new_event()) for _ in range(reps)] for name in fns}
+    events = {name: [(new_event(), new_event()) for _ in range(reps)] for name in runs}
     for rep in range(reps):
-        for name, fn in fns.items():
+        for name, run in runs.items():
             flush.zero_()
             start, end = events[name][rep]
             start.record()
-            fn()
+            run()
             end.record()
     torch.cuda.synchronize()
-    return {name: statistics.median(start.elapsed_time(end) for start, end in pairs)
+    return {name: statistics.median(start.elapsed_time(end) for start, end in pairs) / per_run
             for name, pairs in events.items()}
+
+
+def cuda_graph(fns, calls, warmup=3):
+    """A CUDA graph of `calls` calls of the callables `fns` in turn, warmed up first on a side stream (as
+    torch.cuda.graph asks: lazy initialisation, workspaces and autotuning happen outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            for fn in fns:
+                fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return graph
 
 
 def loop_times_ms(fn, reps=10, warmup=2):

@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/decode_plan.h"  // torch- and CUDA-free: GQA packing and the split count
 #include "common/dropout_mask.h"
 #include "instantiations/kernels.h"
 #include "sm80/tile_config.h"  // torch- and CUDA-free: the KV-cache tiles, for the split heuristic
@@ -616,22 +617,13 @@ int sm_count(int device) {
   return it->second;
 }
 
-constexpr int kMaxSplits = 128;
-// The split heuristic for num_splits = 0 (flash-decoding): decoding is memory-bound, so the grid should hold
-// enough blocks to keep every SM streaming keys. Without splits it has batch x heads x query blocks; split
-// the keys until it has about kBlocksPerSm blocks per SM (at D = 128 a decoding block takes 48 KB of shared
-// memory: four fit an SM), with at least kMinSplitBlocks key blocks per split so that the partials' writes
-// and the combine stay small beside the keys' reads. The capacity of the cache sizes it (the lengths are on
-// the device); the kernel spreads each sequence's own keys over the splits. A first rule, to be measured
-// (benchmarks/bench_decode.py --splits).
-constexpr int kBlocksPerSm = 4, kMinSplitBlocks = 4;
+// The split count of a KV-cache launch (csrc/common/decode_plan.h: num_splits = 0 picks by its cost model,
+// n > 0 asks for n, at most the key blocks and 128), after pack_gqa_decode. The capacity of the cache sizes
+// it (the lengths are on the device); the kernel spreads each sequence's own keys over the splits.
 int kvcache_splits(flash::FwdParams const &p, flash::TileShape tile, int64_t requested, int sms) {
-  int64_t const key_blocks = (int64_t(p.seqlen_k) + tile.block_n - 1) / tile.block_n;
-  int64_t const most = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, key_blocks));
-  if (requested > 0) { return int(std::min(requested, most)); }
-  int64_t const blocks = int64_t(p.batch) * p.heads * ((p.seqlen_q + tile.block_m - 1) / tile.block_m);
-  int64_t const wanted = int64_t(kBlocksPerSm) * sms / std::max<int64_t>(blocks, 1);
-  return int(std::max<int64_t>(1, std::min({wanted, most, key_blocks / kMinSplitBlocks})));
+  return flash::decode_num_splits(flash::decode_grid(p.batch, p.heads, p.seqlen_q, p.seqlen_k, p.head_dim,
+                                                     tile.block_m, tile.block_n, sms),
+                                  requested);
 }
 
 // A cache whose rows are not q's batch: paged, k_cache and v_cache (num_pages, page_size, heads_kv, head_dim)
@@ -690,11 +682,12 @@ void check_cache_index(at::Tensor const &t, char const *name, at::Tensor const &
 // Decoding with GQA (one query, heads > heads_kv): the query heads of one kv head become the rows of one
 // block, so that K and V are read once per kv head, not once per query head. A view, nothing copied: q and out
 // (batch, 1, heads, head_dim) are seen as (batch, groups, heads_kv, head_dim), row i of kv head h being query
-// head h * groups + i, and lse (batch, heads, 1) as (batch, heads_kv, groups). Only where no score depends on
-// the query's position or head beyond that (the kernel takes the packed rows for queries 0 .. groups - 1): one
-// query (causal is then a no-op), no window's left edge, no ALiBi (slopes per head). Returns whether it packed.
+// head h * groups + i, and lse (batch, heads, 1) as (batch, heads_kv, groups). Where flash::packs_gqa_decode
+// allows it (decode_plan.h: one query, no window's left edge, no ALiBi), after set_scores and set_out.
+// Returns whether it packed; kvcache_num_splits goes through here too, so that it counts what a call runs.
 bool pack_gqa_decode(flash::FwdParams &p) {
-  if (p.seqlen_q != 1 || p.heads == p.heads_kv || p.alibi_slopes != nullptr || p.window_left < p.seqlen_k) {
+  if (!flash::packs_gqa_decode(p.seqlen_q, p.heads, p.heads_kv, p.alibi_slopes != nullptr, p.window_left,
+                               p.seqlen_k)) {
     return false;
   }
   int const groups = p.heads / p.heads_kv;
@@ -763,17 +756,12 @@ flash::KvCacheAppendParams append_params(flash::FwdParams const &p, at::Tensor c
   return a;
 }
 
-// out <- attention of q over the first cache_seqlens[b] rows of k_cache and v_cache (batch, seqlen_cache,
-// heads_kv, head_dim), lse <- its logsumexp per query row; causal and the window aligned to each cache's
-// end. With new k and v, they are first written into the caches at rows cache_seqlens[b] + j (in place) and
-// attended to; with rotary, the new keys and q are rotated at their positions. num_splits: 0 picks
-// (kvcache_splits), 1 none, n > 1 that many (at most the key blocks and 128).
-void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache, at::Tensor &out,
-                 at::Tensor &lse, at::Tensor const &cache_seqlens, Scores const &scores, int64_t num_splits,
-                 KvCacheNew const &new_rows = {}, std::optional<at::Tensor> const &block_table = std::nullopt,
-                 std::optional<at::Tensor> const &cache_batch_idx = std::nullopt,
-                 std::optional<at::Tensor> const &cache_leftpad = std::nullopt) {
-  flash::FwdParams p{};
+// fwd_kvcache's params from its inputs and scores, before the lengths, the outputs and the packing.
+void set_kvcache_inputs(flash::FwdParams &p, at::Tensor const &q, at::Tensor const &k_cache,
+                        at::Tensor const &v_cache, Scores const &scores,
+                        std::optional<at::Tensor> const &block_table,
+                        std::optional<at::Tensor> const &cache_batch_idx,
+                        std::optional<at::Tensor> const &cache_leftpad) {
   if (block_table || cache_batch_idx) {
     TORCH_CHECK_VALUE(!(block_table && (cache_batch_idx || cache_leftpad)), "block_table cannot be combined with "
                       "cache_batch_idx or cache_leftpad");
@@ -790,6 +778,20 @@ void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor cons
     p.cache_rows.leftpad = cache_leftpad->data_ptr<int>();
   }
   set_scores(p, scores, q);
+}
+
+// out <- attention of q over the first cache_seqlens[b] rows of k_cache and v_cache (batch, seqlen_cache,
+// heads_kv, head_dim), lse <- its logsumexp per query row; causal and the window aligned to each cache's
+// end. With new k and v, they are first written into the caches at rows cache_seqlens[b] + j (in place) and
+// attended to; with rotary, the new keys and q are rotated at their positions. num_splits: 0 picks
+// (kvcache_splits), 1 none, n > 1 that many (at most the key blocks and 128).
+void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor const &v_cache, at::Tensor &out,
+                 at::Tensor &lse, at::Tensor const &cache_seqlens, Scores const &scores, int64_t num_splits,
+                 KvCacheNew const &new_rows = {}, std::optional<at::Tensor> const &block_table = std::nullopt,
+                 std::optional<at::Tensor> const &cache_batch_idx = std::nullopt,
+                 std::optional<at::Tensor> const &cache_leftpad = std::nullopt) {
+  flash::FwdParams p{};
+  set_kvcache_inputs(p, q, k_cache, v_cache, scores, block_table, cache_batch_idx, cache_leftpad);
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
                    cache_seqlens.scalar_type());
   TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == p.batch && cache_seqlens.is_contiguous(),
@@ -838,17 +840,18 @@ void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor cons
   });
 }
 
-// The split count fwd_kvcache would use (num_splits = 0: the heuristic's), for tests and benchmarks;
-// seqlen_cache: a paged cache's max_pages * page_size (-1: k_cache's dim 1). A GQA decode is taken as packed
-// (pack_gqa_decode: no ALiBi, no window's left edge).
-int64_t kvcache_num_splits(at::Tensor const &q, at::Tensor const &k_cache, int64_t num_splits, int64_t seqlen_cache) {
-  TORCH_CHECK_VALUE(q.dim() == 4 && k_cache.dim() == 4 && q.is_cuda(), "q and k_cache must be 4-D CUDA tensors");
+// The split count fwd_kvcache would use (num_splits = 0: the heuristic's), for tests and benchmarks: the same
+// inputs' checks, scores and packing (pack_gqa_decode) as a call with these q, k_cache (as v_cache too),
+// block_table, causal, window and alibi_slopes.
+int64_t kvcache_num_splits(at::Tensor const &q, at::Tensor const &k_cache, int64_t num_splits,
+                           std::optional<at::Tensor> const &block_table, bool causal, int64_t window_left,
+                           int64_t window_right, std::optional<at::Tensor> const &alibi_slopes) {
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: chosen from the shape), got ", num(num_splits));
   flash::FwdParams p{};
-  p.batch = q.size(0), p.seqlen_q = q.size(1), p.heads = q.size(2);
-  p.seqlen_k = int(std::min(seqlen_cache < 0 ? k_cache.size(1) : seqlen_cache, kMaxSeqlen));
-  if (p.seqlen_q == 1 && k_cache.size(2) > 0 && p.heads > k_cache.size(2)) {
-    p.seqlen_q = p.heads / k_cache.size(2), p.heads = k_cache.size(2);
-  }
+  set_kvcache_inputs(p, q, k_cache, k_cache,
+                     Scores{1.0, causal, window_left, window_right, 0.0, alibi_slopes, std::nullopt}, block_table,
+                     std::nullopt, std::nullopt);
+  pack_gqa_decode(p);
   int splits = 1;
   bool const found = dispatch_head_dim<has_kvcache>(q.size(3), [&](auto head_dim) {
     splits = kvcache_splits(p, flash::fwd_kvcache_tile(decltype(head_dim)::value), num_splits,
@@ -930,7 +933,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rotary_interleaved") = true, py::arg("block_table") = py::none(),
         py::arg("cache_batch_idx") = py::none(), py::arg("cache_leftpad") = py::none());
   m.def("kvcache_num_splits", &kvcache_num_splits, "The split count fwd_kvcache uses for this shape",
-        py::arg("q"), py::arg("k_cache"), py::arg("num_splits") = 0, py::arg("seqlen_cache") = -1);
+        py::arg("q"), py::arg("k_cache"), py::arg("num_splits") = 0, py::arg("block_table") = py::none(),
+        py::arg("causal") = false, py::arg("window_left") = -1, py::arg("window_right") = -1,
+        py::arg("alibi_slopes") = py::none());
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
   m.def("has_sm90", [] { return bool(FLASH_ATTN2_SM90); }, "Whether this build has the Hopper (sm_90a) kernels");
   m.def("has_atomic_bwd", [] { return bool(FLASH_ATTN2_ATOMIC_BWD); },

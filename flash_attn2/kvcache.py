@@ -22,11 +22,14 @@ def _fwd_kvcache(q, k_cache, v_cache, out, lse, cache_seqlens, softmax_scale, ca
                        rotary_cos, rotary_sin, bool(rotary_interleaved), block_table, cache_batch_idx, cache_leftpad)
 
 
-def kvcache_num_splits(q, k_cache, num_splits=0, block_table=None):
-    """The split count a call with these q, k_cache (and block_table) shapes runs with (num_splits=0: the
-    heuristic's, csrc/flash_api.cpp kvcache_splits), on q's device."""
-    seqlen_cache = -1 if block_table is None else block_table.shape[1] * k_cache.shape[1]
-    return _ext().kvcache_num_splits(q, k_cache, int(num_splits), seqlen_cache)
+def kvcache_num_splits(q, k_cache, num_splits=0, block_table=None, causal=False, window_size=(-1, -1),
+                       alibi_slopes=None):
+    """The split count a call with these q, k_cache, block_table and scores (causal, window_size,
+    alibi_slopes: they decide whether GQA decode packs, which changes the grid) runs with, on q's device:
+    num_splits=0 the heuristic's (csrc/common/decode_plan.h), else num_splits clamped as the call clamps it.
+    k_cache stands for v_cache; the inputs are checked as the call checks them."""
+    return _ext().kvcache_num_splits(q, k_cache, int(num_splits), block_table, bool(causal), int(window_size[0]),
+                                     int(window_size[1]), alibi_slopes)
 
 
 @torch.library.custom_op("flash_attn2::fwd_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -93,8 +96,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     rotary_interleaved: pairs dims (2i, 2i + 1) (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX); the dims
     past rotary_dim pass through.
     num_splits: split-KV (flash-decoding) splits the keys of each (sequence, head) across thread blocks
-    whose partial results a second kernel merges by their LSE; 0 chooses the count from the shape (the
-    grid is split until it fills the GPU), 1 disables it, n > 1 asks for n (at most 128, and at most the
+    whose partial results a second kernel merges by their LSE; 0 chooses the count from the shape (a cost
+    model of waves of resident blocks, each split at least 512 keys at D = 128: csrc/common/decode_plan.h;
+    kvcache_num_splits tells the count), 1 disables it, n > 1 asks for n (at most 128, and at most the
     cache's key blocks).
 
     block_table: paged KV, int32 (batch, max_pages) on q's device; k_cache and v_cache are then (num_pages,

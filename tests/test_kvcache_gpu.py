@@ -150,6 +150,27 @@ def test_heuristic_does_not_split_a_full_grid():
     assert kvcache_num_splits(q[:1], k_cache[:1, :64], 50) == 1  # at most the key blocks
 
 
+def test_heuristic_counts_the_packing_that_runs():
+    # GQA decode packs its query heads into one block per kv head (8 blocks here), unless ALiBi or a window's
+    # left edge forbid it: then the grid is MHA's (32 blocks), and so is the split count (the binding asks
+    # pack_gqa_decode, as the call does; the counts themselves are pinned on CPU, tests/test_decode_plan.py).
+    skip_unless_built(128)
+    q = torch.empty(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+    gqa = torch.empty(1, 8192, 8, 128, dtype=torch.bfloat16, device="cuda")
+    mha = torch.empty(1, 8192, 32, 128, dtype=torch.bfloat16, device="cuda")
+    eight = torch.empty(1, 8192, 8, 128, dtype=torch.bfloat16, device="cuda")
+    q8 = torch.empty(1, 1, 8, 128, dtype=torch.bfloat16, device="cuda")
+    packed, unpacked = kvcache_num_splits(q8, eight), kvcache_num_splits(q, mha)
+    assert packed != unpacked  # else this test could not tell them apart
+    assert kvcache_num_splits(q, gqa) == packed
+    slopes = torch.rand(32, device="cuda")
+    assert kvcache_num_splits(q, gqa, alibi_slopes=slopes) == unpacked
+    assert kvcache_num_splits(q, gqa, window_size=(1024, -1)) == unpacked
+    assert kvcache_num_splits(q, gqa, window_size=(8192, -1)) == packed  # a left edge that cuts nothing
+    with pytest.raises(ValueError, match="num_splits"):
+        kvcache_num_splits(q, gqa, -1)
+
+
 def test_lengths_out_of_range_are_clamped():
     # cache_seqlens values are not checked on the host: below 0 reads as 0, past the cache as the whole cache.
     head_dim = 64
