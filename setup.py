@@ -34,7 +34,8 @@ def extension():
     generate_instantiations.write_all()
     built = [f"-DFLASH_ATTN2_BUILT_HEAD_DIMS={','.join(map(str, dims))}",
              f"-DFLASH_ATTN2_SM90={int(build_config.builds_sm90(archs))}",
-             f"-DFLASH_ATTN2_ATOMIC_BWD={int(build_config.builds_atomic_bwd())}"]
+             f"-DFLASH_ATTN2_ATOMIC_BWD={int(build_config.builds_atomic_bwd())}",
+             f"-DFLASH_ATTN2_SM90_BWD={int(build_config.builds_sm90(archs) and build_config.builds_sm90_bwd())}"]
     sources = [ROOT / "csrc" / "flash_api.cpp", *build_config.SHARED_SOURCES, *build_config.kernel_sources(dims, archs)]
     return CUDAExtension(
         name="flash_attn2._C",

@@ -15,6 +15,9 @@ SM90_HEAD_DIMS = (64, 128, 256)
 # by the next one up (its columns predicated) does not add to, so three kernels serve every head dim and keep
 # the full build within its budget (benchmarks/NOTES.md, session 6).
 KVCACHE_HEAD_DIMS = (64, 128, 256)
+# Those the Hopper dK/dV kernel (opt-in, FLASH_ATTN2_BUILD_SM90_BWD=1) has a kernel for: a call whose head dim
+# rounds up to one of them takes it when asked to (FLASH_ATTN2_SM90_BWD=1), others the mma.sync one.
+SM90_BWD_HEAD_DIMS = (64, 128)
 DTYPES = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
 
 
@@ -43,6 +46,9 @@ KERNELS = {
     # common one, so that the two compile in parallel and each nvcc process stays small.
     "fwd_sm90_general": Kernel("sm90", "fwd_launch.h", "sm90::run_fwd_general", "FwdParams", SM90_HEAD_DIMS,
                                arch="90a"),
+    # The Hopper dK/dV kernel of the split backward, common variant (plain, causal, GQA): opt-in.
+    "bwd_dkdv_sm90": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dkdv", "BwdParams", SM90_BWD_HEAD_DIMS,
+                            arch="90a"),
 }
 
 OUT_DIR = Path(__file__).resolve().parent / "instantiations"
@@ -81,9 +87,11 @@ def declarations():
     dims = ", ".join(map(str, HEAD_DIMS))
     sm90_dims = ", ".join(map(str, SM90_HEAD_DIMS))
     kvcache_dims = ", ".join(map(str, KVCACHE_HEAD_DIMS))
+    sm90_bwd_dims = ", ".join(map(str, SM90_BWD_HEAD_DIMS))
     return (f'{BANNER}#pragma once\n\n#include <cuda_runtime.h>\n\n#include "common/flash.h"\n\nnamespace flash {{\n\n'
             f"constexpr int kKernelHeadDims[] = {{{dims}}};\nconstexpr int kSm90FwdHeadDims[] = {{{sm90_dims}}};\n"
-            f"constexpr int kKvcacheHeadDims[] = {{{kvcache_dims}}};\n\n"
+            f"constexpr int kKvcacheHeadDims[] = {{{kvcache_dims}}};\n"
+            f"constexpr int kSm90BwdHeadDims[] = {{{sm90_bwd_dims}}};\n\n"
             f"{decls}\n}}  // namespace flash\n")
 
 

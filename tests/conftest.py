@@ -66,9 +66,11 @@ KV_HEADS = {"mha": lambda heads_q: heads_q, "gqa": lambda heads_q: heads_q // 4,
 
 def pytest_generate_tests(metafunc):
     """Gives the tests that take `seqlens` or `batch_heads` the grid; --large-grid adds to it. Tests that
-    use the fixture `fwd_path` run once per forward path."""
+    use the fixture `fwd_path` run once per forward path, and those that use `bwd_path` once per dK/dV path."""
     if "fwd_path" in metafunc.fixturenames:
         metafunc.parametrize("fwd_path", FWD_PATHS, indirect=True)
+    if "bwd_path" in metafunc.fixturenames:
+        metafunc.parametrize("bwd_path", BWD_PATHS, indirect=True)
     large = metafunc.config.getoption("--large-grid")
     if "seqlens" in metafunc.fixturenames:
         seqlens = SEQLENS + (LARGE_SEQLENS if large else [])
@@ -101,6 +103,34 @@ def fwd_path(request, monkeypatch):
         monkeypatch.setenv("FLASH_ATTN2_FORCE_SM80", "0")
     else:
         monkeypatch.setenv("FLASH_ATTN2_FORCE_SM80", "1")
+    return request.param
+
+
+# The split backward's dK/dV step on an sm_90 GPU: the mma.sync kernel, and the Hopper one (csrc/sm90/
+# bwd_dkdv_kernel.h; built with FLASH_ATTN2_BUILD_SM90_BWD=1, taken with FLASH_ATTN2_SM90_BWD=1), which takes
+# the calls it covers (head dims 64 and 128: plain, causal, GQA) and leaves the rest on mma.sync.
+BWD_PATHS = ("mma_sync", "hopper")
+
+
+def hopper_bwd_available():
+    if not hopper_path_available():
+        return False
+    from flash_attn2._extension import C
+    return getattr(C, "has_sm90_bwd", lambda: False)()
+
+
+@pytest.fixture
+def bwd_path(request, monkeypatch):
+    """Runs the test with the split backward's dK/dV on one path; a module opts in with
+    `pytestmark = pytest.mark.usefixtures("bwd_path")`. The atomic mode (deterministic=False with its opt-in)
+    has no Hopper kernel and runs as on the mma.sync path."""
+    if request.param == "hopper":
+        if not hopper_bwd_available():
+            pytest.skip("the Hopper dK/dV kernel needs an sm_90 GPU and a build with FLASH_ATTN2_BUILD_SM90_BWD=1 "
+                        "and FLASH_ATTN2_CUDA_ARCHS including 90a")
+        monkeypatch.setenv("FLASH_ATTN2_SM90_BWD", "1")
+    else:
+        monkeypatch.setenv("FLASH_ATTN2_SM90_BWD", "0")
     return request.param
 
 

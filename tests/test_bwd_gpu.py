@@ -12,7 +12,7 @@ from conftest import (check_close, grid_qkv, on_kernel_grid, forward_into_nan, r
 from flash_attn2 import flash_attn_func
 from flash_attn2.interface import _bwd
 
-pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path")]
+pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path", "bwd_path")]
 
 NAN = float("nan")
 GRADS = ("dq", "dk", "dv")

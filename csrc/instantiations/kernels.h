@@ -10,6 +10,7 @@ namespace flash {
 constexpr int kKernelHeadDims[] = {32, 64, 96, 128, 192, 256};
 constexpr int kSm90FwdHeadDims[] = {64, 128, 256};
 constexpr int kKvcacheHeadDims[] = {64, 128, 256};
+constexpr int kSm90BwdHeadDims[] = {64, 128};
 
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &, cudaStream_t);
@@ -32,6 +33,10 @@ cudaError_t run_fwd(FwdParams const &, cudaStream_t);
 namespace sm90 {
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd_general(FwdParams const &, cudaStream_t);
+}
+namespace sm90 {
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dkdv(BwdParams const &, cudaStream_t);
 }
 
 }  // namespace flash

@@ -21,3 +21,21 @@ constexpr FwdTile fwd_tile(int head_dim) {
 }
 
 }  // namespace flash::sm90
+
+namespace flash::sm90 {
+
+// The Hopper dK/dV kernel's tile per head dim (sm90/bwd_dkdv_kernel.h), for head dims up to 128: each consumer warpgroup owns 64 key
+// rows of the block and holds their dK and dV in registers (kHeadDim / 2 fp32 each per thread) beside the
+// (64, block_m) tiles Sᵀ and dPᵀ; block_m = 64 keeps D = 128 within the 240 registers a consumer may take.
+struct BwdTile {
+  int block_m;  // query rows per main-loop step
+  int block_n;  // key rows per thread block: 64 per consumer warpgroup
+  int stages;   // (Q, dO) buffers in the shared-memory pipeline
+};
+
+constexpr BwdTile bwd_dkdv_tile(int head_dim) {
+  // Not yet measured: a third stage fits in shared memory at both head dims (80 and 160 KB).
+  return BwdTile{64, 128, 2};
+}
+
+}  // namespace flash::sm90

@@ -1,0 +1,222 @@
+// The Hopper dK/dV kernel of the split backward (the sm80 dQ kernel runs first and rewrites D; flash.h):
+// one thread block per (key block, batch, query head), holding that block's dK and dV in registers while
+// it walks the query blocks that see its keys. A producer warpgroup, of which one thread issues the TMA
+// loads (K and V once; per query block its Q and dO into a kStages-deep pipeline), and consumer
+// warpgroups of 64 keys each, which per query block run on wgmma
+//   Sᵀ = K·Qᵀ,  dPᵀ = V·dOᵀ            (both operands in shared memory)
+//   Pᵀ = exp(Sᵀ·scale - LSE),  dSᵀ = Pᵀ∘(dPᵀ - D)   (in the accumulators' registers)
+//   dV += Pᵀ·dO,  dK += dSᵀ·Q          (Pᵀ, dSᵀ from registers; dO, Q read MN-major)
+// with Sᵀ and dPᵀ issued together and dV's product in flight while dSᵀ is computed. The common variant
+// only (no varlen, softcap, ALiBi, left window edge, dropout: mask.h's General): the binding sends the rest
+// to the mma.sync kernel (sm80/bwd_dkdv_kernel.h), which this one matches in what it writes.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "common/block_info.h"
+#include "common/flash.h"
+#include "common/mask.h"
+#include "common/utils.h"
+
+#include "bwd_kernel_traits.h"
+#include "gemm.h"
+#include "named_barriers.h"
+
+namespace flash::sm90 {
+
+using namespace cute;
+
+// Windowed: causal or a right window edge (mask.h), a run-time value as in the other kernels.
+template <class Traits, bool Windowed>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    bwd_dkdv_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
+  using Element = typename Traits::Element;
+  using Pipeline = typename Traits::Pipeline;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  extern __shared__ char smem[];
+  auto &shared = *reinterpret_cast<typename Traits::SharedStorage *>(smem);
+  BwdParams const &params = kp.params;
+  int const n_block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
+
+  BlockInfo const seq{params, batch, cute::false_type{}};
+  Mask<kBlockM, kBlockN, Windowed, false> const mask{params, seq, head};  // (query, key) blocks
+  int const m_block_begin = mask.m_block_begin(n_block), m_block_end = mask.m_block_end(n_block);
+  bool const has_queries = m_block_end > m_block_begin;  // else dK = dV = 0 (causal keys past the last query)
+
+  Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutK{});
+  Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});      // (M, D, stages)
+  Tensor sdO = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQt{});    // (D, M, stages)
+  Tensor sdOt = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQt{});
+
+  int const warpgroup = cutlass::canonical_warp_group_idx();  // 0: producer
+  bool const producer = warpgroup == 0;
+  if (threadIdx.x == 0) {
+    prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+    prefetch_tma_descriptor(kp.tma_do.get_tma_descriptor());
+    prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+    prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+    cutlass::arch::ClusterTransactionBarrier::init(&shared.kv_full, 1);
+  }
+  typename Pipeline::Params pipeline_params;
+  pipeline_params.transaction_bytes = 2 * Traits::kTmaBytesQ;  // Q and dO
+  pipeline_params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipeline_params.is_leader = threadIdx.x == 0;
+  pipeline_params.num_consumers = Traits::kConsumerThreads;
+  Pipeline pipeline(shared.pipeline_q, pipeline_params, Shape<_1, _1, _1>{});
+  __syncthreads();  // the barriers are initialised before anyone waits on them
+
+  if (producer) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    if (threadIdx.x == 0 && has_queries) {
+      // TMA views (kernel_traits.h): rows past seqlen_q or seqlen_k and columns past head_dim land as zeros.
+      Tensor mQ = kp.tma_q.get_tma_tensor(tma_shape_q<false>(params));
+      Tensor mdO = kp.tma_do.get_tma_tensor(tma_shape_q<false>(params));
+      Tensor mK = kp.tma_k.get_tma_tensor(tma_shape_k<false>(params));
+      Tensor mV = kp.tma_v.get_tma_tensor(tma_shape_k<false>(params));
+      int const kv_head = params.kv_head(head);
+      Tensor gQ = local_tile(mQ(_, _, head, batch), typename Traits::TileQ{}, make_coord(_, _0{}));  // (M, D, m)
+      Tensor gdO = local_tile(mdO(_, _, head, batch), typename Traits::TileQ{}, make_coord(_, _0{}));
+      Tensor gK = local_tile(mK(_, _, kv_head, batch), typename Traits::TileK{}, make_coord(n_block, _0{}));
+      Tensor gV = local_tile(mV(_, _, kv_head, batch), typename Traits::TileK{}, make_coord(n_block, _0{}));
+      auto q_copy = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto do_copy = tma_partition(kp.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+      auto k_copy = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto v_copy = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.kv_full, 2 * Traits::kTmaBytesK);
+      copy(kp.tma_k.with(shared.kv_full, 0), get<0>(k_copy), get<1>(k_copy));
+      copy(kp.tma_v.with(shared.kv_full, 0), get<0>(v_copy), get<1>(v_copy));
+      auto write = cutlass::make_producer_start_state<Pipeline>();
+      for (int m_block = m_block_begin; m_block < m_block_end; ++m_block) {
+        pipeline.producer_acquire(write);
+        auto *full = pipeline.producer_get_barrier(write);
+        copy(kp.tma_q.with(*full, 0), get<0>(q_copy)(_, m_block), get<1>(q_copy)(_, write.index()));
+        copy(kp.tma_do.with(*full, 0), get<0>(do_copy)(_, m_block), get<1>(do_copy)(_, write.index()));
+        ++write;
+      }
+    }
+    return;  // the consumers keep the block, and its shared memory, alive until the last load has landed
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+  int const thread_idx = threadIdx.x - cutlass::NumThreadsPerWarpGroup;
+  typename Traits::TiledMmaSt mma_st;
+  typename Traits::TiledMmaDkv mma_dkv;
+  // (MMA, MMA_M, MMA_N): this warpgroup's 64 keys.
+  Tensor acc_dk = partition_fragment_C(mma_dkv, typename Traits::TileK{});
+  Tensor acc_dv = partition_fragment_C(mma_dkv, typename Traits::TileK{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  if (has_queries) {
+    auto thr_st = mma_st.get_thread_slice(thread_idx);
+    auto thr_dkv = mma_dkv.get_thread_slice(thread_idx);
+    // K's and V's descriptors (MMA, MMA_M, MMA_K) depend on the warpgroup only: taken from its first
+    // thread's slice, with canonical_warp_group_idx() known to be warp-uniform, they stay in uniform
+    // registers; from thread_idx's the compiler kept them in 32 registers and spilled.
+    auto thr_st_wg = mma_st.get_thread_slice((warpgroup - 1) * cutlass::NumThreadsPerWarpGroup);
+    Tensor tSrK = thr_st_wg.partition_fragment_A(sK);
+    Tensor tdPrV = thr_st_wg.partition_fragment_A(sV);
+    Tensor tSrQ = thr_st.partition_fragment_B(sQ);     // (MMA, MMA_N, MMA_K, stages)
+    Tensor tdPrdO = thr_st.partition_fragment_B(sdO);
+    Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);  // (MMA, MMA_N, MMA_K, stages)
+    Tensor tdVrdO = thr_dkv.partition_fragment_B(sdOt);
+    Tensor tScS = thr_st.partition_C(make_identity_tensor(typename Traits::TileSt{}));  // (key, query) of each score
+    Tensor tScS_rc = make_tensor(tScS.data(), rows_cols(tScS.layout()));
+    constexpr int kCols = decltype(size<1>(tScS_rc))::value;  // the query columns this thread holds
+    Tensor mLSE = seq.q_values(params.lse, head);
+    Tensor mD = seq.q_values(params.dpsum, head);
+    float const scale_log2 = params.softmax_scale_log2;
+    typename Traits::PipelineState read;
+    cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+
+    auto step = [&](int m_block, auto is_masked) __attribute__((always_inline)) {
+      pipeline.consumer_wait(read);
+      int const stage = read.index();
+      Tensor acc_s = partition_fragment_C(mma_st, typename Traits::TileSt{});   // Sᵀ: (MMA, MMA_M, MMA_N)
+      Tensor acc_dp = partition_fragment_C(mma_st, typename Traits::TileSt{});  // dPᵀ
+      gemm_issue<true>(mma_st, tSrK, tSrQ(_, _, _, stage), acc_s);
+      gemm_issue<true>(mma_st, tdPrV, tdPrdO(_, _, _, stage), acc_dp);
+      // Each column is a query: its LSE (log2 units) and, later, D, read from global memory (L2) while a
+      // matmul runs; D only once Pᵀ is made, so that the two arrays are not live at once (together with
+      // LSE, the D = 128 kernel spilled). Past seqlen_q, LSE +inf makes P = 0 (Q and dO are zeros there).
+      auto query_of = [&](int c) { return m_block * kBlockM + get<1>(tScS_rc(0, c)); };
+      float lse_log2[kCols];
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        lse_log2[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY;
+      }
+      warpgroup_wait<1>();  // Sᵀ is in
+      warpgroup_fence_operand(acc_s);
+      mask.template apply<decltype(is_masked)::value, true>(acc_s, tScS, m_block, n_block);
+      Tensor p = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // Pᵀ = exp(Sᵀ·scale - LSE), in place
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(p); ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) { p(r, c) = exp2_approx(p(r, c) * scale_log2 - lse_log2[c]); }
+      }
+      Tensor rP = convert_type<Element>(acc_s);
+      gemm_issue<false>(mma_dkv, make_tensor(rP.data(), acc_as_operand_a(rP.layout())), tdVrdO(_, _, _, stage),
+                        acc_dv);
+      float dpsum[kCols];
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) { dpsum[c] = query_of(c) < seq.seqlen_q ? mD(query_of(c)) : 0.f; }
+      warpgroup_wait<1>();  // dPᵀ is in; dV += Pᵀ·dO still runs
+      warpgroup_fence_operand(acc_dp);
+      Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dSᵀ = Pᵀ∘(dPᵀ - D), in place
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(ds); ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) { ds(r, c) = p(r, c) * (ds(r, c) - dpsum[c]); }
+      }
+      Tensor rdS = convert_type<Element>(acc_dp);
+      gemm_issue<false>(mma_dkv, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQ(_, _, _, stage),
+                        acc_dk);
+      warpgroup_wait<0>();  // both products have read this stage's Q and dO
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_fence_operand(acc_dk);
+      pipeline.consumer_release(read);
+      ++read;
+    };
+
+    // Query blocks from the first that sees these keys up: those the causal diagonal crosses (all of them
+    // for a ragged last key block) masked, the rest not (mask.h).
+    int const m_block_end_masked = min(m_block_end, mask.m_block_end_masked(n_block));
+    int m_block = m_block_begin;
+    for (; m_block < m_block_end_masked; ++m_block) { step(m_block, cute::true_type{}); }
+    for (; m_block < m_block_end; ++m_block) { step(m_block, cute::false_type{}); }
+  }
+
+  // dK (w.r.t. the scaled scores: the scale comes in once, here) and dV through K's and V's buffers and a TMA
+  // store each, which clips the rows past seqlen_k and the columns past head_dim. Each warpgroup writes only
+  // its own 64 rows, which only its own matmuls read, and those have finished.
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }
+  auto smem_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_dkv);
+  auto thr_copy = smem_copy.get_thread_slice(thread_idx);
+  Tensor rdK = convert_type<Element>(acc_dk);
+  Tensor rdV = convert_type<Element>(acc_dv);
+  copy(smem_copy, thr_copy.retile_S(rdK), thr_copy.partition_D(sK));
+  copy(smem_copy, thr_copy.retile_S(rdV), thr_copy.partition_D(sV));
+  cutlass::arch::fence_view_async_shared();  // the generic-proxy writes, visible to the TMA engine
+  barrier_sync(Traits::kConsumerThreads, BwdBarrier::GradsReady);
+  if (thread_idx == 0) {
+    Tensor mdK = kp.tma_dk.get_tma_tensor(tma_shape_dk(params));
+    Tensor mdV = kp.tma_dv.get_tma_tensor(tma_shape_dk(params));
+    Tensor gdK = local_tile(mdK(_, _, head, batch), typename Traits::TileK{}, make_coord(n_block, _0{}));
+    Tensor gdV = local_tile(mdV(_, _, head, batch), typename Traits::TileK{}, make_coord(n_block, _0{}));
+    auto dk_copy = tma_partition(kp.tma_dk, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gdK));
+    auto dv_copy = tma_partition(kp.tma_dv, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gdV));
+    copy(kp.tma_dk, get<1>(dk_copy), get<0>(dk_copy));  // (gmem, smem) views: smem -> gmem
+    copy(kp.tma_dv, get<1>(dv_copy), get<0>(dv_copy));
+    tma_store_arrive();
+    tma_store_wait<0>();  // shared memory stays ours until the stores have read it
+  }
+#endif
+}
+
+}  // namespace flash::sm90

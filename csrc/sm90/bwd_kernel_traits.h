@@ -1,0 +1,100 @@
+// CuTe types of the Hopper dK/dV kernel for one (head dim, dtype), derived from sm90/tile_config.h's
+// bwd_dkdv_tile(): its four warpgroup matmuls, the shared-memory layouts (GMMA's swizzled canonical ones,
+// which TMA reads and writes too), the TMA copies, the pipeline and the shared storage. The GMEM views and
+// swizzle atoms are the forward's (kernel_traits.h).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include "common/flash.h"
+
+#include "kernel_traits.h"
+#include "tile_config.h"
+
+namespace flash::sm90 {
+
+using namespace cute;
+
+// dK and dV are written per query head (flash.h's BwdParams): k's rows and head dim, q's heads.
+CUTE_HOST_DEVICE GmemShape tma_shape_dk(AttnParams const &p) {
+  return GmemShape{p.seqlen_k, p.head_dim, p.heads, p.batch};
+}
+
+template <int kHeadDim_, typename Element_, int kBlockM_ = bwd_dkdv_tile(kHeadDim_).block_m,
+          int kBlockN_ = bwd_dkdv_tile(kHeadDim_).block_n, int kStages_ = bwd_dkdv_tile(kHeadDim_).stages>
+struct BwdDkdvTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // queries per step
+  static constexpr int kBlockN = kBlockN_;  // keys per thread block
+  static constexpr int kStages = kStages_;
+  static constexpr int kConsumerWarpgroups = kBlockN / 64;
+  static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
+  static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
+  // setmaxnreg: the producer, one thread issuing TMA, gives its registers to the consumers (65536 per SM).
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 240 : 160;
+
+  static_assert(kBlockN % 64 == 0 && kBlockM % 16 == 0 && kHeadDim % 16 == 0);
+  static_assert(kProducerRegisters * cutlass::NumThreadsPerWarpGroup + kConsumerRegisters * kConsumerThreads <= 65536);
+  static_assert(sizeof(Element) == 2);
+
+  using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;   // Q, dO
+  using TileK = Shape<Int<kBlockN>, Int<kHeadDim>>;   // K, V, dK, dV
+  using TileSt = Shape<Int<kBlockN>, Int<kBlockM>>;  // Sᵀ, dPᵀ: (keys, queries)
+
+  // The transposed products put this block's keys in the M mode, 64 per warpgroup: Sᵀ = K·Qᵀ and
+  // dPᵀ = V·dOᵀ read K, V (A) and Q, dO (B) from shared memory, all K-major (their head dim contiguous, as
+  // TMA lands them). Their accumulators are then, with no data moved, the register A operands Pᵀ and dSᵀ of
+  // dV += Pᵀ·dO and dK += dSᵀ·Q, whose B (dO, Q) is read MN-major (its rows are the reduction): neither Pᵀ
+  // nor dSᵀ goes through shared memory.
+  using WarpgroupLayout = Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>;
+  using TiledMmaSt = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM>, Int<kHeadDim>>>(), WarpgroupLayout{}));
+  using TiledMmaDkv = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockM>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      WarpgroupLayout{}));
+
+  using SmemLayoutK = decltype(tile_to_shape(SmemAtomK<Element, kHeadDim>{}, TileK{}));  // K, V; then dK, dV
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtomK<Element, kHeadDim>{},
+                                             Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));  // Q, dO
+  // Q and dO seen as (kHeadDim, kBlockM, stages): the B operands of dK and dV, head dim contiguous.
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+
+  using GmemTensor =
+      decltype(make_tensor(make_gmem_ptr(static_cast<Element const *>(nullptr)), GmemShape{}, GmemStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}), TileQ{}, _1{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{}, TileK{}, _1{}));
+  using TmaDk = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensor{}, SmemLayoutK{}, TileK{}, _1{}));
+  static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesK = kBlockN * kHeadDim * sizeof(Element);
+
+  // One pipeline stage holds a query block's Q and dO, which every step reads together.
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = typename Pipeline::PipelineState;
+
+  struct SharedStorage {
+    // 128-byte swizzles repeat every 1024 bytes: each tile starts on such a boundary.
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> v;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
+    alignas(16) uint64_t kv_full;  // mbarrier: K and V have landed
+    typename Pipeline::SharedStorage pipeline_q;
+  };
+  static constexpr int kSmemSize = sizeof(SharedStorage);
+  static_assert(kSmemSize <= 227 * 1024, "the tiles outgrow the 227 KB of shared memory a block may have");
+
+  struct KernelParams {
+    BwdParams params;
+    TmaQ tma_q, tma_do;
+    TmaK tma_k, tma_v;
+    TmaDk tma_dk, tma_dv;
+  };
+};
+
+}  // namespace flash::sm90
