@@ -18,9 +18,15 @@ MAX_BATCH = 65535  # the grid's y dimension
 _check_values = os.environ.get("FLASH_ATTN2_CHECK_VALUES", "") not in ("", "0")
 
 
+def value_checks_enabled():
+    """Whether set_value_checks (or FLASH_ATTN2_CHECK_VALUES=1) turned the host-side value checks on."""
+    return _check_values
+
+
 def set_value_checks(enabled):
-    """Turns the host-side checks of cu_seqlens values on or off (default: off, or on where the
-    environment sets FLASH_ATTN2_CHECK_VALUES=1). Returns the previous setting."""
+    """Turns the host-side checks of index values (cu_seqlens; flash_attn_with_kvcache's cache_batch_idx) on or
+    off (default: off, or on where the environment sets FLASH_ATTN2_CHECK_VALUES=1). Returns the previous
+    setting."""
     global _check_values
     previous, _check_values = _check_values, bool(enabled)
     return previous

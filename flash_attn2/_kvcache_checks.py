@@ -199,3 +199,18 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                ("rotary_sin", rotary_sin), ("cache_seqlens", cache_seqlens), ("cache_batch_idx", cache_batch_idx),
                ("cache_leftpad", cache_leftpad), ("block_table", block_table), ("alibi_slopes", alibi_slopes)]
     _checks.check_devices([(n, t) for n, t in tensors if isinstance(t, torch.Tensor)])
+    check_kvcache_values(k, cache_batch_idx, k_cache.shape[0])
+
+
+def check_kvcache_values(k, cache_batch_idx, batch_cache):
+    """cache_batch_idx's rows lie in the cache and, when k and v are appended, are distinct (two sequences
+    appending into one cache row race). Reads it to the host (a sync), so only where value checks are on;
+    without them the kernels clamp the rows into the cache."""
+    if cache_batch_idx is None or not _checks.value_checks_enabled():
+        return
+    rows = cache_batch_idx.tolist()
+    if any(not 0 <= r < batch_cache for r in rows):
+        raise ValueError(f"cache_batch_idx must be rows of the cache, in [0, {batch_cache}), got {rows}")
+    if k is not None and len(set(rows)) != len(rows):
+        raise ValueError(f"cache_batch_idx must be distinct when k and v are appended (two sequences would write "
+                         f"one cache row), got {rows}")

@@ -109,7 +109,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     cache_batch_idx: int32 (batch,): sequence b reads (and appends to) row cache_batch_idx[b] of a contiguous
     cache of any batch_cache rows (not with block_table); values clamped into [0, batch_cache) in the
-    kernels; rows must be distinct when appending (two sequences writing one row race).
+    kernels; rows must be distinct when appending (two sequences writing one row race): checked, with the
+    range, where flash_attn2.set_value_checks(True) is on (a host sync).
     cache_leftpad: int32 (batch,): sequence b's keys start at row cache_leftpad[b] of its cache (left
     padding): its keys are rows [cache_leftpad[b], cache_seqlens[b] + seqlen_new), positions (causal,
     window, ALiBi, rotary) counted from cache_leftpad[b]; not with block_table; clamped into

@@ -186,3 +186,31 @@ def test_cache_alignment_is_checked_in_the_op():
         check_cache_alignment(randn(BATCH, CACHE, HEADS_KV, D), odd_stride)
     check_cache_alignment(randn(BATCH, CACHE, HEADS_KV, D), randn(BATCH, CACHE, HEADS_KV, D))
 
+
+
+@pytest.mark.parametrize("rows, append, error", [((1, 1), True, "distinct"), ((0, 2), False, r"\[0, 2\)"),
+                                                 ((-1, 0), True, r"\[0, 2\)"), ((1, 0), True, None),
+                                                 ((1, 1), False, None)],
+                         ids=["repeated-append", "past-the-cache", "negative", "valid-append", "repeated-read"])
+def test_cache_batch_idx_values_are_checked_when_asked(rows, append, error, monkeypatch):
+    # With value checks on (a host sync): rows outside the cache, or one row twice when appending (a race),
+    # raise before any launch; reading one row twice is fine. With them off the kernels clamp, and nothing is
+    # read back. The device rule is switched off so that the CPU call gets that far.
+    from flash_attn2 import _kvcache_checks, set_value_checks
+    monkeypatch.setattr(_kvcache_checks._checks, "check_devices", lambda named: None)
+    args = kvcache_args(cache_batch_idx=ints(*rows), **(new_kv() if append else {}))
+    values = (args.get("k"), args["cache_batch_idx"], args["k_cache"].shape[0])
+    previous = set_value_checks(True)
+    try:
+        if error:
+            with pytest.raises(ValueError, match=message("cache_batch_idx", error)):
+                flash_attn_with_kvcache(**args)
+        else:
+            _kvcache_checks.check_kvcache_values(*values)
+    finally:
+        set_value_checks(previous)
+    set_value_checks(False)
+    try:
+        _kvcache_checks.check_kvcache_values(*values)
+    finally:
+        set_value_checks(previous)
