@@ -1,7 +1,7 @@
-// CuTe types of the Hopper backward kernels for one (head dim, dtype): the dK/dV kernel's from
-// sm90/tile_config.h's bwd_dkdv_tile(), the dQ kernel's from bwd_dq_tile(). The dK/dV kernel's four warpgroup matmuls, the shared-memory layouts (GMMA's swizzled canonical ones,
-// which TMA reads and writes too), the TMA copies, the pipeline and the shared storage. The GMEM views and
-// swizzle atoms are the forward's (kernel_traits.h).
+// CuTe types of the Hopper backward kernels for one (head dim, dtype), the dK/dV kernel's from
+// sm90/tile_config.h's bwd_dkdv_tile(), the dQ kernel's from bwd_dq_tile(): their warpgroup matmuls, the
+// shared-memory layouts (GMMA's swizzled canonical ones, which TMA reads and writes too), the TMA copies,
+// the pipeline and the shared storage. The GMEM views and swizzle atoms are the forward's (kernel_traits.h).
 #pragma once
 
 #include <cute/tensor.hpp>
