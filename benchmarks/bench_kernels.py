@@ -1,6 +1,6 @@
 """Each kernel on its own: milliseconds per launch of the forward, backward preprocess, dQ and dK/dV
-kernels (and, where built, the Hopper dK/dV kernel), timed from a C++ launch loop (flash_attn2._C.time_kernels,
-back to back, no L2 flush), against the Python-level forward and backward (flash_attn_func and autograd,
+kernels (and, where built, the Hopper dQ and dK/dV kernels), timed from a C++ launch loop
+(flash_attn2._C.time_kernels, back to back, no L2 flush), against the Python-level forward and backward (flash_attn_func and autograd,
 timed the same way), so that what launching from Python costs shows as the difference.
 
 Grid as bench.py: batch = tokens // seqlen, heads = hidden // head_dim, seqlen_q = seqlen_k.
@@ -19,9 +19,10 @@ from common import (unavailable, DTYPES, add_grid_args, add_output_args, describ
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv")  # the deterministic backward's, in order
 ATOMIC = "bwd_dkdv_atomic_dq"  # the atomic backward's one kernel after the preprocess (timed where built)
 HOPPER = "bwd_dkdv_sm90"  # the Hopper dK/dV kernel (FLASH_ATTN2_BUILD_SM90_BWD=1; timed where built, on sm_90)
+HOPPER_DQ = "bwd_dq_sm90"  # and its dQ kernel (the same build switch)
 # The deterministic backward does its matmuls as 3 in the dQ kernel and 4 in the dK/dV kernel; each kernel
 # is credited with its share of the backward's FLOPs (2.5x the forward's). The atomic kernel does all five.
-BWD_SHARE = {"bwd_dq": 3 / 7, "bwd_dkdv": 4 / 7, ATOMIC: 1.0, HOPPER: 4 / 7}
+BWD_SHARE = {"bwd_dq": 3 / 7, "bwd_dkdv": 4 / 7, ATOMIC: 1.0, HOPPER_DQ: 3 / 7, HOPPER: 4 / 7}
 
 
 def parse_args():
@@ -51,7 +52,7 @@ def bench_point(args, dtype, head_dim, causal, seqlen):
     read_bytes = 2 * q.numel() * q.element_size()  # the preprocess reads O and dO
     bwd_kernels_ms = sum(ms[name] for name in KERNELS[1:])
     return {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch,
-            "heads": heads, **{f"{name}_ms": ms.get(name) for name in (*KERNELS, ATOMIC, HOPPER)},
+            "heads": heads, **{f"{name}_ms": ms.get(name) for name in (*KERNELS, ATOMIC, HOPPER_DQ, HOPPER)},
             **{f"{name}_tflops": tflops(f, ms[name]) if name in ms else None for name, f in kernel_flops.items()},
             "bwd_preprocess_gbs": read_bytes / ms["bwd_preprocess"] / 1e6,
             "python_fwd_ms": python_ms["fwd"], "python_bwd_ms": python_ms["bwd"],
@@ -61,12 +62,14 @@ def bench_point(args, dtype, head_dim, causal, seqlen):
 def table(header, rows):
     columns = ["D", "causal", "S", "fwd ms", "fwd TFLOP/s", "Python fwd ms", "pre ms", "pre GB/s", "dQ ms",
                "dQ TFLOP/s", "dK/dV ms", "dK/dV TFLOP/s", "bwd kernels ms", "Python bwd ms", "bwd overhead ms",
-               "atomic dK/dV/dQ ms", "atomic TFLOP/s", "Hopper dK/dV ms", "Hopper dK/dV TFLOP/s"]
+               "atomic dK/dV/dQ ms", "atomic TFLOP/s", "Hopper dQ ms", "Hopper dQ TFLOP/s", "Hopper dK/dV ms",
+               "Hopper dK/dV TFLOP/s"]
     cells = [[r["head_dim"], r["causal"], r["seqlen"], fmt(r["fwd_ms"], ".3f"), fmt(r["fwd_tflops"], ".1f"),
               fmt(r["python_fwd_ms"], ".3f"), fmt(r["bwd_preprocess_ms"], ".3f"), fmt(r["bwd_preprocess_gbs"], ".0f"),
               fmt(r["bwd_dq_ms"], ".3f"), fmt(r["bwd_dq_tflops"], ".1f"), fmt(r["bwd_dkdv_ms"], ".3f"),
               fmt(r["bwd_dkdv_tflops"], ".1f"), fmt(r["bwd_kernels_ms"], ".3f"), fmt(r["python_bwd_ms"], ".3f"),
               fmt(r["bwd_overhead_ms"], ".3f"), fmt(r[f"{ATOMIC}_ms"], ".3f"), fmt(r[f"{ATOMIC}_tflops"], ".1f"),
+              fmt(r[f"{HOPPER_DQ}_ms"], ".3f"), fmt(r[f"{HOPPER_DQ}_tflops"], ".1f"),
               fmt(r[f"{HOPPER}_ms"], ".3f"), fmt(r[f"{HOPPER}_tflops"], ".1f")]
              for r in rows]
     notes = ("TFLOP/s: fwd counts 4·B·H·S²·D (half if causal); dQ is credited 3/7 and dK/dV 4/7 of the "
@@ -75,8 +78,8 @@ def table(header, rows):
              "(autograd.grad back to back, by CUDA events, deterministic=True) minus that. atomic: the "
              "atomic backward's dK/dV kernel with dQ by atomics (all five matmuls: credited the whole backward; "
              "it runs after the same preprocess, and dQ's zeroing and cast are not in it; '-' where it is not built). "
-             "Hopper dK/dV: the wgmma dK/dV kernel (FLASH_ATTN2_BUILD_SM90_BWD=1) on the same inputs, credited as "
-             "dK/dV ('-' where not built or not on sm_90).")
+             "Hopper dQ, dK/dV: the wgmma dQ and dK/dV kernels (FLASH_ATTN2_BUILD_SM90_BWD=1) on the same inputs, "
+             "credited as dQ and dK/dV ('-' where not built or not on sm_90).")
     overhead = statistics.median(r["bwd_overhead_ms"] / r["python_bwd_ms"] for r in rows)
     return "\n".join([header, "", notes, "", *markdown_table(columns, cells), "",
                       f"Backward overhead over its kernels, {rows[0]['dtype']}: median {overhead:.1%} of the "

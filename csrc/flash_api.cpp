@@ -33,7 +33,7 @@ constexpr int kBuiltHeadDims[] = {FLASH_ATTN2_BUILT_HEAD_DIMS};
 #define FLASH_ATTN2_ATOMIC_BWD 0  // setup.py defines it: 1 when the atomic-dQ backward is built (opt-in)
 #endif
 #ifndef FLASH_ATTN2_SM90_BWD
-#define FLASH_ATTN2_SM90_BWD 0  // setup.py defines it: 1 when the Hopper dK/dV kernel is built (opt-in, sm_90a)
+#define FLASH_ATTN2_SM90_BWD 0  // setup.py defines it: 1 when the Hopper backward kernels are built (opt-in, sm_90a)
 #endif
 
 template <size_t N>
@@ -77,23 +77,31 @@ bool hopper_fwd(flash::FwdParams const &) {
   return is_sm90(c10::cuda::current_device());
 }
 
-// The Hopper dK/dV kernel (csrc/sm90/bwd_dkdv_kernel.h) takes the split backward's dK/dV step, the dQ kernel
-// staying the mma.sync one, when asked to (FLASH_ATTN2_SM90_BWD=1, read at each call: opt-in until it is
-// measured), on an sm_90 GPU, for the common variant it covers: plain, causal and GQA; not varlen, softcap,
-// ALiBi, windows, dropout or sinks. Asked for but not built: an error, before any launch. The head dim is
+// The Hopper backward kernels (csrc/sm90/bwd_dq_kernel.h, bwd_dkdv_kernel.h) take the split backward's dQ
+// and dK/dV steps when asked to (FLASH_ATTN2_SM90_BWD=1, read at each call: opt-in until they are
+// measured), on an sm_90 GPU, for the common variant they cover: plain, causal and GQA; not varlen, softcap,
+// ALiBi, windows, dropout or sinks. One predicate for both, so that the dQ kernel's D rewrite always feeds
+// the dK/dV kernel of the same path. Asked for but not built: an error, before any launch. The head dim is
 // the caller's to check (kSm90BwdHeadDims).
-bool hopper_bwd_dkdv(flash::BwdParams const &p) {
+bool hopper_bwd(flash::BwdParams const &p) {
   char const *asked = std::getenv("FLASH_ATTN2_SM90_BWD");
   if (asked == nullptr || std::string(asked) != "1") { return false; }
-  TORCH_CHECK(FLASH_ATTN2_SM90_BWD, "FLASH_ATTN2_SM90_BWD=1 asks for the Hopper dK/dV kernel, which this build does "
-              "not have: rebuild with FLASH_ATTN2_BUILD_SM90_BWD=1 and FLASH_ATTN2_CUDA_ARCHS including 90a, or "
-              "unset FLASH_ATTN2_SM90_BWD");
+  TORCH_CHECK(FLASH_ATTN2_SM90_BWD, "FLASH_ATTN2_SM90_BWD=1 asks for the Hopper backward kernels, which this build "
+              "does not have: rebuild with FLASH_ATTN2_BUILD_SM90_BWD=1 and FLASH_ATTN2_CUDA_ARCHS including 90a, "
+              "or unset FLASH_ATTN2_SM90_BWD");
   bool const covered = !p.needs_general() && p.sinks == nullptr && (!p.is_windowed || p.window_right == 0);
   return covered && is_sm90(c10::cuda::current_device());
 }
 
-// The split backward's dK/dV step: on the Hopper kernel where hopper (hopper_bwd_dkdv) and it has this head
-// dim, else on the mma.sync one.
+// The split backward's dQ and dK/dV steps: on the Hopper kernels where hopper (hopper_bwd) and they have this
+// head dim, else on the mma.sync ones.
+template <int kHeadDim, typename Element>
+cudaError_t run_split_dq(flash::BwdParams const &p, bool hopper, cudaStream_t stream) {
+  if constexpr (FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {
+    if (hopper) { return flash::sm90::run_bwd_dq<kHeadDim, Element>(p, stream); }
+  }
+  return flash::run_bwd_dq<kHeadDim, Element>(p, stream);
+}
 template <int kHeadDim, typename Element>
 cudaError_t run_split_dkdv(flash::BwdParams const &p, bool hopper, cudaStream_t stream) {
   if constexpr (FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {
@@ -534,7 +542,7 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
   TORCH_CHECK(deterministic || FLASH_ATTN2_ATOMIC_BWD, "the atomic backward (FLASH_ATTN2_ATOMIC_BWD=1) is not in this "
               "build: rebuild with FLASH_ATTN2_BUILD_ATOMIC_BWD=1, or unset FLASH_ATTN2_ATOMIC_BWD");
   c10::cuda::CUDAGuard device_guard(q.device());
-  bool const hopper_dkdv = deterministic && hopper_bwd_dkdv(p);
+  bool const hopper = deterministic && hopper_bwd(p);
   at::Tensor dq_accum;  // fp32 dQ, shaped as q, for the atomic adds
   if (!deterministic) {
     dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
@@ -546,8 +554,8 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
     using Element = decltype(element);
     cudaError_t err = flash::run_bwd_preprocess<Element>(p, stream);
     if (deterministic) {
-      if (err == cudaSuccess) { err = flash::run_bwd_dq<kHeadDim, Element>(p, stream); }
-      if (err == cudaSuccess) { err = run_split_dkdv<kHeadDim, Element>(p, hopper_dkdv, stream); }
+      if (err == cudaSuccess) { err = run_split_dq<kHeadDim, Element>(p, hopper, stream); }
+      if (err == cudaSuccess) { err = run_split_dkdv<kHeadDim, Element>(p, hopper, stream); }
     } else if constexpr (FLASH_ATTN2_ATOMIC_BWD) {
       if (err == cudaSuccess) { err = flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); }
     }
@@ -562,7 +570,7 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
 }
 
 // Milliseconds per launch of each kernel on its own (forward, preprocess, dQ, dK/dV, dK/dV with the atomic
-// dQ, the Hopper dK/dV where built), from a launch loop between CUDA events on the current stream: places a
+// dQ, the Hopper dQ and dK/dV where built), from a launch loop between CUDA events on the current stream: places a
 // regression in one kernel. Writes out, lse and scratch gradients as it goes.
 std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
                                            at::Tensor const &v, at::Tensor &out, at::Tensor &lse,
@@ -607,6 +615,7 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
     }
     if constexpr (FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {  // built, and this call is one it covers
       if (is_sm90(c10::cuda::current_device()) && !p.needs_general() && p.sinks == nullptr) {
+        time("bwd_dq_sm90", [&] { return flash::sm90::run_bwd_dq<kHeadDim, Element>(p, stream); });
         time("bwd_dkdv_sm90", [&] { return flash::sm90::run_bwd_dkdv<kHeadDim, Element>(p, stream); });
       }
     }
@@ -976,5 +985,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_atomic_bwd", [] { return bool(FLASH_ATTN2_ATOMIC_BWD); },
         "Whether this build has the atomic-dQ backward (FLASH_ATTN2_BUILD_ATOMIC_BWD=1)");
   m.def("has_sm90_bwd", [] { return bool(FLASH_ATTN2_SM90_BWD); },
-        "Whether this build has the Hopper dK/dV kernel (FLASH_ATTN2_BUILD_SM90_BWD=1, sm_90a)");
+        "Whether this build has the Hopper backward kernels (dQ, dK/dV) (FLASH_ATTN2_BUILD_SM90_BWD=1, sm_90a)");
 }

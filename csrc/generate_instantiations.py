@@ -15,7 +15,7 @@ SM90_HEAD_DIMS = (64, 128, 256)
 # by the next one up (its columns predicated) does not add to, so three kernels serve every head dim and keep
 # the full build within its budget (benchmarks/NOTES.md, session 6).
 KVCACHE_HEAD_DIMS = (64, 128, 256)
-# Those the Hopper dK/dV kernel (opt-in, FLASH_ATTN2_BUILD_SM90_BWD=1) has a kernel for: a call whose head dim
+# Those the Hopper backward (dQ and dK/dV kernels; opt-in, FLASH_ATTN2_BUILD_SM90_BWD=1) has kernels for: a call whose head dim
 # rounds up to one of them takes it when asked to (FLASH_ATTN2_SM90_BWD=1), others the mma.sync one.
 SM90_BWD_HEAD_DIMS = (64, 128)
 DTYPES = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
@@ -49,6 +49,8 @@ KERNELS = {
     # The Hopper dK/dV kernel of the split backward, common variant (plain, causal, GQA): opt-in.
     "bwd_dkdv_sm90": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dkdv", "BwdParams", SM90_BWD_HEAD_DIMS,
                             arch="90a"),
+    # Its dQ kernel, run before it (and rewriting D for it) under the same switch and coverage.
+    "bwd_dq_sm90": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dq", "BwdParams", SM90_BWD_HEAD_DIMS, arch="90a"),
 }
 
 OUT_DIR = Path(__file__).resolve().parent / "instantiations"

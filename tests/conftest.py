@@ -106,9 +106,10 @@ def fwd_path(request, monkeypatch):
     return request.param
 
 
-# The split backward's dK/dV step on an sm_90 GPU: the mma.sync kernel, and the Hopper one (csrc/sm90/
-# bwd_dkdv_kernel.h; built with FLASH_ATTN2_BUILD_SM90_BWD=1, taken with FLASH_ATTN2_SM90_BWD=1), which takes
-# the calls it covers (head dims 64 and 128: plain, causal, GQA) and leaves the rest on mma.sync.
+# The split backward's dQ and dK/dV steps on an sm_90 GPU: the mma.sync kernels, and the Hopper ones
+# (csrc/sm90/bwd_dq_kernel.h, bwd_dkdv_kernel.h; built with FLASH_ATTN2_BUILD_SM90_BWD=1, taken with
+# FLASH_ATTN2_SM90_BWD=1), which take the calls they cover (head dims 64 and 128: plain, causal, GQA) and
+# leave the rest on mma.sync.
 BWD_PATHS = ("mma_sync", "hopper")
 
 
@@ -121,12 +122,12 @@ def hopper_bwd_available():
 
 @pytest.fixture
 def bwd_path(request, monkeypatch):
-    """Runs the test with the split backward's dK/dV on one path; a module opts in with
+    """Runs the test with the split backward's dQ and dK/dV on one path; a module opts in with
     `pytestmark = pytest.mark.usefixtures("bwd_path")`. The atomic mode (deterministic=False with its opt-in)
     has no Hopper kernel and runs as on the mma.sync path."""
     if request.param == "hopper":
         if not hopper_bwd_available():
-            pytest.skip("the Hopper dK/dV kernel needs an sm_90 GPU and a build with FLASH_ATTN2_BUILD_SM90_BWD=1 "
+            pytest.skip("the Hopper backward kernels need an sm_90 GPU and a build with FLASH_ATTN2_BUILD_SM90_BWD=1 "
                         "and FLASH_ATTN2_CUDA_ARCHS including 90a")
         monkeypatch.setenv("FLASH_ATTN2_SM90_BWD", "1")
     else:

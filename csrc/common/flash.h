@@ -164,7 +164,7 @@ struct BwdParams : FwdParams {  // o and lse: the forward's outputs
   // dK and dV per query head: with GQA they are (batch, seqlen_k, heads, head_dim) buffers that the
   // caller then sums over each group of query heads, in a fixed order.
   HeadTensor dk, dv;
-  // D, laid out as lse: rowsum(dO∘O) from the preprocess, rewritten by the dQ kernel as rowsum(P∘dP).
+  // D, laid out as lse: rowsum(dO∘O) from the preprocess, rewritten by a dQ kernel as rowsum(P∘dP).
   RowTensor dpsum;
   // The non-deterministic backward's fp32 dQ (bwd_dkdv_kernel.h, AtomicDq), laid out as q (its own strides),
   // zeroed by the caller, already scaled: the caller casts it into dq. Unused (nullptr) by the split backward.

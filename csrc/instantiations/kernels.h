@@ -38,5 +38,9 @@ namespace sm90 {
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dkdv(BwdParams const &, cudaStream_t);
 }
+namespace sm90 {
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dq(BwdParams const &, cudaStream_t);
+}
 
 }  // namespace flash

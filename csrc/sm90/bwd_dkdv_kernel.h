@@ -1,4 +1,4 @@
-// The Hopper dK/dV kernel of the split backward (the sm80 dQ kernel runs first and rewrites D; flash.h):
+// The Hopper dK/dV kernel of the split backward (a dQ kernel, sm80 or sm90, runs first and rewrites D; flash.h):
 // one thread block per (key block, batch, query head), holding that block's dK and dV in registers while
 // it walks the query blocks that see its keys. A producer warpgroup, of which one thread issues the TMA
 // loads (K and V once; per query block its Q and dO into a kStages-deep pipeline), and consumer

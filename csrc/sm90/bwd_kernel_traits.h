@@ -1,7 +1,7 @@
-// CuTe types of the Hopper dK/dV kernel for one (head dim, dtype), derived from sm90/tile_config.h's
-// bwd_dkdv_tile(): its four warpgroup matmuls, the shared-memory layouts (GMMA's swizzled canonical ones,
-// which TMA reads and writes too), the TMA copies, the pipeline and the shared storage. The GMEM views and
-// swizzle atoms are the forward's (kernel_traits.h).
+// CuTe types of the Hopper backward kernels for one (head dim, dtype), the dK/dV kernel's from
+// sm90/tile_config.h's bwd_dkdv_tile(), the dQ kernel's from bwd_dq_tile(): their warpgroup matmuls, the
+// shared-memory layouts (GMMA's swizzled canonical ones, which TMA reads and writes too), the TMA copies,
+// the pipeline and the shared storage. The GMEM views and swizzle atoms are the forward's (kernel_traits.h).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -21,6 +21,11 @@ using namespace cute;
 CUTE_HOST_DEVICE GmemShape tma_shape_dk(AttnParams const &p) {
   return GmemShape{p.seqlen_k, p.head_dim, p.heads, p.batch};
 }
+
+// A head-major tensor as the TMA copies of both kernels see it (kernel_traits.h's GmemShape, GmemStride).
+template <typename Element>
+using BwdGmemTensor =
+    decltype(make_tensor(make_gmem_ptr(static_cast<Element const *>(nullptr)), GmemShape{}, GmemStride{}));
 
 template <int kHeadDim_, typename Element_, int kBlockM_ = bwd_dkdv_tile(kHeadDim_).block_m,
           int kBlockN_ = bwd_dkdv_tile(kHeadDim_).block_n, int kStages_ = bwd_dkdv_tile(kHeadDim_).stages>
@@ -65,8 +70,7 @@ struct BwdDkdvTraits {
   using SmemLayoutQt = decltype(composition(
       SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
-  using GmemTensor =
-      decltype(make_tensor(make_gmem_ptr(static_cast<Element const *>(nullptr)), GmemShape{}, GmemStride{}));
+  using GmemTensor = BwdGmemTensor<Element>;
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}), TileQ{}, _1{}));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{}, TileK{}, _1{}));
   using TmaDk = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensor{}, SmemLayoutK{}, TileK{}, _1{}));
@@ -94,6 +98,78 @@ struct BwdDkdvTraits {
     TmaQ tma_q, tma_do;
     TmaK tma_k, tma_v;
     TmaDk tma_dk, tma_dv;
+  };
+};
+
+// The dQ kernel's (bwd_dq_kernel.h): its rows are this block's queries, 64 per consumer warpgroup, so
+// that S, dP and dQ all have the queries in their M mode and LSE, D are per accumulator row.
+template <int kHeadDim_, typename Element_, int kBlockM_ = bwd_dq_tile(kHeadDim_).block_m,
+          int kBlockN_ = bwd_dq_tile(kHeadDim_).block_n, int kStages_ = bwd_dq_tile(kHeadDim_).stages>
+struct BwdDqTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // queries per thread block
+  static constexpr int kBlockN = kBlockN_;  // keys per step
+  static constexpr int kStages = kStages_;
+  static constexpr int kConsumerWarpgroups = kBlockM / 64;
+  static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
+  static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 240 : 160;
+
+  static_assert(kBlockM % 64 == 0 && kBlockN % 16 == 0 && kHeadDim % 16 == 0);
+  static_assert(kProducerRegisters * cutlass::NumThreadsPerWarpGroup + kConsumerRegisters * kConsumerThreads <= 65536);
+  static_assert(sizeof(Element) == 2);
+
+  using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;  // Q, dO, dQ
+  using TileK = Shape<Int<kBlockN>, Int<kHeadDim>>;  // K, V
+  using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;   // S, dP: (queries, keys)
+
+  // S = Q·Kᵀ and dP = dO·Vᵀ read Q, dO (A) and K, V (B) from shared memory, all K-major. Their accumulators
+  // are, with no data moved, the register A operand dS of dQ += dS·K, whose B (K) is read MN-major: its rows
+  // are the reduction.
+  using WarpgroupLayout = Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>;
+  using TiledMmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>(), WarpgroupLayout{}));
+  using TiledMmaDq = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      WarpgroupLayout{}));
+
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtomK<Element, kHeadDim>{}, TileQ{}));  // Q, dO; then dQ
+  using SmemLayoutK = decltype(tile_to_shape(SmemAtomK<Element, kHeadDim>{},
+                                             Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));  // K, V
+  // K seen as (kHeadDim, kBlockN, stages): the B operand of dQ, head dim contiguous.
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutK{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, BwdGmemTensor<Element>{}, SmemLayoutQ{}, TileQ{}, _1{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, BwdGmemTensor<Element>{}, take<0, 2>(SmemLayoutK{}), TileK{},
+                                      _1{}));
+  using TmaDq = decltype(make_tma_copy(SM90_TMA_STORE{}, BwdGmemTensor<Element>{}, SmemLayoutQ{}, TileQ{}, _1{}));
+  static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesK = kBlockN * kHeadDim * sizeof(Element);
+
+  // One pipeline stage holds a key block's K and V, which every step reads together.
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = typename Pipeline::PipelineState;
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> v;
+    alignas(16) uint64_t q_full;  // mbarrier: Q and dO have landed
+    typename Pipeline::SharedStorage pipeline_kv;
+  };
+  static constexpr int kSmemSize = sizeof(SharedStorage);
+  static_assert(kSmemSize <= 227 * 1024, "the tiles outgrow the 227 KB of shared memory a block may have");
+
+  struct KernelParams {
+    BwdParams params;
+    TmaQ tma_q, tma_do;
+    TmaK tma_k, tma_v;
+    TmaDq tma_dq;
   };
 };
 

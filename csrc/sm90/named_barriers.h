@@ -20,9 +20,10 @@ CUTE_DEVICE void barrier_arrive(int threads, FwdBarrier id, int offset = 0) {
   cutlass::arch::NamedBarrier::arrive(threads, static_cast<uint32_t>(id) + offset);
 }
 
-// The dK/dV kernel's (bwd_dkdv_kernel.h).
+// The backward kernels' (bwd_dkdv_kernel.h, bwd_dq_kernel.h).
 enum class BwdBarrier : uint32_t {
-  GradsReady = 0,  // every consumer has written its dK and dV rows to shared memory: the TMA stores may read
+  GradsReady = 0,  // every consumer has written its gradient rows (dK and dV, or dQ) to shared memory: the TMA
+                   // stores may read
 };
 
 CUTE_DEVICE void barrier_sync(int threads, BwdBarrier id) {

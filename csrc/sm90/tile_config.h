@@ -38,4 +38,10 @@ constexpr BwdTile bwd_dkdv_tile(int head_dim) {
   return BwdTile{64, 128, 2};
 }
 
+// The Hopper dQ kernel's tile (sm90/bwd_dq_kernel.h): each consumer warpgroup owns 64 query rows and holds
+// their dQ (kHeadDim / 2 fp32 per thread) beside the (64, block_n) tiles S and dP; here block_m is the query
+// rows per thread block (64 per warpgroup), block_n the keys per step and stages the (K, V) buffers. Not yet
+// measured: at D = 128, Q, dO and two stages of K, V take 128 KB.
+constexpr BwdTile bwd_dq_tile(int head_dim) { return BwdTile{128, 64, 2}; }
+
 }  // namespace flash::sm90
