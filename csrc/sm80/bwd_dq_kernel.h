@@ -10,6 +10,7 @@
 #include <cute/tensor.hpp>
 
 #include "common/block_info.h"
+#include "common/d_rewrite.h"
 #include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
@@ -120,16 +121,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   // This thread's rows: LSE in log2 units (+inf past seqlen_q, so P = 0 there) and D.
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
   float lse_log2[kRows], dpsum[kRows];
-  // rowsum(dS) and rowsum(P) over every key the row sees, in fp32: with them rowsum(P∘dP) = rowsum(dS) +
-  // D·rowsum(P) is D again, without O's rounding to 16 bits (see the end).
-  Tensor ds_sum = make_tensor<float>(Int<kRows>{}), p_sum = make_tensor<float>(Int<kRows>{});
+  DRewrite<kRows> d_rewrite;  // rowsum(dS), rowsum(P) over every key the row sees, for D's rewrite (the end)
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     int const row = get<0>(tScS_rc(r, 0));
     bool const in_range = row < q_rows_left;
     lse_log2[r] = in_range ? gLSE(row) * float(M_LOG2E) : INFINITY;
     dpsum[r] = in_range ? gD(row) : 0.f;
-    ds_sum(r) = p_sum(r) = 0.f;
   }
 
   auto step = [&](int n_block, int stage, auto is_masked) __attribute__((always_inline)) {
@@ -174,8 +172,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
       CUTE_UNROLL
       for (int c = 0; c < size<1>(ds); ++c) {
         ds(r, c) = p(r, c) * (ds(r, c) - dpsum[r]);
-        ds_sum(r) += ds(r, c);
-        p_sum(r) += p(r, c);
+        d_rewrite.add(r, p(r, c), ds(r, c));
       }
     }
     mask.chain_rule(acc_dp, acc_s, lse_log2, tScS, m_block, n_block);
@@ -206,18 +203,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(__grid_consta
   for (int i = 0; i < size(acc_dq); ++i) { acc_dq(i) *= params.softmax_scale; }
   store_acc_tile<Traits>(tiled_mma, acc_dq, sQ, gdQ, q_rows_left, params.head_dim);
 
-  // D = rowsum(dO∘O) came from O rounded to 16 bits (with dropout, v / (1 - p) rounded even where one key
-  // gives P = 1); rowsum(P∘dP) is the same quantity from the fp32 P and dP. It replaces D for the dK/dV
-  // kernel, launched after this one, and for the sink gradient: where exact dS is 0 (one visible key), the
-  // rounding error no longer adds up over the rows into dK. Only this block reads or writes these rows' D,
-  // and it read them above. dQ itself keeps the D it was computed with.
+  // D rewritten as rowsum(P∘dP) (d_rewrite.h), after dQ, which keeps the D it was computed with.
   static_assert(Traits::kWarpsN == 1, "a row's columns are spread over one quad only");
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    auto const plus = [](float a, float b) { return a + b; };
-    ds_sum(r) = quad_allreduce(ds_sum(r), plus) + dpsum[r] * quad_allreduce(p_sum(r), plus);
-  }
-  store_row_values(ds_sum, gD, tScS, q_rows_left);
+  d_rewrite.store(dpsum, gD, tScS, q_rows_left);
 }
 
 }  // namespace flash

@@ -17,6 +17,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "common/block_info.h"
+#include "common/d_rewrite.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/utils.h"
@@ -131,15 +132,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // This thread's rows: LSE in log2 units (+inf past seqlen_q, so P = 0 there; Q and dO are zeros) and D.
     Tensor gLSE = local_tile(seq.q_values(params.lse, head), Shape<Int<kBlockM>>{}, make_coord(m_block));
     float lse_log2[kRows], dpsum[kRows];
-    // rowsum(dS) and rowsum(P) over every key the row sees, in fp32, for D's rewrite (the end).
-    Tensor ds_sum = make_tensor<float>(Int<kRows>{}), p_sum = make_tensor<float>(Int<kRows>{});
+    DRewrite<kRows> d_rewrite;  // rowsum(dS), rowsum(P) over every key the row sees, for D's rewrite (the end)
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       int const row = get<0>(tScS_rc(r, 0));
       bool const in_range = row < q_rows_left;
       lse_log2[r] = in_range ? gLSE(row) * float(M_LOG2E) : INFINITY;
       dpsum[r] = in_range ? gD(row) : 0.f;
-      ds_sum(r) = p_sum(r) = 0.f;
     }
     float const scale_log2 = params.softmax_scale_log2;
     typename Traits::PipelineState read;
@@ -169,8 +168,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int c = 0; c < size<1>(ds); ++c) {
           ds(r, c) = p(r, c) * (ds(r, c) - dpsum[r]);
-          ds_sum(r) += ds(r, c);
-          p_sum(r) += p(r, c);
+          d_rewrite.add(r, p(r, c), ds(r, c));
         }
       }
       Tensor rdS = convert_type<Element>(acc_dp);
@@ -189,16 +187,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (; n_block >= n_block_begin && n_block >= n_block_first_masked; --n_block) { step(n_block, cute::true_type{}); }
     for (; n_block >= n_block_begin; --n_block) { step(n_block, cute::false_type{}); }
 
-    // D = rowsum(dO∘O) came from O rounded to 16 bits; rowsum(P∘dP) = rowsum(dS) + D·rowsum(P) is the same
-    // quantity from the fp32 P and dP, and replaces D for the dK/dV kernel and the sink gradient, as the
-    // mma.sync dQ kernel does (see there). A row's columns are spread over one quad, as in mma.sync's
-    // accumulators; only this block reads or writes these rows' D, and it read them above.
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      auto const plus = [](float a, float b) { return a + b; };
-      ds_sum(r) = quad_allreduce(ds_sum(r), plus) + dpsum[r] * quad_allreduce(p_sum(r), plus);
-    }
-    store_row_values(ds_sum, gD, tScS, q_rows_left);
+    // D rewritten as rowsum(P∘dP) (d_rewrite.h), as the mma.sync dQ kernel does.
+    d_rewrite.store(dpsum, gD, tScS, q_rows_left);
   }
 
   // dQ (w.r.t. the scaled scores: the scale comes in once, here) through Q's buffer and a TMA store, which
