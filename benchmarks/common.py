@@ -33,7 +33,9 @@ SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.C
 # "ours-mma" is ours with the forward forced onto the mma.sync kernels (FLASH_ATTN2_FORCE_SM80: on Hopper
 # the A/B of the two paths); "math" is attention_ref in the input dtype: PyTorch attention as written by
 # hand, S x S in memory.
-IMPLS = ["ours", "ours-det", "ours-atomic", "ours-mma", *SDPA_BACKENDS, "math"]
+# "ours-sm90bwd" is ours with the Hopper (wgmma) dQ and dK/dV kernels (FLASH_ATTN2_SM90_BWD=1; left out where
+# they are not built or the GPU is not sm_90).
+IMPLS = ["ours", "ours-det", "ours-atomic", "ours-mma", "ours-sm90bwd", *SDPA_BACKENDS, "math"]
 
 
 def with_env(f, name, value):
@@ -56,6 +58,13 @@ def atomic_backward_built():
     """Whether this build of flash_attn2 has the atomic-dQ backward (FLASH_ATTN2_BUILD_ATOMIC_BWD=1)."""
     from flash_attn2._extension import C
     return C is not None and C.has_atomic_bwd()
+
+
+def hopper_backward_built():
+    """Whether this build has the Hopper dQ and dK/dV kernels (FLASH_ATTN2_BUILD_SM90_BWD=1) and this GPU runs them."""
+    from flash_attn2._extension import C
+    return (C is not None and getattr(C, "has_sm90_bwd", lambda: False)()
+            and torch.cuda.get_device_capability() == (9, 0))
 
 
 def on_mma_sync(f):
@@ -338,7 +347,8 @@ class Impl(NamedTuple):
     qkv: list          # the leaves that gradients are taken for
     dout: torch.Tensor
     to_ours: Callable  # its layout of out and dq -> ours
-    atomic: bool = False  # its backward the atomic one (opted into around each timed call)
+    env: tuple = ()    # (name, value) switches set around each timed call, backward included (the atomic or
+                       # Hopper backward is opted into that way)
 
 
 def make_impls(names, q, k, v, dout, causal, requires_grad):
@@ -362,7 +372,11 @@ def make_impls(names, q, k, v, dout, causal, requires_grad):
     if "ours-atomic" in names and atomic_backward_built():  # not in a build without it: left out
         atomic_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
         impls["ours-atomic"] = Impl(functools.partial(flash_attn_func, *atomic_qkv, causal=causal, deterministic=False),
-                                    atomic_qkv, dout, lambda t: t, atomic=True)
+                                    atomic_qkv, dout, lambda t: t, env=(("FLASH_ATTN2_ATOMIC_BWD", "1"),))
+    if "ours-sm90bwd" in names and hopper_backward_built():
+        h_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
+        impls["ours-sm90bwd"] = Impl(functools.partial(flash_attn_func, *h_qkv, causal=causal, deterministic=False),
+                                     h_qkv, dout, lambda t: t, env=(("FLASH_ATTN2_SM90_BWD", "1"),))
     if "ours-mma" in names:
         mma_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
         impls["ours-mma"] = Impl(on_mma_sync(functools.partial(flash_attn_func, *mma_qkv, causal=causal,
@@ -382,8 +396,9 @@ def make_impls(names, q, k, v, dout, causal, requires_grad):
 
 def timed_call(pass_, impl):
     """The call that is timed (or measured) for one pass of one implementation."""
-    if impl.atomic:
-        return with_env(timed_call(pass_, impl._replace(atomic=False)), "FLASH_ATTN2_ATOMIC_BWD", "1")
+    if impl.env:
+        (name, value), rest = impl.env[0], impl.env[1:]
+        return with_env(timed_call(pass_, impl._replace(env=rest)), name, value)
     if pass_ == "fwd":
         return torch.no_grad()(impl.forward)  # as inference runs it: no graph, nothing saved
     if pass_ == "bwd":
