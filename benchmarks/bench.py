@@ -90,7 +90,7 @@ PEERS = {"flash": "sdpa-flash", "cudnn": "cudnn"}
 
 
 # Ours in each backward mode (common.IMPLS): ratios to the peers for each that ran.
-OURS = ("ours", "ours-det", "ours-atomic", "ours-sm90bwd")
+OURS = ("ours", "ours-det", "ours-atomic", "ours-mma-bwd")
 
 
 def ratio(row, peer="flash", ours="ours"):

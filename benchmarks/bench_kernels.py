@@ -18,7 +18,7 @@ from common import (unavailable, DTYPES, add_grid_args, add_output_args, describ
 
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv")  # the deterministic backward's, in order
 ATOMIC = "bwd_dkdv_atomic_dq"  # the atomic backward's one kernel after the preprocess (timed where built)
-HOPPER = "bwd_dkdv_sm90"  # the Hopper dK/dV kernel (FLASH_ATTN2_BUILD_SM90_BWD=1; timed where built, on sm_90)
+HOPPER = "bwd_dkdv_sm90"  # the Hopper dK/dV kernel (built with sm_90a; timed where built, on sm_90)
 HOPPER_DQ = "bwd_dq_sm90"  # and its dQ kernel (the same build switch)
 # The deterministic backward does its matmuls as 3 in the dQ kernel and 4 in the dK/dV kernel; each kernel
 # is credited with its share of the backward's FLOPs (2.5x the forward's). The atomic kernel does all five.
@@ -78,7 +78,7 @@ def table(header, rows):
              "(autograd.grad back to back, by CUDA events, deterministic=True) minus that. atomic: the "
              "atomic backward's dK/dV kernel with dQ by atomics (all five matmuls: credited the whole backward; "
              "it runs after the same preprocess, and dQ's zeroing and cast are not in it; '-' where it is not built). "
-             "Hopper dQ, dK/dV: the wgmma dQ and dK/dV kernels (FLASH_ATTN2_BUILD_SM90_BWD=1) on the same inputs, "
+             "Hopper dQ, dK/dV: the wgmma dQ and dK/dV kernels (built with sm_90a) on the same inputs, "
              "credited as dQ and dK/dV ('-' where not built or not on sm_90).")
     overhead = statistics.median(r["bwd_overhead_ms"] / r["python_bwd_ms"] for r in rows)
     return "\n".join([header, "", notes, "", *markdown_table(columns, cells), "",

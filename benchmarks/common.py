@@ -33,9 +33,9 @@ SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.C
 # "ours-mma" is ours with the forward forced onto the mma.sync kernels (FLASH_ATTN2_FORCE_SM80: on Hopper
 # the A/B of the two paths); "math" is attention_ref in the input dtype: PyTorch attention as written by
 # hand, S x S in memory.
-# "ours-sm90bwd" is ours with the Hopper (wgmma) dQ and dK/dV kernels (FLASH_ATTN2_SM90_BWD=1; left out where
-# they are not built or the GPU is not sm_90).
-IMPLS = ["ours", "ours-det", "ours-atomic", "ours-mma", "ours-sm90bwd", *SDPA_BACKENDS, "math"]
+# "ours-mma-bwd" is ours with the backward on the mma.sync kernels (FLASH_ATTN2_SM90_BWD=0: on Hopper the A/B
+# of the two backward paths; left out where the Hopper ones are not built or the GPU is not sm_90).
+IMPLS = ["ours", "ours-det", "ours-atomic", "ours-mma", "ours-mma-bwd", *SDPA_BACKENDS, "math"]
 
 
 def with_env(f, name, value):
@@ -61,7 +61,7 @@ def atomic_backward_built():
 
 
 def hopper_backward_built():
-    """Whether this build has the Hopper dQ and dK/dV kernels (FLASH_ATTN2_BUILD_SM90_BWD=1) and this GPU runs them."""
+    """Whether this build has the Hopper dQ and dK/dV kernels and this GPU runs them."""
     from flash_attn2._extension import C
     return (C is not None and getattr(C, "has_sm90_bwd", lambda: False)()
             and torch.cuda.get_device_capability() == (9, 0))
@@ -373,10 +373,10 @@ def make_impls(names, q, k, v, dout, causal, requires_grad):
         atomic_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
         impls["ours-atomic"] = Impl(functools.partial(flash_attn_func, *atomic_qkv, causal=causal, deterministic=False),
                                     atomic_qkv, dout, lambda t: t, env=(("FLASH_ATTN2_ATOMIC_BWD", "1"),))
-    if "ours-sm90bwd" in names and hopper_backward_built():
-        h_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
-        impls["ours-sm90bwd"] = Impl(functools.partial(flash_attn_func, *h_qkv, causal=causal, deterministic=False),
-                                     h_qkv, dout, lambda t: t, env=(("FLASH_ATTN2_SM90_BWD", "1"),))
+    if "ours-mma-bwd" in names and hopper_backward_built():
+        m_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
+        impls["ours-mma-bwd"] = Impl(functools.partial(flash_attn_func, *m_qkv, causal=causal, deterministic=False),
+                                     m_qkv, dout, lambda t: t, env=(("FLASH_ATTN2_SM90_BWD", "0"),))
     if "ours-mma" in names:
         mma_qkv = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
         impls["ours-mma"] = Impl(on_mma_sync(functools.partial(flash_attn_func, *mma_qkv, causal=causal,

@@ -33,7 +33,7 @@ constexpr int kBuiltHeadDims[] = {FLASH_ATTN2_BUILT_HEAD_DIMS};
 #define FLASH_ATTN2_ATOMIC_BWD 0  // setup.py defines it: 1 when the atomic-dQ backward is built (opt-in)
 #endif
 #ifndef FLASH_ATTN2_SM90_BWD
-#define FLASH_ATTN2_SM90_BWD 0  // setup.py defines it: 1 when the Hopper backward kernels are built (opt-in, sm_90a)
+#define FLASH_ATTN2_SM90_BWD 0  // setup.py defines it: 1 when the Hopper backward kernels are built (sm_90a)
 #endif
 
 template <size_t N>
@@ -78,17 +78,19 @@ bool hopper_fwd(flash::FwdParams const &) {
 }
 
 // The Hopper backward kernels (csrc/sm90/bwd_dq_kernel.h, bwd_dkdv_kernel.h) take the split backward's dQ
-// and dK/dV steps when asked to (FLASH_ATTN2_SM90_BWD=1, read at each call: opt-in until they are
-// measured), on an sm_90 GPU, for the common variant they cover: plain, causal and GQA; not varlen, softcap,
-// ALiBi, windows, dropout or sinks. One predicate for both, so that the dQ kernel's D rewrite always feeds
-// the dK/dV kernel of the same path. Asked for but not built: an error, before any launch. The head dim is
-// the caller's to check (kSm90BwdHeadDims).
+// and dK/dV steps by default where they are built, on an sm_90 GPU, for the common variant they cover:
+// plain, causal and GQA; not varlen, softcap, ALiBi, windows, dropout or sinks. FLASH_ATTN2_SM90_BWD=0 (read
+// at each call) sends them to the mma.sync kernels, for A/B runs and bug reports. One predicate for both, so
+// that the dQ kernel's D rewrite always feeds the dK/dV kernel of the same path. FLASH_ATTN2_SM90_BWD=1 in a
+// build without them: an error, before any launch. The head dim is the caller's to check (kSm90BwdHeadDims).
 bool hopper_bwd(flash::BwdParams const &p) {
   char const *asked = std::getenv("FLASH_ATTN2_SM90_BWD");
-  if (asked == nullptr || std::string(asked) != "1") { return false; }
-  TORCH_CHECK(FLASH_ATTN2_SM90_BWD, "FLASH_ATTN2_SM90_BWD=1 asks for the Hopper backward kernels, which this build "
-              "does not have: rebuild with FLASH_ATTN2_BUILD_SM90_BWD=1 and FLASH_ATTN2_CUDA_ARCHS including 90a, "
-              "or unset FLASH_ATTN2_SM90_BWD");
+  std::string const switch_ = asked == nullptr ? "" : asked;
+  if (switch_ == "0") { return false; }
+  TORCH_CHECK(FLASH_ATTN2_SM90_BWD || switch_ != "1", "FLASH_ATTN2_SM90_BWD=1 asks for the Hopper backward kernels, "
+              "which this build does not have: rebuild with FLASH_ATTN2_CUDA_ARCHS including 90a (and without "
+              "FLASH_ATTN2_BUILD_SM90_BWD=0), or unset FLASH_ATTN2_SM90_BWD");
+  if (!FLASH_ATTN2_SM90_BWD) { return false; }
   bool const covered = !p.needs_general() && p.sinks == nullptr && (!p.is_windowed || p.window_right == 0);
   return covered && is_sm90(c10::cuda::current_device());
 }
@@ -985,5 +987,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_atomic_bwd", [] { return bool(FLASH_ATTN2_ATOMIC_BWD); },
         "Whether this build has the atomic-dQ backward (FLASH_ATTN2_BUILD_ATOMIC_BWD=1)");
   m.def("has_sm90_bwd", [] { return bool(FLASH_ATTN2_SM90_BWD); },
-        "Whether this build has the Hopper backward kernels (dQ, dK/dV) (FLASH_ATTN2_BUILD_SM90_BWD=1, sm_90a)");
+        "Whether this build has the Hopper backward kernels (dQ, dK/dV): sm_90a built, FLASH_ATTN2_BUILD_SM90_BWD not 0");
 }

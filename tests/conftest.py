@@ -107,8 +107,8 @@ def fwd_path(request, monkeypatch):
 
 
 # The split backward's dQ and dK/dV steps on an sm_90 GPU: the mma.sync kernels, and the Hopper ones
-# (csrc/sm90/bwd_dq_kernel.h, bwd_dkdv_kernel.h; built with FLASH_ATTN2_BUILD_SM90_BWD=1, taken with
-# FLASH_ATTN2_SM90_BWD=1), which take the calls they cover (head dims 64 and 128: plain, causal, GQA) and
+# (csrc/sm90/bwd_dq_kernel.h, bwd_dkdv_kernel.h; built with sm_90a unless FLASH_ATTN2_BUILD_SM90_BWD=0, and
+# taken by default: FLASH_ATTN2_SM90_BWD=0 turns them off), which take the calls they cover (head dims 64 and 128: plain, causal, GQA) and
 # leave the rest on mma.sync.
 BWD_PATHS = ("mma_sync", "hopper")
 
@@ -127,7 +127,7 @@ def bwd_path(request, monkeypatch):
     has no Hopper kernel and runs as on the mma.sync path."""
     if request.param == "hopper":
         if not hopper_bwd_available():
-            pytest.skip("the Hopper backward kernels need an sm_90 GPU and a build with FLASH_ATTN2_BUILD_SM90_BWD=1 "
+            pytest.skip("the Hopper backward kernels need an sm_90 GPU and a build with them (not FLASH_ATTN2_BUILD_SM90_BWD=0) "
                         "and FLASH_ATTN2_CUDA_ARCHS including 90a")
         monkeypatch.setenv("FLASH_ATTN2_SM90_BWD", "1")
     else:

@@ -133,14 +133,16 @@ def head_dim_of(path):
 def test_kernel_sources():
     # For a head-dim subset, setup.py compiles the generated files of those head dims and those
     # that serve every head dim, each once; for all head dims, every generated file (sm_90a included) but
-    # those of optional kernels (the atomic backward, the Hopper backward), which their switches add.
+    # those of the optional atomic backward, which its switch adds; the Hopper backward's are in by default and
+    # FLASH_ATTN2_BUILD_SM90_BWD=0 leaves them out.
     generated = [path for path in gen.generated_files() if path.suffix == ".cu"]
     atomic = {path for path in generated if path.name.startswith("bwd_dkdv_atomic_dq_")}
     hopper_bwd = {path for path in generated if path.name.startswith(("bwd_dkdv_sm90_", "bwd_dq_sm90_"))}
     assert atomic and hopper_bwd and all(path.parent.name == "sm90" for path in hopper_bwd)
-    both = {"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1", "FLASH_ATTN2_BUILD_SM90_BWD": "1"}
-    for env, left_out in [({}, atomic | hopper_bwd), ({"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, hopper_bwd),
-                          ({"FLASH_ATTN2_BUILD_SM90_BWD": "1"}, atomic), (both, set())]:
+    no_hopper = {"FLASH_ATTN2_BUILD_SM90_BWD": "0"}
+    for env, left_out in [({}, atomic), ({"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, set()),
+                          (no_hopper, atomic | hopper_bwd),
+                          ({**no_hopper, "FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, hopper_bwd)]:
         for dims in [(64, 128), (32, 96), gen.HEAD_DIMS]:
             wanted = {path for path in generated if head_dim_of(path) in (None, *dims)} - left_out
             sources = build_config.kernel_sources(dims, ["80", "90a"], env)
@@ -148,18 +150,18 @@ def test_kernel_sources():
 
 
 def test_hopper_bwd_needs_sm90a():
-    # The switch adds the Hopper dQ and dK/dV kernels' units only where sm_90a is built: 8 at head dims 64 and
-    # 128.
-    env = {"FLASH_ATTN2_BUILD_SM90_BWD": "1"}
+    # The Hopper dQ and dK/dV kernels' units are built only where sm_90a is: 8 at head dims 64 and 128, which
+    # FLASH_ATTN2_BUILD_SM90_BWD=0 leaves out.
+    env = {}
     for archs in (["80"], ["80", "90"]):
         assert not any("_sm90_" in path.name and path.name.startswith("bwd_")
                        for path in build_config.kernel_sources(gen.HEAD_DIMS, archs, env))
     added = set(build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], env)) - set(
-        build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], {}))
+        build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], {"FLASH_ATTN2_BUILD_SM90_BWD": "0"}))
     assert sorted(path.name for path in added) == sorted(
         f"{kernel}_sm90_hdim{d}_{dtype}.cu" for kernel in ("bwd_dq", "bwd_dkdv") for d in gen.SM90_BWD_HEAD_DIMS
         for dtype in gen.DTYPES)
-    assert build_config.builds_sm90_bwd(env) and not build_config.builds_sm90_bwd({})
+    assert build_config.builds_sm90_bwd(env) and not build_config.builds_sm90_bwd({"FLASH_ATTN2_BUILD_SM90_BWD": "0"})
 
 
 def test_hopper_head_dims_are_kernel_head_dims():
