@@ -32,8 +32,9 @@ inline bool needs_score_mod(FwdParams const &p) {
 }
 
 // Varlen: the kernels that may be given cu_seqlens (the general unit's), whose TMA views are then the
-// one-batch ones; ScoreMod is chosen per call among them.
-template <class Traits, bool Varlen>
+// one-batch ones; ScoreMod is chosen per call among them. benchmarks/tile_sweep_sm90.cu launches the
+// common ones (Varlen defaulted).
+template <class Traits, bool Varlen = false>
 cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
   using Element = typename Traits::Element;
   auto const &p = params;
@@ -52,17 +53,17 @@ cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
   };
   int sm_count = 0;
   if (cudaError_t err = current_sm_count(sm_count); err != cudaSuccess) { return err; }
-  // Without Varlen, ScoreMod is never needed (run_fwd's calls); with it, a fixed-length call takes it too.
-  bool const score_mod = Varlen && (p.cu_seqlens_q == nullptr || needs_score_mod(p));
+  // Of the general unit's calls, the fixed-length ones came for a score mod or dropout; the varlen ones may not.
+  bool const score_mod = p.cu_seqlens_q == nullptr || needs_score_mod(p);
   return bool_switch(p.is_windowed, [&](auto windowed) {
     constexpr bool kWindowed = decltype(windowed)::value;
     dim3 const grid(TileScheduler<Traits::kBlockM, Traits::kPersistent && !kWindowed>::grid(p, sm_count));
     auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
-    if constexpr (Varlen) {
+    if constexpr (Varlen && Traits::kVarlenCommonLoop) {
       return score_mod ? launch(&fwd_kernel<Traits, kWindowed, true, true>)
                        : launch(&fwd_kernel<Traits, kWindowed, true, false>);
     } else {
-      return launch(&fwd_kernel<Traits, kWindowed, false, false>);
+      return launch(&fwd_kernel<Traits, kWindowed, Varlen, Varlen>);
     }
   });
 }

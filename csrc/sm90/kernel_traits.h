@@ -58,6 +58,7 @@ struct FwdTraits {
   static constexpr bool kIntraWgOverlap = kIntraWgOverlap_;
   static constexpr bool kPingpong = kPingpong_;
   static constexpr bool kPersistent = kPersistent_;
+  static constexpr bool kVarlenCommonLoop = fwd_tile(kHeadDim_).varlen_common_loop;
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
