@@ -32,7 +32,8 @@ using namespace cute;
 //  - ScoreMod: softcap, ALiBi, a window's left edge and dropout: per-element work in the key loop, which at
 //    D = 128 is three times the common loop's instructions (benchmarks/NOTES.md), so plain and causal varlen
 //    calls run without it.
-// Instantiated as (false, false) (the common variant), (true, false) and (true, true) (fwd_launch.h).
+// Instantiated as (false, false), the common variant, in its own unit; (true, true), the general one, and
+// (true, false) where tile_config.h's varlen_common_loop says so, in the general unit (fwd_launch.h).
 template <class Traits, bool Windowed, bool Varlen, bool ScoreMod>
 __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
