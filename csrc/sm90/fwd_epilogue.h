@@ -1,7 +1,8 @@
 // The Hopper forward's epilogue: O (normalised, in the input dtype) through shared memory and one TMA store,
 // which clips the rows and columns past the tensor's end; the LSE straight from the registers. A varlen
-// sequence's rows end inside the tensor (the next sequence's follow): there the consumers copy O out
-// themselves, predicated by row.
+// sequence's rows end inside the tensor (the next sequence's follow): a tile that lies wholly inside its
+// sequence still goes out by TMA, at the sequence's offset; one that crosses the sequence's end the
+// consumers copy out themselves, predicated by row.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -18,7 +19,7 @@ namespace flash::sm90 {
 
 using namespace cute;
 
-template <class Traits, bool General>
+template <class Traits, bool Varlen>
 struct FwdEpilogue {
   using Element = typename Traits::Element;
   typename Traits::KernelParams const &kp;
@@ -46,19 +47,32 @@ struct FwdEpilogue {
     store_row_values(lse, gLSE, tOcO, seq.seqlen_q - w.m_block * Traits::kBlockM);
 
     barrier_sync(Traits::kConsumerThreads, FwdBarrier::OutputReady);
-    if constexpr (General) {
-      if (tma_varlen<General>(p)) {
-        store_rows(w, seq, sO, thread_idx);
+    if constexpr (Varlen) {
+      if (tma_varlen<Varlen>(p)) {
+        if ((w.m_block + 1) * Traits::kBlockM > seq.seqlen_q) {
+          store_rows(w, seq, sO, thread_idx);
+          return;
+        }
+        if (thread_idx == 0) {  // the whole tile is this sequence's: rows [q_start, ...) of the one-batch view
+          Tensor mO = kp.tma_o.get_tma_tensor(tma_shape_q<Varlen>(p));
+          Tensor mOh = domain_offset(make_coord(seq.q_start, _0{}), mO(_, _, w.head, 0));
+          store_tma(local_tile(mOh, typename Traits::TileQ{}, make_coord(w.m_block, _0{})), sO);
+        }
         return;
       }
     }
     if (thread_idx == 0) {
       Tensor mO = kp.tma_o.get_tma_tensor(make_shape(p.seqlen_q, p.head_dim, p.heads, p.batch));
-      Tensor gO = local_tile(mO(_, _, w.head, w.batch), typename Traits::TileQ{}, make_coord(w.m_block, _0{}));
-      auto o_copy = tma_partition(kp.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sO), group_modes<0, 2>(gO));
-      copy(kp.tma_o, get<1>(o_copy), get<0>(o_copy));  // (gmem, smem) views: smem -> gmem
-      tma_store_arrive();
+      store_tma(local_tile(mO(_, _, w.head, w.batch), typename Traits::TileQ{}, make_coord(w.m_block, _0{})), sO);
     }
+  }
+
+  // gO: the tile's (kBlockM, kHeadDim) TMA coordinates. Called by one thread; the store is left in flight.
+  template <class GmemO, class SmemO>
+  CUTE_DEVICE void store_tma(GmemO const &gO, SmemO const &sO) const {
+    auto o_copy = tma_partition(kp.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sO), group_modes<0, 2>(gO));
+    copy(kp.tma_o, get<1>(o_copy), get<0>(o_copy));  // (gmem, smem) views: smem -> gmem
+    tma_store_arrive();
   }
 
   // O from shared memory to this sequence's rows, 16 bytes per copy; none past the sequence's last row or

@@ -24,9 +24,17 @@ namespace flash::sm90 {
 
 using namespace cute;
 
-// Windowed: causal or a window (mask.h). General: the variant for varlen batches, softcap, ALiBi, a window's
-// left edge and dropout, as the mma.sync forward's (sm80/fwd_kernel.h); without it they compile out.
-template <class Traits, bool Windowed, bool General>
+// Windowed: causal or a window (mask.h). The mma.sync forward's General variant (sm80/fwd_kernel.h) is two
+// independent flags here, each compiling out what it adds when off:
+//  - Varlen: cu_seqlens may be given: per-sequence offsets and lengths (block_info.h), tiles past a
+//    sequence's end skipped, the key loop the common one (its masking of the ragged last key block and the
+//    causal diagonal, aligned bottom-right, from the sequence's lengths).
+//  - ScoreMod: softcap, ALiBi, a window's left edge and dropout: per-element work in the key loop, which at
+//    D = 128 is three times the common loop's instructions (benchmarks/NOTES.md), so plain and causal varlen
+//    calls run without it.
+// Instantiated as (false, false), the common variant, in its own unit; (true, true), the general one, and
+// (true, false) where tile_config.h's varlen_common_loop says so, in the general unit (fwd_launch.h).
+template <class Traits, bool Windowed, bool Varlen, bool ScoreMod>
 __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
   using Pipeline = typename Traits::Pipeline;
@@ -55,7 +63,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
   Pipeline pipeline_v(shared.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
   __syncthreads();  // the barriers are initialised before anyone waits on them
 
-  if (General && params.has_dropout() && params.rng_state_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+  if (ScoreMod && params.has_dropout() && params.rng_state_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
     // Under CUDA-graph capture only the device knows a replay's (seed, offset): the backward reads them here.
     uint64_t seed, offset;
     unpack_rng(params.rng, seed, offset);
@@ -68,24 +76,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
   TileScheduler<kBlockM, Traits::kPersistent && !Windowed> const scheduler{params};
   // Where the tile's sequence lies (varlen: from cu_seqlens, clamped), made where it is used: carried in
   // plan's tuple beside the mask, it cost the common variant's D = 256 causal kernel a spill.
-  auto sequence = [&](BlockWork const &w) { return BlockInfo{params, w.batch, cute::bool_constant<General>{}}; };
-  // The tile's key blocks; none for causal rows above the first key, or a varlen sequence without keys
-  // (O = 0, LSE = +inf or the sink).
+  auto sequence = [&](BlockWork const &w) { return BlockInfo{params, w.batch, cute::bool_constant<Varlen>{}}; };
+  // The tile's key blocks; none for causal rows above the first key, rows whose window's left edge lies past
+  // the last key, or a varlen sequence without keys (O = 0, LSE = +inf or the sink).
   auto plan = [&](int tile) {
     BlockWork w = scheduler.work(tile);
-    Mask<kBlockM, kBlockN, Windowed, General> const mask{params, sequence(w), w.head};
+    Mask<kBlockM, kBlockN, Windowed, ScoreMod> const mask{params, sequence(w), w.head};
     w.n_block_begin = mask.n_block_begin(w.m_block);
     w.n_block_end = mask.n_block_end(w.m_block);
     return cute::make_tuple(w, mask);
   };
-  auto has_keys = [](BlockWork const &w) { return !(Windowed || General) || w.n_block_end > w.n_block_begin; };
+  auto has_keys = [](BlockWork const &w) { return !(Windowed || Varlen || ScoreMod) || w.n_block_end > w.n_block_begin; };
   // Varlen: the scheduler's tiles cover the longest sequence; those past this one's end are skipped, by the
   // producer and the consumers alike, so that their barriers and pipelines stay in step.
-  auto has_rows = [](BlockWork const &w, BlockInfo const &seq) { return !General || w.m_block * kBlockM < seq.seqlen_q; };
+  auto has_rows = [](BlockWork const &w, BlockInfo const &seq) { return !Varlen || w.m_block * kBlockM < seq.seqlen_q; };
   // The producer waits on QueryFree for the consumers and its own warp.
   constexpr int kQueryFreeThreads = Traits::kConsumerThreads + cutlass::NumThreadsPerWarp;
 
-  FwdMainloop<Traits, General> mainloop{kp, shared, pipeline_k, pipeline_v};
+  FwdMainloop<Traits, Varlen, ScoreMod> mainloop{kp, shared, pipeline_k, pipeline_v};
   if (producer) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     if (cutlass::canonical_warp_idx_sync() == 0) {
@@ -107,7 +115,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
     if constexpr (Traits::kPingpong) {  // warpgroup 0 (of the consumers) goes first
       if (warpgroup == 2) { barrier_arrive(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, 0); }
     }
-    FwdEpilogue<Traits, General> const epilogue{kp, shared};
+    FwdEpilogue<Traits, Varlen> const epilogue{kp, shared};
     typename Traits::PipelineState read_k, read_v;
     int q_phase = 0;
     for (int tile = scheduler.first(); scheduler.valid(tile); tile = scheduler.next(tile)) {
@@ -128,7 +136,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
       if constexpr (Traits::kSeparateO) { barrier_arrive(kQueryFreeThreads, FwdBarrier::QueryFree); }
       float const sink_log2 = params.sinks == nullptr ? -INFINITY : params.sinks[w.head] * float(M_LOG2E);
       // Dropout: the row sums (and LSE) are those of the undropped P; the kept entries' 1 / (1 - p), once on O.
-      Tensor lse = softmax.finalize(acc_o, sink_log2, General && params.has_dropout() ? params.dropout_scale : 1.f);
+      Tensor lse = softmax.finalize(acc_o, sink_log2, ScoreMod && params.has_dropout() ? params.dropout_scale : 1.f);
       epilogue.store(w, seq, acc_o, lse, thread_idx);
       if constexpr (!Traits::kSeparateO) {  // O went out of Q's buffer: wait until it has left
         if (thread_idx == 0) { tma_store_wait<0>(); }

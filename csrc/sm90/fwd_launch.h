@@ -23,11 +23,22 @@ auto gmem_tensor(HeadTensor const &t, GmemShape const &shape) {
                      GmemStride{t.row_stride, _1{}, t.head_stride, batch_stride});
 }
 
-template <class Traits, bool General>
+// Whether a call needs the ScoreMod flag (fwd_kernel.h): any feature of the general variant but varlen
+// (AttnParams::needs_general, so that a feature added there reaches this test too).
+inline bool needs_score_mod(FwdParams const &p) {
+  FwdParams fixed = p;
+  fixed.cu_seqlens_q = fixed.cu_seqlens_k = nullptr;
+  return fixed.needs_general();
+}
+
+// Varlen: the kernels that may be given cu_seqlens (the general unit's), whose TMA views are then the
+// one-batch ones; ScoreMod is chosen per call among them. benchmarks/tile_sweep_sm90.cu launches the
+// common ones (Varlen defaulted).
+template <class Traits, bool Varlen = false>
 cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
   using Element = typename Traits::Element;
   auto const &p = params;
-  GmemShape const shape_q = tma_shape_q<General>(p), shape_k = tma_shape_k<General>(p);
+  GmemShape const shape_q = tma_shape_q<Varlen>(p), shape_k = tma_shape_k<Varlen>(p);
   typename Traits::KernelParams kp{
       params,
       make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Element>(p.q, shape_q), typename Traits::SmemLayoutQ{},
@@ -36,22 +47,30 @@ cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
                     typename Traits::TileKV{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Element>(p.v, shape_k), take<0, 2>(typename Traits::SmemLayoutKV{}),
                     typename Traits::TileKV{}, _1{}),
-      // Unused for varlen, whose O the consumers store (fwd_epilogue.h).
+      // Varlen: used for the tiles that lie wholly inside their sequence (fwd_epilogue.h).
       make_tma_copy(SM90_TMA_STORE{}, gmem_tensor<Element>(p.o, shape_q), typename Traits::SmemLayoutQ{},
                     typename Traits::TileQ{}, _1{}),
   };
   int sm_count = 0;
   if (cudaError_t err = current_sm_count(sm_count); err != cudaSuccess) { return err; }
+  // Of the general unit's calls, the fixed-length ones came for a score mod or dropout; the varlen ones may not.
+  bool const score_mod = p.cu_seqlens_q == nullptr || needs_score_mod(p);
   return bool_switch(p.is_windowed, [&](auto windowed) {
     constexpr bool kWindowed = decltype(windowed)::value;
     dim3 const grid(TileScheduler<Traits::kBlockM, Traits::kPersistent && !kWindowed>::grid(p, sm_count));
-    return launch_kernel(&fwd_kernel<Traits, kWindowed, General>, grid, Traits::kThreads, Traits::kSmemSize, kp,
-                         stream);
+    auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
+    if constexpr (Varlen && Traits::kVarlenCommonLoop) {
+      return score_mod ? launch(&fwd_kernel<Traits, kWindowed, true, true>)
+                       : launch(&fwd_kernel<Traits, kWindowed, true, false>);
+    } else {
+      return launch(&fwd_kernel<Traits, kWindowed, Varlen, Varlen>);
+    }
   });
 }
 
 // The common variant (plain, causal, right window edges, GQA, sinks) and the general one (AttnParams::
-// needs_general: varlen, softcap, ALiBi, left window edges, dropout), in translation units of their own.
+// needs_general: varlen, softcap, ALiBi, left window edges, dropout), in translation units of their own; the
+// general one's unit holds both its kernels, plain-or-causal varlen (Varlen) and the rest (Varlen, ScoreMod).
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
   return launch_fwd<FwdTraits<kHeadDim, Element>, false>(params, stream);

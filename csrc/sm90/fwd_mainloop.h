@@ -28,9 +28,12 @@ struct BlockWork {
   int n_block_begin, n_block_end;
 };
 
-// General: the variant for varlen batches, softcap, ALiBi, a window's left edge and dropout (mask.h,
-// dropout.h); without it they compile out, so the common variant's code is that of before they existed.
-template <class Traits, bool General>
+// Two independent flags (fwd_kernel.h), each compiling out what it adds, so that the common variant's code is
+// that of before they existed. Varlen: a sequence's rows start at its cu_seqlens offset (the loads' TMA
+// coordinates); its key loop is the common one, whose masked blocks (the ragged last one, the causal
+// diagonal) are found from the sequence's lengths. ScoreMod: the per-element work of softcap, ALiBi, a
+// window's left edge (key blocks below the unmasked ones masked again) and dropout (mask.h, dropout.h).
+template <class Traits, bool Varlen, bool ScoreMod>
 struct FwdMainloop {
   using Element = typename Traits::Element;
   using Pipeline = typename Traits::Pipeline;
@@ -44,9 +47,9 @@ struct FwdMainloop {
   // A varlen sequence's rows start at its first row (seq) of the one-batch TMA view (kernel_traits.h).
   CUTE_DEVICE auto q_gmem(BlockWork const &w, BlockInfo const &seq) const {  // (kBlockM, kHeadDim): TMA coordinates
     FwdParams const &p = kp.params;
-    if constexpr (General) {
-      bool const varlen = tma_varlen<General>(p);
-      Tensor mQ = kp.tma_q.get_tma_tensor(tma_shape_q<General>(p));
+    if constexpr (Varlen) {
+      bool const varlen = tma_varlen<Varlen>(p);
+      Tensor mQ = kp.tma_q.get_tma_tensor(tma_shape_q<Varlen>(p));
       Tensor mQh = domain_offset(make_coord(seq.q_start, _0{}), mQ(_, _, w.head, varlen ? 0 : w.batch));
       return local_tile(mQh, typename Traits::TileQ{}, make_coord(w.m_block, _0{}));
     } else {
@@ -57,9 +60,9 @@ struct FwdMainloop {
   template <class Tma>
   CUTE_DEVICE auto kv_gmem(Tma const &tma, BlockWork const &w, BlockInfo const &seq) const {  // (kBlockN, kHeadDim, n)
     FwdParams const &p = kp.params;
-    if constexpr (General) {
-      bool const varlen = tma_varlen<General>(p);
-      Tensor mKV = tma.get_tma_tensor(tma_shape_k<General>(p));
+    if constexpr (Varlen) {
+      bool const varlen = tma_varlen<Varlen>(p);
+      Tensor mKV = tma.get_tma_tensor(tma_shape_k<Varlen>(p));
       Tensor mKVh = domain_offset(make_coord(seq.k_start, _0{}), mKV(_, _, p.kv_head(w.head), varlen ? 0 : w.batch));
       return local_tile(mKVh, typename Traits::TileKV{}, make_coord(_, _0{}));
     } else {
@@ -140,7 +143,7 @@ struct FwdMainloop {
     // calls take, so the mma.sync backward regenerates this mask.
     auto to_operand = [&](int n_block) {
       Tensor rP = convert_type<Element>(acc_s);
-      if constexpr (General) {
+      if constexpr (ScoreMod) {
         if (kp.params.has_dropout()) {
           Dropout{kp.params, w.batch, w.head}.template drop<true>(rP, tScS, w.m_block * kBlockM, n_block * kBlockN);
         }
@@ -150,8 +153,8 @@ struct FwdMainloop {
 
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, q_phase);
     int const n_block_first_masked = mask.n_block_first_masked(w.m_block);
-    // Key blocks below this one are crossed by the window's left edge (General only): masked again.
-    int const n_block_unmasked_begin = General ? mask.n_block_unmasked_begin(w.m_block) : 0;
+    // Key blocks below this one are crossed by the window's left edge (ScoreMod only): masked again.
+    int const n_block_unmasked_begin = ScoreMod ? mask.n_block_unmasked_begin(w.m_block) : 0;
 
     if constexpr (!Traits::kIntraWgOverlap) {  // the ablation: each block's two matmuls and softmax in turn
       auto step = [&](int n_block, auto is_first, auto is_masked) __attribute__((always_inline)) {
@@ -180,7 +183,7 @@ struct FwdMainloop {
       for (--n_block; n_block >= n_block_first_masked && n_block >= w.n_block_begin; --n_block) {
         step(n_block, cute::false_type{}, cute::true_type{});
       }
-      if constexpr (General) {
+      if constexpr (ScoreMod) {
         for (; n_block >= n_block_unmasked_begin && n_block >= w.n_block_begin; --n_block) {
           step(n_block, cute::false_type{}, cute::false_type{});
         }
@@ -230,7 +233,7 @@ struct FwdMainloop {
     for (--n_block; n_block >= n_block_first_masked && n_block >= w.n_block_begin; --n_block) {
       step(n_block, cute::true_type{});
     }
-    if constexpr (General) {
+    if constexpr (ScoreMod) {
       for (; n_block >= n_block_unmasked_begin && n_block >= w.n_block_begin; --n_block) {
         step(n_block, cute::false_type{});
       }

@@ -22,19 +22,19 @@ using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
 
 // The TMA views' shapes. A varlen (total, heads, head_dim) tensor is one batch of all its rows, a sequence
 // being found at its first row (BlockInfo); so a tile's rows past the sequence's end are the next sequence's
-// (masked keys, unused query rows) or, past the tensor's end, zeros. Varlen only in the General variant, so
-// that the common one keeps its constant-folded shapes.
-template <bool General>
-CUTE_HOST_DEVICE bool tma_varlen(AttnParams const &p) { return General && p.cu_seqlens_q != nullptr; }
-template <bool General>
+// (masked keys, unused query rows) or, past the tensor's end, zeros. Varlen: the kernel may be given
+// cu_seqlens (fwd_kernel.h); without it the shapes fold to the params' constants.
+template <bool Varlen>
+CUTE_HOST_DEVICE bool tma_varlen(AttnParams const &p) { return Varlen && p.cu_seqlens_q != nullptr; }
+template <bool Varlen>
 CUTE_HOST_DEVICE GmemShape tma_shape_q(AttnParams const &p) {
-  return tma_varlen<General>(p) ? GmemShape{p.total_q, p.head_dim, p.heads, 1}
-                                : GmemShape{p.seqlen_q, p.head_dim, p.heads, p.batch};
+  return tma_varlen<Varlen>(p) ? GmemShape{p.total_q, p.head_dim, p.heads, 1}
+                               : GmemShape{p.seqlen_q, p.head_dim, p.heads, p.batch};
 }
-template <bool General>
+template <bool Varlen>
 CUTE_HOST_DEVICE GmemShape tma_shape_k(AttnParams const &p) {
-  return tma_varlen<General>(p) ? GmemShape{p.total_k, p.head_dim, p.heads_kv, 1}
-                                : GmemShape{p.seqlen_k, p.head_dim, p.heads_kv, p.batch};
+  return tma_varlen<Varlen>(p) ? GmemShape{p.total_k, p.head_dim, p.heads_kv, 1}
+                               : GmemShape{p.seqlen_k, p.head_dim, p.heads_kv, p.batch};
 }
 
 // GMMA's canonical K-major layout with the widest swizzle whose atom the head dim is a multiple of.
@@ -58,6 +58,7 @@ struct FwdTraits {
   static constexpr bool kIntraWgOverlap = kIntraWgOverlap_;
   static constexpr bool kPingpong = kPingpong_;
   static constexpr bool kPersistent = kPersistent_;
+  static constexpr bool kVarlenCommonLoop = fwd_tile(kHeadDim_).varlen_common_loop;
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
@@ -95,8 +96,8 @@ struct FwdTraits {
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}, TileQ{}, _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}), TileKV{}, _1{}));
   using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensor{}, SmemLayoutQ{}, TileQ{}, _1{}));
-  // The varlen O store, which must not write past the sequence's last row (the next sequence's): 16-byte
-  // loads from the swizzled buffer (swizzles move whole 16-byte chunks) and stores predicated per row.
+  // The varlen O store of a tile that ends past its sequence's last row, which it must not write (the next
+  // sequence's): 16-byte loads from the swizzled buffer (swizzles move whole 16-byte chunks) and stores predicated per row.
   // Threads per row: the largest power of two that divides the row's 16-byte chunks (96: 4 threads, 3 each).
   static constexpr int kGmemThreadsPerRow = (kHeadDim / 8) % 32 == 0   ? 32
                                             : (kHeadDim / 8) % 16 == 0 ? 16

@@ -11,13 +11,18 @@ struct FwdTile {
   bool intra_wg_overlap;    // a warpgroup's softmax of block n overlaps its own Q·Kᵀ of n-1 and P·V of n+1
   bool pingpong;            // the two consumer warpgroups take turns at the tensor cores (named barriers)
   bool persistent = true;   // at most one block per SM, walking the tiles; else one block per tile
+  // Varlen calls without softcap, ALiBi, a left window edge or dropout run the common key loop (fwd_kernel.h:
+  // Varlen without ScoreMod), else the general variant's. Off at D = 256 until timed: there that kernel
+  // spills 28 bytes (windowed: 52, some in its masked steps) where the general one spills 8 (16) outside
+  // its key loop, which is 2.6 times as long; the fixed-length kernel spills 16 (32), in its loop too.
+  bool varlen_common_loop = true;
 };
 
 // 96 and 192 take their neighbours' tiles (128 and 256), not yet measured on their own.
 constexpr FwdTile fwd_tile(int head_dim) {
   return head_dim <= 64    ? FwdTile{128, 128, 2, true, true}
          : head_dim <= 128 ? FwdTile{128, 128, 2, true, true}
-                           : FwdTile{128, 64, 2, true, true};
+                           : FwdTile{128, 64, 2, true, true, true, false};
 }
 
 }  // namespace flash::sm90
