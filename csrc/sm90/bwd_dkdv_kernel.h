@@ -6,7 +6,8 @@
 //   Sᵀ = K·Qᵀ,  dPᵀ = V·dOᵀ            (both operands in shared memory)
 //   Pᵀ = exp(Sᵀ·scale - LSE),  dSᵀ = Pᵀ∘(dPᵀ - D)   (in the accumulators' registers)
 //   dV += Pᵀ·dO,  dK += dSᵀ·Q          (Pᵀ, dSᵀ from registers; dO, Q read MN-major)
-// with Sᵀ and dPᵀ issued together and dV's product in flight while dSᵀ is computed. The common variant
+// with Sᵀ and dPᵀ issued together and dV's product in flight while dSᵀ is computed (with Traits::kOverlap,
+// dK's product of a step is issued in the next, between its Sᵀ and dPᵀ). The common variant
 // only (no varlen, softcap, ALiBi, left window edge, dropout: mask.h's General): the binding sends the rest
 // to the mma.sync kernel (sm80/bwd_dkdv_kernel.h), which this one matches in what it writes.
 #pragma once
@@ -132,14 +133,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     Tensor mD = seq.q_values(params.dpsum, head);
     float const scale_log2 = params.softmax_scale_log2;
     typename Traits::PipelineState read;
+    // Overlap (tile_config.h): the previous step's dSᵀ and stage, whose dK product this step issues.
+    typename Traits::PipelineState read_prev;
+    Tensor rdS_prev = make_tensor<Element>(partition_fragment_C(mma_st, typename Traits::TileSt{}).layout());
+    auto issue_dk = [&](int stage) __attribute__((always_inline)) {
+      gemm_issue<false>(mma_dkv, make_tensor(rdS_prev.data(), acc_as_operand_a(rdS_prev.layout())),
+                        tdKrQ(_, _, _, stage), acc_dk);
+    };
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
 
-    auto step = [&](int m_block, auto is_masked) __attribute__((always_inline)) {
+    // has_prev: overlap, and not the first step (a compile-time tag: warpgroup_wait's count depends on it).
+    auto step = [&](int m_block, auto is_masked, auto has_prev) __attribute__((always_inline)) {
+      constexpr bool kHasPrev = decltype(has_prev)::value;
       pipeline.consumer_wait(read);
       int const stage = read.index();
       Tensor acc_s = partition_fragment_C(mma_st, typename Traits::TileSt{});   // Sᵀ: (MMA, MMA_M, MMA_N)
       Tensor acc_dp = partition_fragment_C(mma_st, typename Traits::TileSt{});  // dPᵀ
       gemm_issue<true>(mma_st, tSrK, tSrQ(_, _, _, stage), acc_s);
+      // After Sᵀ, so that the exponentials wait for Sᵀ only; before dPᵀ, so that its wait below (in order)
+      // frees the previous stage before dPᵀ's.
+      if constexpr (kHasPrev) { issue_dk(read_prev.index()); }
       gemm_issue<true>(mma_st, tdPrV, tdPrdO(_, _, _, stage), acc_dp);
       // Each column is a query: its LSE (log2 units) and, later, D, read from global memory (L2) while a
       // matmul runs; D only once Pᵀ is made, so that the two arrays are not live at once (together with
@@ -150,7 +163,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int c = 0; c < kCols; ++c) {
         lse_log2[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY;
       }
-      warpgroup_wait<1>();  // Sᵀ is in
+      warpgroup_wait<kHasPrev ? 2 : 1>();  // Sᵀ is in
       warpgroup_fence_operand(acc_s);
       mask.template apply<decltype(is_masked)::value, true>(acc_s, tScS, m_block, n_block);
       Tensor p = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // Pᵀ = exp(Sᵀ·scale - LSE), in place
@@ -158,6 +171,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int r = 0; r < size<0>(p); ++r) {
         CUTE_UNROLL
         for (int c = 0; c < kCols; ++c) { p(r, c) = exp2_approx(p(r, c) * scale_log2 - lse_log2[c]); }
+      }
+      if constexpr (kHasPrev) {
+        warpgroup_wait<1>();  // the previous dK product has read its stage's Q (and rdS_prev)
+        warpgroup_fence_operand(acc_dk);
+        warpgroup_fence_operand(rdS_prev);
+        pipeline.consumer_release(read_prev);
       }
       Tensor rP = convert_type<Element>(acc_s);
       gemm_issue<false>(mma_dkv, make_tensor(rP.data(), acc_as_operand_a(rP.layout())), tdVrdO(_, _, _, stage),
@@ -173,13 +192,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int c = 0; c < kCols; ++c) { ds(r, c) = p(r, c) * (ds(r, c) - dpsum[c]); }
       }
-      Tensor rdS = convert_type<Element>(acc_dp);
-      gemm_issue<false>(mma_dkv, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQ(_, _, _, stage),
-                        acc_dk);
-      warpgroup_wait<0>();  // both products have read this stage's Q and dO
-      warpgroup_fence_operand(acc_dv);
-      warpgroup_fence_operand(acc_dk);
-      pipeline.consumer_release(read);
+      if constexpr (Traits::kOverlap) {
+        // dK's product goes out with the next step's Sᵀ (or after the loop); dV's is still in flight, and
+        // this stage is released once that product has read it.
+        copy(convert_type<Element>(acc_dp), rdS_prev);
+        read_prev = read;
+      } else {
+        Tensor rdS = convert_type<Element>(acc_dp);
+        gemm_issue<false>(mma_dkv, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQ(_, _, _, stage),
+                          acc_dk);
+        warpgroup_wait<0>();  // both products have read this stage's Q and dO
+        warpgroup_fence_operand(acc_dv);
+        warpgroup_fence_operand(acc_dk);
+        pipeline.consumer_release(read);
+      }
       ++read;
     };
 
@@ -187,8 +213,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // for a ragged last key block) masked, the rest not (mask.h).
     int const m_block_end_masked = min(m_block_end, mask.m_block_end_masked(n_block));
     int m_block = m_block_begin;
-    for (; m_block < m_block_end_masked; ++m_block) { step(m_block, cute::true_type{}); }
-    for (; m_block < m_block_end; ++m_block) { step(m_block, cute::false_type{}); }
+    if constexpr (Traits::kOverlap) {  // the first step has no previous dK product to issue
+      if (m_block < m_block_end_masked) {
+        step(m_block, cute::true_type{}, cute::false_type{});
+      } else {
+        step(m_block, cute::false_type{}, cute::false_type{});
+      }
+      ++m_block;
+    }
+    constexpr auto has_prev = cute::bool_constant<Traits::kOverlap>{};
+    for (; m_block < m_block_end_masked; ++m_block) { step(m_block, cute::true_type{}, has_prev); }
+    for (; m_block < m_block_end; ++m_block) { step(m_block, cute::false_type{}, has_prev); }
+    if constexpr (Traits::kOverlap) {  // the last step's dK product
+      issue_dk(read_prev.index());
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_fence_operand(acc_dk);
+      pipeline.consumer_release(read_prev);
+    }
   }
 
   // dK (w.r.t. the scaled scores: the scale comes in once, here) and dV through K's and V's buffers and a TMA

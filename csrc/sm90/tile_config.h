@@ -31,6 +31,10 @@ struct BwdTile {
   int block_m;  // query rows per main-loop step
   int block_n;  // key rows per thread block: 64 per consumer warpgroup
   int stages;   // (Q, dO) buffers in the shared-memory pipeline
+  // The gradient product of step n (dK += dSᵀ·Q; the dQ kernel's dQ += dS·K) issued in step n + 1 between
+  // its S and dP products, so that it runs beside that step's exponentials; dS is kept across the step in
+  // registers and its stage released a step late (best with a third stage). Not yet measured: off.
+  bool overlap = false;
 };
 
 constexpr BwdTile bwd_dkdv_tile(int head_dim) {
