@@ -140,30 +140,58 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       gemm_issue<false>(mma_dkv, make_tensor(rdS_prev.data(), acc_as_operand_a(rdS_prev.layout())),
                         tdKrQ(_, _, _, stage), acc_dk);
     };
+    // Once the previous dK product is done: it has read its stage's Q, and rdS_prev.
+    auto release_prev = [&]() __attribute__((always_inline)) {
+      warpgroup_fence_operand(acc_dk);
+      warpgroup_fence_operand(rdS_prev);
+      pipeline.consumer_release(read_prev);
+    };
+    // Prefetch (tile_config.h): a query block's LSE (log2 units) and D, read a step ahead into registers.
+    float lse_next[kCols], dpsum_next[kCols];
+    auto load_rows = [&](int m_block, float(&lse_log2)[kCols], float(&dpsum)[kCols]) __attribute__((always_inline)) {
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        int const query = m_block * kBlockM + get<1>(tScS_rc(0, c));
+        bool const in_range = query < seq.seqlen_q;  // also past the last step's block: its reads are unused
+        lse_log2[c] = in_range ? mLSE(query) * float(M_LOG2E) : INFINITY;
+        dpsum[c] = in_range ? mD(query) : 0.f;
+      }
+    };
+    if constexpr (Traits::kPrefetchRows) { load_rows(m_block_begin, lse_next, dpsum_next); }
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
 
     // has_prev: overlap, and not the first step (a compile-time tag: warpgroup_wait's count depends on it).
     auto step = [&](int m_block, auto is_masked, auto has_prev) __attribute__((always_inline)) {
       constexpr bool kHasPrev = decltype(has_prev)::value;
+      constexpr bool kBeforeS = kHasPrev && Traits::kOverlap == 2, kAfterS = kHasPrev && Traits::kOverlap == 1;
       pipeline.consumer_wait(read);
       int const stage = read.index();
       Tensor acc_s = partition_fragment_C(mma_st, typename Traits::TileSt{});   // Sᵀ: (MMA, MMA_M, MMA_N)
       Tensor acc_dp = partition_fragment_C(mma_st, typename Traits::TileSt{});  // dPᵀ
+      if constexpr (kBeforeS) { issue_dk(read_prev.index()); }
       gemm_issue<true>(mma_st, tSrK, tSrQ(_, _, _, stage), acc_s);
       // After Sᵀ, so that the exponentials wait for Sᵀ only; before dPᵀ, so that its wait below (in order)
       // frees the previous stage before dPᵀ's.
-      if constexpr (kHasPrev) { issue_dk(read_prev.index()); }
+      if constexpr (kAfterS) { issue_dk(read_prev.index()); }
       gemm_issue<true>(mma_st, tdPrV, tdPrdO(_, _, _, stage), acc_dp);
       // Each column is a query: its LSE (log2 units) and, later, D, read from global memory (L2) while a
       // matmul runs; D only once Pᵀ is made, so that the two arrays are not live at once (together with
       // LSE, the D = 128 kernel spilled). Past seqlen_q, LSE +inf makes P = 0 (Q and dO are zeros there).
+      // With Traits::kPrefetchRows, both came with the previous step and the next step's are read now.
       auto query_of = [&](int c) { return m_block * kBlockM + get<1>(tScS_rc(0, c)); };
-      float lse_log2[kCols];
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        lse_log2[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY;
+      float lse_log2[kCols], dpsum[kCols];
+      if constexpr (Traits::kPrefetchRows) {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) { lse_log2[c] = lse_next[c], dpsum[c] = dpsum_next[c]; }
+        load_rows(m_block + 1, lse_next, dpsum_next);
+      } else {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          lse_log2[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY;
+        }
       }
-      warpgroup_wait<kHasPrev ? 2 : 1>();  // Sᵀ is in
+      warpgroup_wait<kAfterS ? 2 : 1>();  // Sᵀ is in (in order: so is a dK product issued before it)
+      if constexpr (kBeforeS) { release_prev(); }
       warpgroup_fence_operand(acc_s);
       mask.template apply<decltype(is_masked)::value, true>(acc_s, tScS, m_block, n_block);
       Tensor p = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // Pᵀ = exp(Sᵀ·scale - LSE), in place
@@ -172,18 +200,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int c = 0; c < kCols; ++c) { p(r, c) = exp2_approx(p(r, c) * scale_log2 - lse_log2[c]); }
       }
-      if constexpr (kHasPrev) {
-        warpgroup_wait<1>();  // the previous dK product has read its stage's Q (and rdS_prev)
-        warpgroup_fence_operand(acc_dk);
-        warpgroup_fence_operand(rdS_prev);
-        pipeline.consumer_release(read_prev);
+      if constexpr (kAfterS) {
+        warpgroup_wait<1>();  // the previous dK product is done; dPᵀ still runs
+        release_prev();
       }
       Tensor rP = convert_type<Element>(acc_s);
       gemm_issue<false>(mma_dkv, make_tensor(rP.data(), acc_as_operand_a(rP.layout())), tdVrdO(_, _, _, stage),
                         acc_dv);
-      float dpsum[kCols];
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) { dpsum[c] = query_of(c) < seq.seqlen_q ? mD(query_of(c)) : 0.f; }
+      if constexpr (!Traits::kPrefetchRows) {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) { dpsum[c] = query_of(c) < seq.seqlen_q ? mD(query_of(c)) : 0.f; }
+      }
       warpgroup_wait<1>();  // dPᵀ is in; dV += Pᵀ·dO still runs
       warpgroup_fence_operand(acc_dp);
       Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dSᵀ = Pᵀ∘(dPᵀ - D), in place
@@ -192,9 +219,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int c = 0; c < kCols; ++c) { ds(r, c) = p(r, c) * (ds(r, c) - dpsum[c]); }
       }
-      if constexpr (Traits::kOverlap) {
-        // dK's product goes out with the next step's Sᵀ (or after the loop); dV's is still in flight, and
-        // this stage is released once that product has read it.
+      if constexpr (Traits::kOverlap != 0) {
+        // dK's product goes out in the next step (or after the loop), and this stage is released once it has
+        // run. dV's, issued before dSᵀ was made, is waited for here: left in flight, it kept Pᵀ's registers
+        // taken across the steps' boundary, and at D = 128 ptxas serialized the wgmma for want of registers.
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_dv);
         copy(convert_type<Element>(acc_dp), rdS_prev);
         read_prev = read;
       } else {
@@ -213,7 +243,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // for a ragged last key block) masked, the rest not (mask.h).
     int const m_block_end_masked = min(m_block_end, mask.m_block_end_masked(n_block));
     int m_block = m_block_begin;
-    if constexpr (Traits::kOverlap) {  // the first step has no previous dK product to issue
+    if constexpr (Traits::kOverlap != 0) {  // the first step has no previous dK product to issue
       if (m_block < m_block_end_masked) {
         step(m_block, cute::true_type{}, cute::false_type{});
       } else {
@@ -221,10 +251,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       ++m_block;
     }
-    constexpr auto has_prev = cute::bool_constant<Traits::kOverlap>{};
+    constexpr auto has_prev = cute::bool_constant<Traits::kOverlap != 0>{};
     for (; m_block < m_block_end_masked; ++m_block) { step(m_block, cute::true_type{}, has_prev); }
     for (; m_block < m_block_end; ++m_block) { step(m_block, cute::false_type{}, has_prev); }
-    if constexpr (Traits::kOverlap) {  // the last step's dK product
+    if constexpr (Traits::kOverlap != 0) {  // the last step's dK product
       issue_dk(read_prev.index());
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_dv);

@@ -29,14 +29,16 @@ using BwdGmemTensor =
 
 template <int kHeadDim_, typename Element_, int kBlockM_ = bwd_dkdv_tile(kHeadDim_).block_m,
           int kBlockN_ = bwd_dkdv_tile(kHeadDim_).block_n, int kStages_ = bwd_dkdv_tile(kHeadDim_).stages,
-          bool kOverlap_ = bwd_dkdv_tile(kHeadDim_).overlap>
+          int kOverlap_ = bwd_dkdv_tile(kHeadDim_).overlap, bool kPrefetchRows_ = bwd_dkdv_tile(kHeadDim_).prefetch_rows>
 struct BwdDkdvTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // queries per step
   static constexpr int kBlockN = kBlockN_;  // keys per thread block
   static constexpr int kStages = kStages_;
-  static constexpr bool kOverlap = kOverlap_;  // dK of step n issued in step n + 1 (tile_config.h)
+  static constexpr int kOverlap = kOverlap_;  // where dK of step n is issued (tile_config.h's BwdTile)
+  static_assert(kOverlap >= 0 && kOverlap <= 2);
+  static constexpr bool kPrefetchRows = kPrefetchRows_;  // LSE and D read a step ahead (tile_config.h's BwdTile)
   static constexpr int kConsumerWarpgroups = kBlockN / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
@@ -107,14 +109,15 @@ struct BwdDkdvTraits {
 // that S, dP and dQ all have the queries in their M mode and LSE, D are per accumulator row.
 template <int kHeadDim_, typename Element_, int kBlockM_ = bwd_dq_tile(kHeadDim_).block_m,
           int kBlockN_ = bwd_dq_tile(kHeadDim_).block_n, int kStages_ = bwd_dq_tile(kHeadDim_).stages,
-          bool kOverlap_ = bwd_dq_tile(kHeadDim_).overlap>
+          int kOverlap_ = bwd_dq_tile(kHeadDim_).overlap>
 struct BwdDqTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // queries per thread block
   static constexpr int kBlockN = kBlockN_;  // keys per step
   static constexpr int kStages = kStages_;
-  static constexpr bool kOverlap = kOverlap_;  // dQ of step n issued in step n + 1 (tile_config.h)
+  static constexpr int kOverlap = kOverlap_;  // where dQ of step n is issued (tile_config.h's BwdTile)
+  static_assert(kOverlap >= 0 && kOverlap <= 2);
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
