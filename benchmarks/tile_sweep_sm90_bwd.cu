@@ -1,6 +1,6 @@
 // Times one Hopper-backward candidate, torch-free: KERNEL (0 the dQ kernel, 1 the dK/dV kernel) with the
-// fields of its traits (sm90/bwd_kernel_traits.h): HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH (dK/dV
-// only; tile_config.h's BwdTile says what each does). On the paper's
+// fields of its traits (sm90/bwd_kernel_traits.h): HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS
+// (dK/dV only; tile_config.h's BwdTile says what each does). On the paper's
 // shapes: bf16, 16k tokens, hidden 2048, S 1024 / 4096 / 16384, causal and not; the common variant (causal as
 // the window (unbounded, 0), as the binding makes it). Built and run by benchmarks/tile_sweep_sm90_bwd.sh.
 // FLOPs as tile_sweep.cu counts them: dQ does 3 of the split backward's 7 matmuls, dK/dV 4 (2.5x forward
@@ -14,13 +14,13 @@
 #include "sm90/bwd_launch.h"
 
 using Element = cutlass::bfloat16_t;
-#ifndef PREFETCH
-#define PREFETCH 0
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 0
 #endif
 #if KERNEL == 0
 using Traits = flash::sm90::BwdDqTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP>;
 #else
-using Traits = flash::sm90::BwdDkdvTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH>;
+using Traits = flash::sm90::BwdDkdvTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS>;
 #endif
 
 // Plausible LSE and D for timing: LSE = log(seqlen) + 1 (natural log, as the forward writes it), about what

@@ -18,7 +18,7 @@ for c in $candidates; do
   IFS=':x' read -r kernel d m n stages overlap prefetch <<<"$c"
   case $kernel in dq) id=0 ;; dkdv) id=1 ;; *) echo "unknown kernel in $c"; exit 1 ;; esac
   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Icsrc -I"$include" \
-    -DKERNEL=$id -DHDIM="$d" -DBLOCK_M="$m" -DBLOCK_N="$n" -DSTAGES="$stages" -DOVERLAP="$overlap" -DPREFETCH="${prefetch:-0}" \
+    -DKERNEL=$id -DHDIM="$d" -DBLOCK_M="$m" -DBLOCK_N="$n" -DSTAGES="$stages" -DOVERLAP="$overlap" -DPREFETCH_ROWS="${prefetch:-0}" \
     -Xptxas -v benchmarks/tile_sweep_sm90_bwd.cu -o "$dir/$c" >"$dir/$c.log" 2>&1 &
 done
 wait

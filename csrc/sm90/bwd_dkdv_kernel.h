@@ -7,7 +7,7 @@
 //   Pᵀ = exp(Sᵀ·scale - LSE),  dSᵀ = Pᵀ∘(dPᵀ - D)   (in the accumulators' registers)
 //   dV += Pᵀ·dO,  dK += dSᵀ·Q          (Pᵀ, dSᵀ from registers; dO, Q read MN-major)
 // with Sᵀ and dPᵀ issued together and dV's product in flight while dSᵀ is computed (with Traits::kOverlap,
-// dK's product of a step is issued in the next, between its Sᵀ and dPᵀ). The common variant
+// dK's product of a step is issued in the next, around its Sᵀ: tile_config.h's BwdTile). The common variant
 // only (no varlen, softcap, ALiBi, left window edge, dropout: mask.h's General): the binding sends the rest
 // to the mma.sync kernel (sm80/bwd_dkdv_kernel.h), which this one matches in what it writes.
 #pragma once

@@ -7,7 +7,7 @@
 //   P = exp(S·scale - LSE),  dS = P∘(dP - D)   (in the accumulators' registers)
 //   dQ += dS·K                          (dS from registers; K read MN-major)
 // with S and dP issued together and P made while dP's product runs (with Traits::kOverlap, dQ's product of
-// a step is issued in the next, between its S and dP). The queries are the M mode of every
+// a step is issued in the next, around its S: tile_config.h's BwdTile). The queries are the M mode of every
 // product, so that LSE and D are per accumulator row, as in the mma.sync kernel (sm80/bwd_dq_kernel.h),
 // which this one matches in what it writes, D's rewrite included. The common variant only (no varlen,
 // softcap, ALiBi, left window edge, dropout: mask.h's General): the binding sends the rest to that kernel.
