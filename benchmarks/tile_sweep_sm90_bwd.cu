@@ -1,6 +1,6 @@
 // Times one Hopper-backward candidate, torch-free: KERNEL (0 the dQ kernel, 1 the dK/dV kernel) with the
-// fields of its traits (sm90/bwd_kernel_traits.h): HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS
-// (dK/dV only; tile_config.h's BwdTile says what each does). On the paper's
+// fields of its traits (sm90/bwd_kernel_traits.h): HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS and
+// DESC_PER_STEP (dK/dV only; tile_config.h's BwdTile says what each does). On the paper's
 // shapes: bf16, 16k tokens, hidden 2048, S 1024 / 4096 / 16384, causal and not; the common variant (causal as
 // the window (unbounded, 0), as the binding makes it). Built and run by benchmarks/tile_sweep_sm90_bwd.sh.
 // FLOPs as tile_sweep.cu counts them: dQ does 3 of the split backward's 7 matmuls, dK/dV 4 (2.5x forward
@@ -17,10 +17,14 @@ using Element = cutlass::bfloat16_t;
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 0
 #endif
+#ifndef DESC_PER_STEP
+#define DESC_PER_STEP 0
+#endif
 #if KERNEL == 0
 using Traits = flash::sm90::BwdDqTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP>;
 #else
-using Traits = flash::sm90::BwdDkdvTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS>;
+using Traits = flash::sm90::BwdDkdvTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS,
+                                                 DESC_PER_STEP>;
 #endif
 
 // Plausible LSE and D for timing: LSE = log(seqlen) + 1 (natural log, as the forward writes it), about what
@@ -81,8 +85,9 @@ int main() {
       CHECK(cudaEventElapsedTime(&ms, start, stop));
       ms /= kReps;
       double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1) * flop_share;
-      std::printf("%-9s hdim %3d  tile %3dx%-3d stages %d overlap %d prefetch %d  causal %d  S %5d  %7.3f ms  %6.1f TFLOP/s\n",
-                  names[KERNEL], HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, causal, seqlen, ms, flops / ms / 1e9);
+      std::printf("%-9s hdim %3d  tile %3dx%-3d stages %d overlap %d prefetch %d desc %d  causal %d  S %5d  %7.3f ms  %6.1f TFLOP/s\n",
+                  names[KERNEL], HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS, DESC_PER_STEP, causal, seqlen, ms,
+                  flops / ms / 1e9);
     }
     for (void *ptr : {(void *)q, (void *)k, (void *)v, (void *)o, (void *)dout, (void *)dq, (void *)dk, (void *)dv,
                       (void *)lse, (void *)dpsum}) { CHECK(cudaFree(ptr)); }

@@ -122,6 +122,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     auto thr_st_wg = mma_st.get_thread_slice((warpgroup - 1) * cutlass::NumThreadsPerWarpGroup);
     Tensor tSrK = thr_st_wg.partition_fragment_A(sK);
     Tensor tdPrV = thr_st_wg.partition_fragment_A(sV);
+    // With Traits::kDescPerStep they are rebuilt in every step, from a pointer the compiler cannot see
+    // through, instead of hoisted out of the loop: at D = 128 the hoisted 16 x 64 bits overflowed the
+    // uniform registers and spilled.
+    auto operand_kv = [&](auto const &hoisted, Element *ptr) __attribute__((always_inline)) -> decltype(auto) {
+      if constexpr (Traits::kDescPerStep) {
+        asm volatile("" : "+l"(ptr));
+        return thr_st_wg.partition_fragment_A(make_tensor(make_smem_ptr(ptr), typename Traits::SmemLayoutK{}));
+      } else {
+        return (hoisted);
+      }
+    };
     Tensor tSrQ = thr_st.partition_fragment_B(sQ);     // (MMA, MMA_N, MMA_K, stages)
     Tensor tdPrdO = thr_st.partition_fragment_B(sdO);
     Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);  // (MMA, MMA_N, MMA_K, stages)
@@ -169,11 +180,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       Tensor acc_s = partition_fragment_C(mma_st, typename Traits::TileSt{});   // Sᵀ: (MMA, MMA_M, MMA_N)
       Tensor acc_dp = partition_fragment_C(mma_st, typename Traits::TileSt{});  // dPᵀ
       if constexpr (kBeforeS) { issue_dk(read_prev.index()); }
-      gemm_issue<true>(mma_st, tSrK, tSrQ(_, _, _, stage), acc_s);
+      gemm_issue<true>(mma_st, operand_kv(tSrK, shared.k.data()), tSrQ(_, _, _, stage), acc_s);
       // After Sᵀ, so that the exponentials wait for Sᵀ only; before dPᵀ, so that its wait below (in order)
       // frees the previous stage before dPᵀ's.
       if constexpr (kAfterS) { issue_dk(read_prev.index()); }
-      gemm_issue<true>(mma_st, tdPrV, tdPrdO(_, _, _, stage), acc_dp);
+      gemm_issue<true>(mma_st, operand_kv(tdPrV, shared.v.data()), tdPrdO(_, _, _, stage), acc_dp);
       // Each column is a query: its LSE (log2 units) and, later, D, read from global memory (L2) while a
       // matmul runs; D only once Pᵀ is made, so that the two arrays are not live at once (together with
       // LSE, the D = 128 kernel spilled). Past seqlen_q, LSE +inf makes P = 0 (Q and dO are zeros there).

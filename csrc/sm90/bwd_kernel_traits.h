@@ -29,7 +29,8 @@ using BwdGmemTensor =
 
 template <int kHeadDim_, typename Element_, int kBlockM_ = bwd_dkdv_tile(kHeadDim_).block_m,
           int kBlockN_ = bwd_dkdv_tile(kHeadDim_).block_n, int kStages_ = bwd_dkdv_tile(kHeadDim_).stages,
-          int kOverlap_ = bwd_dkdv_tile(kHeadDim_).overlap, bool kPrefetchRows_ = bwd_dkdv_tile(kHeadDim_).prefetch_rows>
+          int kOverlap_ = bwd_dkdv_tile(kHeadDim_).overlap, bool kPrefetchRows_ = bwd_dkdv_tile(kHeadDim_).prefetch_rows,
+          bool kDescPerStep_ = bwd_dkdv_tile(kHeadDim_).desc_per_step>
 struct BwdDkdvTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -39,6 +40,7 @@ struct BwdDkdvTraits {
   static constexpr int kOverlap = kOverlap_;  // where dK of step n is issued (tile_config.h's BwdTile)
   static_assert(kOverlap >= 0 && kOverlap <= 2);
   static constexpr bool kPrefetchRows = kPrefetchRows_;  // LSE and D read a step ahead (tile_config.h's BwdTile)
+  static constexpr bool kDescPerStep = kDescPerStep_;  // K's, V's descriptors rebuilt per step (BwdTile)
   static constexpr int kConsumerWarpgroups = kBlockN / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer

@@ -41,6 +41,10 @@ struct BwdTile {
   // more registers, rather than LSE while Sᵀ's product runs and D once Pᵀ is made, where
   // their latency may show. Not yet measured: off.
   bool prefetch_rows = false;
+  // The dK/dV kernel only: K's and V's GMMA descriptors (the A operands of Sᵀ and dPᵀ) rebuilt in every step
+  // rather than hoisted out of the loop, where at D = 128 they overflowed the uniform registers and spilled
+  // (40/48 bytes; 0 rebuilt). Not yet measured: off.
+  bool desc_per_step = false;
 };
 
 constexpr BwdTile bwd_dkdv_tile(int head_dim) {
