@@ -38,7 +38,8 @@ struct BwdDkdvTraits {
   static constexpr int kBlockN = kBlockN_;  // keys per thread block
   static constexpr int kStages = kStages_;
   static constexpr int kOverlap = kOverlap_;  // where dK of step n is issued (tile_config.h's BwdTile)
-  static_assert(kOverlap >= 0 && kOverlap <= 2);
+  // Overlapped, a step holds its own stage and the previous one's: one stage would deadlock.
+  static_assert(kOverlap >= 0 && kOverlap <= 2 && (kOverlap == 0 || kStages >= 2));
   static constexpr bool kPrefetchRows = kPrefetchRows_;  // LSE and D read a step ahead (tile_config.h's BwdTile)
   static constexpr bool kDescPerStep = kDescPerStep_;  // K's, V's descriptors rebuilt per step (BwdTile)
   static constexpr int kConsumerWarpgroups = kBlockN / 64;
@@ -119,7 +120,7 @@ struct BwdDqTraits {
   static constexpr int kBlockN = kBlockN_;  // keys per step
   static constexpr int kStages = kStages_;
   static constexpr int kOverlap = kOverlap_;  // where dQ of step n is issued (tile_config.h's BwdTile)
-  static_assert(kOverlap >= 0 && kOverlap <= 2);
+  static_assert(kOverlap >= 0 && kOverlap <= 2 && (kOverlap == 0 || kStages >= 2));  // as BwdDkdvTraits
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
