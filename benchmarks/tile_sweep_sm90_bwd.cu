@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 
 #include "sweep_utils.cuh"
 
@@ -36,6 +37,17 @@ __global__ void fill_rows(float *lse, float *dpsum, size_t n, float lse_value) {
   }
 }
 
+// A hash of the gradients' bits, the same whatever order the threads add in: the knobs (stages, overlap,
+// prefetch_rows, desc_per_step) leave every product's accumulation order as it was, so candidates of one
+// kernel, head dim and tile must print the same value (a check that a knob kept the results, not a test).
+__global__ void hash_bits(Element const *p, size_t n, unsigned long long *out) {
+  unsigned long long h = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    h += (i * 0x9E3779B97F4A7C15ull + 1) * (reinterpret_cast<uint16_t const *>(p)[i] + 1ull);
+  }
+  atomicAdd(out, h);
+}
+
 int main() {
   constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;
   char const *names[] = {"sm90 dq", "sm90 dkdv"};
@@ -45,6 +57,8 @@ int main() {
     size_t const n = size_t(kTokens) * kHeads * HDIM, rows = size_t(kTokens) * kHeads;
     Element *q, *k, *v, *o, *dout, *dq, *dk, *dv;
     float *lse, *dpsum;
+    unsigned long long *hash;
+    CHECK(cudaMalloc(&hash, sizeof(*hash)));
     for (Element **t : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) { CHECK(cudaMalloc(t, n * sizeof(Element))); }
     for (float **t : {&lse, &dpsum}) { CHECK(cudaMalloc(t, rows * sizeof(float))); }
     fill_random<<<1024, 256>>>(q, n, 1), fill_random<<<1024, 256>>>(k, n, 2), fill_random<<<1024, 256>>>(v, n, 3);
@@ -84,13 +98,20 @@ int main() {
       float ms;
       CHECK(cudaEventElapsedTime(&ms, start, stop));
       ms /= kReps;
+      CHECK(cudaMemset(hash, 0, sizeof(*hash)));
+      for (Element *grad : KERNEL == 0 ? std::initializer_list<Element *>{dq} : std::initializer_list<Element *>{dk, dv}) {
+        hash_bits<<<1024, 256>>>(grad, n, hash);
+      }
+      unsigned long long hash_host;
+      CHECK(cudaMemcpy(&hash_host, hash, sizeof(hash_host), cudaMemcpyDeviceToHost));
       double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1) * flop_share;
-      std::printf("%-9s hdim %3d  tile %3dx%-3d stages %d overlap %d prefetch %d desc %d  causal %d  S %5d  %7.3f ms  %6.1f TFLOP/s\n",
+      std::printf("%-9s hdim %3d  tile %3dx%-3d stages %d overlap %d prefetch %d desc %d  causal %d  S %5d  %7.3f ms"
+                  "  %6.1f TFLOP/s  hash %016llx\n",
                   names[KERNEL], HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS, DESC_PER_STEP, causal, seqlen, ms,
-                  flops / ms / 1e9);
+                  flops / ms / 1e9, hash_host);
     }
     for (void *ptr : {(void *)q, (void *)k, (void *)v, (void *)o, (void *)dout, (void *)dq, (void *)dk, (void *)dv,
-                      (void *)lse, (void *)dpsum}) { CHECK(cudaFree(ptr)); }
+                      (void *)lse, (void *)dpsum, (void *)hash}) { CHECK(cudaFree(ptr)); }
   }
   return 0;
 }

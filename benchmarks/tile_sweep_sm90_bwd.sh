@@ -6,7 +6,8 @@
 #   BwdDkdvTraits in csrc/sm90/bwd_kernel_traits.h: for dQ block_m is the queries per block and block_n the keys
 #   per step, for dK/dV block_m the queries per step and block_n the keys per block)
 # Each candidate's line shows ptxas's registers (the launch-bound figure: setmaxnreg gives the consumers more),
-# its worst spill, and whether ptxas serialized wgmma (a register hazard it could not rule out: slow).
+# its worst spill, and whether ptxas serialized wgmma (a register hazard it could not rule out: slow); each
+# timing line a hash of the gradients, which candidates of one kernel, head dim and tile must share.
 # Needs nvcc and the CUTLASS headers (CUTLASS_INCLUDE, else found as the build finds them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
