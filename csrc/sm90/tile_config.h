@@ -38,8 +38,8 @@ struct BwdTile {
   // at S's wait (fewer registers than 1). Not yet measured: 0.
   int overlap = 0;
   // The dK/dV kernel only: its queries' LSE and D read from global memory (L2) a step ahead, into block_m / 2
-  // more registers, rather than LSE while Sᵀ's product runs and D once Pᵀ is made, where
-  // their latency may show. Not yet measured: off.
+  // more registers, rather than LSE while Sᵀ's product runs and D once Pᵀ is made, where their latency may
+  // show. Not yet measured: off.
   bool prefetch_rows = false;
   // The dK/dV kernel only: K's and V's GMMA descriptors (the A operands of Sᵀ and dPᵀ) rebuilt in every step
   // rather than hoisted out of the loop, where at D = 128 they overflowed the uniform registers and spilled
