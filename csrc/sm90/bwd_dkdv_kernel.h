@@ -6,7 +6,8 @@
 //   Sᵀ = K·Qᵀ,  dPᵀ = V·dOᵀ            (both operands in shared memory)
 //   Pᵀ = exp(Sᵀ·scale - LSE),  dSᵀ = Pᵀ∘(dPᵀ - D)   (in the accumulators' registers)
 //   dV += Pᵀ·dO,  dK += dSᵀ·Q          (Pᵀ, dSᵀ from registers; dO, Q read MN-major)
-// with Sᵀ and dPᵀ issued together and dV's product in flight while dSᵀ is computed. The common variant
+// with Sᵀ and dPᵀ issued together and dV's product in flight while dSᵀ is computed (with Traits::kOverlap,
+// dK's product of a step is issued in the next, around its Sᵀ: tile_config.h's BwdTile). The common variant
 // only (no varlen, softcap, ALiBi, left window edge, dropout: mask.h's General): the binding sends the rest
 // to the mma.sync kernel (sm80/bwd_dkdv_kernel.h), which this one matches in what it writes.
 #pragma once
@@ -121,6 +122,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     auto thr_st_wg = mma_st.get_thread_slice((warpgroup - 1) * cutlass::NumThreadsPerWarpGroup);
     Tensor tSrK = thr_st_wg.partition_fragment_A(sK);
     Tensor tdPrV = thr_st_wg.partition_fragment_A(sV);
+    // With Traits::kDescPerStep they are rebuilt in every step, from a pointer the compiler cannot see
+    // through, instead of hoisted out of the loop: at D = 128 the hoisted 16 x 64 bits overflowed the
+    // uniform registers and spilled.
+    auto operand_kv = [&](auto const &hoisted, Element *ptr) __attribute__((always_inline)) -> decltype(auto) {
+      if constexpr (Traits::kDescPerStep) {
+        asm volatile("" : "+l"(ptr));
+        return thr_st_wg.partition_fragment_A(make_tensor(make_smem_ptr(ptr), typename Traits::SmemLayoutK{}));
+      } else {
+        return (hoisted);
+      }
+    };
     Tensor tSrQ = thr_st.partition_fragment_B(sQ);     // (MMA, MMA_N, MMA_K, stages)
     Tensor tdPrdO = thr_st.partition_fragment_B(sdO);
     Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);  // (MMA, MMA_N, MMA_K, stages)
@@ -132,25 +144,65 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     Tensor mD = seq.q_values(params.dpsum, head);
     float const scale_log2 = params.softmax_scale_log2;
     typename Traits::PipelineState read;
+    // Overlap (tile_config.h): the previous step's dSᵀ and stage, whose dK product this step issues.
+    typename Traits::PipelineState read_prev;
+    Tensor rdS_prev = make_tensor<Element>(partition_fragment_C(mma_st, typename Traits::TileSt{}).layout());
+    auto issue_dk = [&](int stage) __attribute__((always_inline)) {
+      gemm_issue<false>(mma_dkv, make_tensor(rdS_prev.data(), acc_as_operand_a(rdS_prev.layout())),
+                        tdKrQ(_, _, _, stage), acc_dk);
+    };
+    // Once the previous dK product is done: it has read its stage's Q, and rdS_prev.
+    auto release_prev = [&]() __attribute__((always_inline)) {
+      warpgroup_fence_operand(acc_dk);
+      warpgroup_fence_operand(rdS_prev);
+      pipeline.consumer_release(read_prev);
+    };
+    // Prefetch (tile_config.h): a query block's LSE (log2 units) and D, read a step ahead into registers.
+    float lse_next[kCols], dpsum_next[kCols];
+    auto load_rows = [&](int m_block, float(&lse_log2)[kCols], float(&dpsum)[kCols]) __attribute__((always_inline)) {
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        int const query = m_block * kBlockM + get<1>(tScS_rc(0, c));
+        bool const in_range = query < seq.seqlen_q;  // also past the last step's block: its reads are unused
+        lse_log2[c] = in_range ? mLSE(query) * float(M_LOG2E) : INFINITY;
+        dpsum[c] = in_range ? mD(query) : 0.f;
+      }
+    };
+    if constexpr (Traits::kPrefetchRows) { load_rows(m_block_begin, lse_next, dpsum_next); }
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
 
-    auto step = [&](int m_block, auto is_masked) __attribute__((always_inline)) {
+    // has_prev: overlap, and not the first step (a compile-time tag: warpgroup_wait's count depends on it).
+    auto step = [&](int m_block, auto is_masked, auto has_prev) __attribute__((always_inline)) {
+      constexpr bool kHasPrev = decltype(has_prev)::value;
+      constexpr bool kBeforeS = kHasPrev && Traits::kOverlap == 2, kAfterS = kHasPrev && Traits::kOverlap == 1;
       pipeline.consumer_wait(read);
       int const stage = read.index();
       Tensor acc_s = partition_fragment_C(mma_st, typename Traits::TileSt{});   // Sᵀ: (MMA, MMA_M, MMA_N)
       Tensor acc_dp = partition_fragment_C(mma_st, typename Traits::TileSt{});  // dPᵀ
-      gemm_issue<true>(mma_st, tSrK, tSrQ(_, _, _, stage), acc_s);
-      gemm_issue<true>(mma_st, tdPrV, tdPrdO(_, _, _, stage), acc_dp);
+      if constexpr (kBeforeS) { issue_dk(read_prev.index()); }
+      gemm_issue<true>(mma_st, operand_kv(tSrK, shared.k.data()), tSrQ(_, _, _, stage), acc_s);
+      // After Sᵀ, so that the exponentials wait for Sᵀ only; before dPᵀ, so that its wait below (in order)
+      // frees the previous stage before dPᵀ's.
+      if constexpr (kAfterS) { issue_dk(read_prev.index()); }
+      gemm_issue<true>(mma_st, operand_kv(tdPrV, shared.v.data()), tdPrdO(_, _, _, stage), acc_dp);
       // Each column is a query: its LSE (log2 units) and, later, D, read from global memory (L2) while a
       // matmul runs; D only once Pᵀ is made, so that the two arrays are not live at once (together with
       // LSE, the D = 128 kernel spilled). Past seqlen_q, LSE +inf makes P = 0 (Q and dO are zeros there).
+      // With Traits::kPrefetchRows, both came with the previous step and the next step's are read now.
       auto query_of = [&](int c) { return m_block * kBlockM + get<1>(tScS_rc(0, c)); };
-      float lse_log2[kCols];
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        lse_log2[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY;
+      float lse_log2[kCols], dpsum[kCols];
+      if constexpr (Traits::kPrefetchRows) {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) { lse_log2[c] = lse_next[c], dpsum[c] = dpsum_next[c]; }
+        load_rows(m_block + 1, lse_next, dpsum_next);
+      } else {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          lse_log2[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY;
+        }
       }
-      warpgroup_wait<1>();  // Sᵀ is in
+      warpgroup_wait<kAfterS ? 2 : 1>();  // Sᵀ is in (in order: so is a dK product issued before it)
+      if constexpr (kBeforeS) { release_prev(); }
       warpgroup_fence_operand(acc_s);
       mask.template apply<decltype(is_masked)::value, true>(acc_s, tScS, m_block, n_block);
       Tensor p = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // Pᵀ = exp(Sᵀ·scale - LSE), in place
@@ -159,12 +211,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int c = 0; c < kCols; ++c) { p(r, c) = exp2_approx(p(r, c) * scale_log2 - lse_log2[c]); }
       }
+      if constexpr (kAfterS) {
+        warpgroup_wait<1>();  // the previous dK product is done; dPᵀ still runs
+        release_prev();
+      }
       Tensor rP = convert_type<Element>(acc_s);
       gemm_issue<false>(mma_dkv, make_tensor(rP.data(), acc_as_operand_a(rP.layout())), tdVrdO(_, _, _, stage),
                         acc_dv);
-      float dpsum[kCols];
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) { dpsum[c] = query_of(c) < seq.seqlen_q ? mD(query_of(c)) : 0.f; }
+      if constexpr (!Traits::kPrefetchRows) {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) { dpsum[c] = query_of(c) < seq.seqlen_q ? mD(query_of(c)) : 0.f; }
+      }
       warpgroup_wait<1>();  // dPᵀ is in; dV += Pᵀ·dO still runs
       warpgroup_fence_operand(acc_dp);
       Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dSᵀ = Pᵀ∘(dPᵀ - D), in place
@@ -173,13 +230,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int c = 0; c < kCols; ++c) { ds(r, c) = p(r, c) * (ds(r, c) - dpsum[c]); }
       }
-      Tensor rdS = convert_type<Element>(acc_dp);
-      gemm_issue<false>(mma_dkv, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQ(_, _, _, stage),
-                        acc_dk);
-      warpgroup_wait<0>();  // both products have read this stage's Q and dO
-      warpgroup_fence_operand(acc_dv);
-      warpgroup_fence_operand(acc_dk);
-      pipeline.consumer_release(read);
+      if constexpr (Traits::kOverlap != 0) {
+        // dK's product goes out in the next step (or after the loop), and this stage is released once it has
+        // run. dV's, issued before dSᵀ was made, is waited for here: left in flight, it kept Pᵀ's registers
+        // taken across the steps' boundary, and at D = 128 ptxas serialized the wgmma for want of registers.
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_dv);
+        copy(convert_type<Element>(acc_dp), rdS_prev);
+        read_prev = read;
+      } else {
+        Tensor rdS = convert_type<Element>(acc_dp);
+        gemm_issue<false>(mma_dkv, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQ(_, _, _, stage),
+                          acc_dk);
+        warpgroup_wait<0>();  // both products have read this stage's Q and dO
+        warpgroup_fence_operand(acc_dv);
+        warpgroup_fence_operand(acc_dk);
+        pipeline.consumer_release(read);
+      }
       ++read;
     };
 
@@ -187,8 +254,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // for a ragged last key block) masked, the rest not (mask.h).
     int const m_block_end_masked = min(m_block_end, mask.m_block_end_masked(n_block));
     int m_block = m_block_begin;
-    for (; m_block < m_block_end_masked; ++m_block) { step(m_block, cute::true_type{}); }
-    for (; m_block < m_block_end; ++m_block) { step(m_block, cute::false_type{}); }
+    if constexpr (Traits::kOverlap != 0) {  // the first step has no previous dK product to issue
+      if (m_block < m_block_end_masked) {
+        step(m_block, cute::true_type{}, cute::false_type{});
+      } else {
+        step(m_block, cute::false_type{}, cute::false_type{});
+      }
+      ++m_block;
+    }
+    constexpr auto has_prev = cute::bool_constant<Traits::kOverlap != 0>{};
+    for (; m_block < m_block_end_masked; ++m_block) { step(m_block, cute::true_type{}, has_prev); }
+    for (; m_block < m_block_end; ++m_block) { step(m_block, cute::false_type{}, has_prev); }
+    if constexpr (Traits::kOverlap != 0) {  // the last step's dK product
+      issue_dk(read_prev.index());
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_fence_operand(acc_dk);
+      pipeline.consumer_release(read_prev);
+    }
   }
 
   // dK (w.r.t. the scaled scores: the scale comes in once, here) and dV through K's and V's buffers and a TMA

@@ -6,7 +6,8 @@
 //   S = Q·Kᵀ,  dP = dO·Vᵀ              (both operands in shared memory)
 //   P = exp(S·scale - LSE),  dS = P∘(dP - D)   (in the accumulators' registers)
 //   dQ += dS·K                          (dS from registers; K read MN-major)
-// with S and dP issued together and P made while dP's product runs. The queries are the M mode of every
+// with S and dP issued together and P made while dP's product runs (with Traits::kOverlap, dQ's product of
+// a step is issued in the next, around its S: tile_config.h's BwdTile). The queries are the M mode of every
 // product, so that LSE and D are per accumulator row, as in the mma.sync kernel (sm80/bwd_dq_kernel.h),
 // which this one matches in what it writes, D's rewrite included. The common variant only (no varlen,
 // softcap, ALiBi, left window edge, dropout: mask.h's General): the binding sends the rest to that kernel.
@@ -142,16 +143,36 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     float const scale_log2 = params.softmax_scale_log2;
     typename Traits::PipelineState read;
+    // Overlap (tile_config.h): the previous step's dS and stage, whose dQ product this step issues.
+    typename Traits::PipelineState read_prev;
+    Tensor rdS_prev = make_tensor<Element>(partition_fragment_C(mma_s, typename Traits::TileS{}).layout());
+    auto issue_dq = [&](int stage) __attribute__((always_inline)) {
+      gemm_issue<false>(mma_dq, make_tensor(rdS_prev.data(), acc_as_operand_a(rdS_prev.layout())),
+                        tdQrK(_, _, _, stage), acc_dq);
+    };
+    // Once the previous dQ product is done: it has read its stage's K, and rdS_prev.
+    auto release_prev = [&]() __attribute__((always_inline)) {
+      warpgroup_fence_operand(acc_dq);
+      warpgroup_fence_operand(rdS_prev);
+      pipeline.consumer_release(read_prev);
+    };
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, 0);
 
-    auto step = [&](int n_block, auto is_masked) __attribute__((always_inline)) {
+    // has_prev: overlap, and not the first step (a compile-time tag: warpgroup_wait's count depends on it).
+    auto step = [&](int n_block, auto is_masked, auto has_prev) __attribute__((always_inline)) {
+      constexpr bool kHasPrev = decltype(has_prev)::value;
+      constexpr bool kBeforeS = kHasPrev && Traits::kOverlap == 2, kAfterS = kHasPrev && Traits::kOverlap == 1;
       pipeline.consumer_wait(read);
       int const stage = read.index();
       Tensor acc_s = partition_fragment_C(mma_s, typename Traits::TileS{});   // S: (MMA, MMA_M, MMA_N)
       Tensor acc_dp = partition_fragment_C(mma_s, typename Traits::TileS{});  // dP
+      if constexpr (kBeforeS) { issue_dq(read_prev.index()); }
       gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, stage), acc_s);
+      // After S, so that the exponentials wait for S only, and they run beside it and dP.
+      if constexpr (kAfterS) { issue_dq(read_prev.index()); }
       gemm_issue<true>(mma_s, tdPrdO, tdPrV(_, _, _, stage), acc_dp);
-      warpgroup_wait<1>();  // S is in; dP still runs
+      warpgroup_wait<kAfterS ? 2 : 1>();  // S is in; dP still runs (in order: a dQ product issued before S is done)
+      if constexpr (kBeforeS) { release_prev(); }
       warpgroup_fence_operand(acc_s);
       mask.template apply<decltype(is_masked)::value>(acc_s, tScS, m_block, n_block);
       Tensor p = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // P = exp(S·scale - LSE), in place
@@ -160,8 +181,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int c = 0; c < size<1>(p); ++c) { p(r, c) = exp2_approx(p(r, c) * scale_log2 - lse_log2[r]); }
       }
-      warpgroup_wait<0>();  // dP is in
+      warpgroup_wait<0>();  // dP is in (and the previous dQ product, which has read its stage's K)
       warpgroup_fence_operand(acc_dp);
+      if constexpr (kAfterS) { release_prev(); }
       Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dS = P∘(dP - D), in place
       CUTE_UNROLL
       for (int r = 0; r < size<0>(ds); ++r) {
@@ -171,12 +193,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           d_rewrite.add(r, p(r, c), ds(r, c));
         }
       }
-      Tensor rdS = convert_type<Element>(acc_dp);
-      gemm_issue<false>(mma_dq, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdQrK(_, _, _, stage),
-                        acc_dq);
-      warpgroup_wait<0>();  // dQ's product has read this stage's K
-      warpgroup_fence_operand(acc_dq);
-      pipeline.consumer_release(read);
+      if constexpr (Traits::kOverlap != 0) {  // dQ's product goes out with the next step's S (or after the loop)
+        copy(convert_type<Element>(acc_dp), rdS_prev);
+        read_prev = read;
+      } else {
+        Tensor rdS = convert_type<Element>(acc_dp);
+        gemm_issue<false>(mma_dq, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdQrK(_, _, _, stage),
+                          acc_dq);
+        warpgroup_wait<0>();  // dQ's product has read this stage's K
+        warpgroup_fence_operand(acc_dq);
+        pipeline.consumer_release(read);
+      }
       ++read;
     };
 
@@ -184,8 +211,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // edge) crosses masked, the rest not (mask.h).
     int const n_block_first_masked = mask.n_block_first_masked(m_block);
     int n_block = n_block_end - 1;
-    for (; n_block >= n_block_begin && n_block >= n_block_first_masked; --n_block) { step(n_block, cute::true_type{}); }
-    for (; n_block >= n_block_begin; --n_block) { step(n_block, cute::false_type{}); }
+    if constexpr (Traits::kOverlap != 0) {  // the first step has no previous dQ product to issue
+      if (n_block >= n_block_first_masked) {
+        step(n_block, cute::true_type{}, cute::false_type{});
+      } else {
+        step(n_block, cute::false_type{}, cute::false_type{});
+      }
+      --n_block;
+    }
+    constexpr auto has_prev = cute::bool_constant<Traits::kOverlap != 0>{};
+    for (; n_block >= n_block_begin && n_block >= n_block_first_masked; --n_block) { step(n_block, cute::true_type{}, has_prev); }
+    for (; n_block >= n_block_begin; --n_block) { step(n_block, cute::false_type{}, has_prev); }
+    if constexpr (Traits::kOverlap != 0) {  // the last step's dQ product
+      issue_dq(read_prev.index());
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dq);
+      pipeline.consumer_release(read_prev);
+    }
 
     // D rewritten as rowsum(P∘dP) (d_rewrite.h), as the mma.sync dQ kernel does.
     d_rewrite.store(dpsum, gD, tScS, q_rows_left);

@@ -28,13 +28,20 @@ using BwdGmemTensor =
     decltype(make_tensor(make_gmem_ptr(static_cast<Element const *>(nullptr)), GmemShape{}, GmemStride{}));
 
 template <int kHeadDim_, typename Element_, int kBlockM_ = bwd_dkdv_tile(kHeadDim_).block_m,
-          int kBlockN_ = bwd_dkdv_tile(kHeadDim_).block_n, int kStages_ = bwd_dkdv_tile(kHeadDim_).stages>
+          int kBlockN_ = bwd_dkdv_tile(kHeadDim_).block_n, int kStages_ = bwd_dkdv_tile(kHeadDim_).stages,
+          int kOverlap_ = bwd_dkdv_tile(kHeadDim_).overlap, bool kPrefetchRows_ = bwd_dkdv_tile(kHeadDim_).prefetch_rows,
+          bool kDescPerStep_ = bwd_dkdv_tile(kHeadDim_).desc_per_step>
 struct BwdDkdvTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // queries per step
   static constexpr int kBlockN = kBlockN_;  // keys per thread block
   static constexpr int kStages = kStages_;
+  static constexpr int kOverlap = kOverlap_;  // where dK of step n is issued (tile_config.h's BwdTile)
+  // Overlapped, a step holds its own stage and the previous one's: one stage would deadlock.
+  static_assert(kOverlap >= 0 && kOverlap <= 2 && (kOverlap == 0 || kStages >= 2));
+  static constexpr bool kPrefetchRows = kPrefetchRows_;  // LSE and D read a step ahead (tile_config.h's BwdTile)
+  static constexpr bool kDescPerStep = kDescPerStep_;  // K's, V's descriptors rebuilt per step (BwdTile)
   static constexpr int kConsumerWarpgroups = kBlockN / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
@@ -104,13 +111,16 @@ struct BwdDkdvTraits {
 // The dQ kernel's (bwd_dq_kernel.h): its rows are this block's queries, 64 per consumer warpgroup, so
 // that S, dP and dQ all have the queries in their M mode and LSE, D are per accumulator row.
 template <int kHeadDim_, typename Element_, int kBlockM_ = bwd_dq_tile(kHeadDim_).block_m,
-          int kBlockN_ = bwd_dq_tile(kHeadDim_).block_n, int kStages_ = bwd_dq_tile(kHeadDim_).stages>
+          int kBlockN_ = bwd_dq_tile(kHeadDim_).block_n, int kStages_ = bwd_dq_tile(kHeadDim_).stages,
+          int kOverlap_ = bwd_dq_tile(kHeadDim_).overlap>
 struct BwdDqTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // queries per thread block
   static constexpr int kBlockN = kBlockN_;  // keys per step
   static constexpr int kStages = kStages_;
+  static constexpr int kOverlap = kOverlap_;  // where dQ of step n is issued (tile_config.h's BwdTile)
+  static_assert(kOverlap >= 0 && kOverlap <= 2 && (kOverlap == 0 || kStages >= 2));  // as BwdDkdvTraits
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer

@@ -21,10 +21,11 @@ auto bwd_tma(TmaOp op, HeadTensor const &t, GmemShape const &shape, SmemLayout c
   return make_tma_copy(op, gmem_tensor<Element>(t, shape), smem_layout, tile, _1{});
 }
 
-// The common variant only (the binding checks !needs_general()): plain, causal, GQA.
-template <int kHeadDim, typename Element>
-cudaError_t run_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
-  using Traits = BwdDkdvTraits<kHeadDim, Element>;
+// The common variant only (the binding checks !needs_general()): plain, causal, GQA. Traits: a
+// BwdDkdvTraits, the tile_config.h one from run_bwd_dkdv, any from benchmarks/tile_sweep_sm90_bwd.cu.
+template <class Traits>
+cudaError_t launch_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
+  using Element = typename Traits::Element;
   auto const &p = params;
   GmemShape const shape_q = tma_shape_q<false>(p), shape_k = tma_shape_k<false>(p), shape_dk = tma_shape_dk(p);
   typename Traits::SmemLayoutK const layout_k{};
@@ -47,11 +48,11 @@ cudaError_t run_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
   });
 }
 
-// The common variant only, as run_bwd_dkdv (one predicate in the binding for both); dQ, then D rewritten,
-// before the dK/dV kernel runs.
-template <int kHeadDim, typename Element>
-cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
-  using Traits = BwdDqTraits<kHeadDim, Element>;
+// The common variant only, as launch_bwd_dkdv (one predicate in the binding for both); dQ, then D
+// rewritten, before the dK/dV kernel runs. Traits: a BwdDqTraits.
+template <class Traits>
+cudaError_t launch_bwd_dq(BwdParams const &params, cudaStream_t stream) {
+  using Element = typename Traits::Element;
   auto const &p = params;
   GmemShape const shape_q = tma_shape_q<false>(p), shape_k = tma_shape_k<false>(p);
   typename Traits::SmemLayoutQ const layout_q{};
@@ -71,6 +72,16 @@ cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
     return launch_kernel(&bwd_dq_kernel<Traits, decltype(windowed)::value>, grid, Traits::kThreads,
                          Traits::kSmemSize, kp, stream);
   });
+}
+
+// The instantiation units' entry points: the tiles of tile_config.h.
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
+  return launch_bwd_dkdv<BwdDkdvTraits<kHeadDim, Element>>(params, stream);
+}
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
+  return launch_bwd_dq<BwdDqTraits<kHeadDim, Element>>(params, stream);
 }
 
 }  // namespace flash::sm90

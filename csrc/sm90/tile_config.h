@@ -36,6 +36,20 @@ struct BwdTile {
   int block_m;  // query rows per main-loop step
   int block_n;  // key rows per thread block: 64 per consumer warpgroup
   int stages;   // (Q, dO) buffers in the shared-memory pipeline
+  // Where the gradient product of step n (dK += dSᵀ·Q; the dQ kernel's dQ += dS·K) is issued, dS kept in
+  // registers until it has run and its stage released then (a step late: best with a third stage).
+  // 0: in step n, waited on there. 1: in step n + 1 between its S and dP, so that it runs beside that step's
+  // exponentials. 2: first in step n + 1, before S: the tensor cores do not drain between steps, and dS dies
+  // at S's wait (fewer registers than 1). Not yet measured: 0.
+  int overlap = 0;
+  // The dK/dV kernel only: its queries' LSE and D read from global memory (L2) a step ahead, into block_m / 2
+  // more registers, rather than LSE while Sᵀ's product runs and D once Pᵀ is made, where their latency may
+  // show. Not yet measured: off.
+  bool prefetch_rows = false;
+  // The dK/dV kernel only: K's and V's GMMA descriptors (the A operands of Sᵀ and dPᵀ) rebuilt in every step
+  // rather than hoisted out of the loop, where at D = 128 they overflowed the uniform registers and spilled
+  // (40/48 bytes; 0 rebuilt). Not yet measured: off.
+  bool desc_per_step = false;
 };
 
 constexpr BwdTile bwd_dkdv_tile(int head_dim) {

@@ -1,0 +1,117 @@
+// Times one Hopper-backward candidate, torch-free: KERNEL (0 the dQ kernel, 1 the dK/dV kernel) with the
+// fields of its traits (sm90/bwd_kernel_traits.h): HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS and
+// DESC_PER_STEP (dK/dV only; tile_config.h's BwdTile says what each does). On the paper's
+// shapes: bf16, 16k tokens, hidden 2048, S 1024 / 4096 / 16384, causal and not; the common variant (causal as
+// the window (unbounded, 0), as the binding makes it). Built and run by benchmarks/tile_sweep_sm90_bwd.sh.
+// FLOPs as tile_sweep.cu counts them: dQ does 3 of the split backward's 7 matmuls, dK/dV 4 (2.5x forward
+// * 3/7 and * 4/7).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <initializer_list>
+
+#include "sweep_utils.cuh"
+
+#include "sm90/bwd_launch.h"
+
+using Element = cutlass::bfloat16_t;
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 0
+#endif
+#ifndef DESC_PER_STEP
+#define DESC_PER_STEP 0
+#endif
+#if KERNEL == 0
+using Traits = flash::sm90::BwdDqTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP>;
+#else
+using Traits = flash::sm90::BwdDkdvTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS,
+                                                 DESC_PER_STEP>;
+#endif
+
+// Plausible LSE and D for timing: LSE = log(seqlen) + 1 (natural log, as the forward writes it), about what
+// random inputs in [-1, 1) give, so that P = exp(S·scale - LSE) stays in (0, 1]; D small, of both signs.
+__global__ void fill_rows(float *lse, float *dpsum, size_t n, float lse_value) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    lse[i] = lse_value;
+    dpsum[i] = 0.01f * float(int(i % 17) - 8);
+  }
+}
+
+// A hash of the gradients' bits, the same whatever order the threads add in: the knobs (stages, overlap,
+// prefetch_rows, desc_per_step) leave every product's accumulation order as it was, so candidates of one
+// kernel, head dim and tile must print the same value (a check that a knob kept the results, not a test).
+__global__ void hash_bits(Element const *p, size_t n, unsigned long long *out) {
+  unsigned long long h = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    h += (i * 0x9E3779B97F4A7C15ull + 1) * (reinterpret_cast<uint16_t const *>(p)[i] + 1ull);
+  }
+  atomicAdd(out, h);
+}
+
+int main() {
+  constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;
+  char const *names[] = {"sm90 dq", "sm90 dkdv"};
+  double const flop_share = KERNEL == 0 ? 2.5 * 3 / 7 : 2.5 * 4 / 7;
+  for (int seqlen : {1024, 4096, 16384}) {
+    int const batch = kTokens / seqlen;
+    size_t const n = size_t(kTokens) * kHeads * HDIM, rows = size_t(kTokens) * kHeads;
+    Element *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float *lse, *dpsum;
+    unsigned long long *hash;
+    CHECK(cudaMalloc(&hash, sizeof(*hash)));
+    for (Element **t : {&q, &k, &v, &o, &dout, &dq, &dk, &dv}) { CHECK(cudaMalloc(t, n * sizeof(Element))); }
+    for (float **t : {&lse, &dpsum}) { CHECK(cudaMalloc(t, rows * sizeof(float))); }
+    fill_random<<<1024, 256>>>(q, n, 1), fill_random<<<1024, 256>>>(k, n, 2), fill_random<<<1024, 256>>>(v, n, 3);
+    fill_random<<<1024, 256>>>(o, n, 4), fill_random<<<1024, 256>>>(dout, n, 5);
+    flash::BwdParams p{};
+    int64_t const row = int64_t(kHeads) * HDIM;
+    auto head_tensor = [&](Element *ptr) { return flash::HeadTensor{ptr, row * seqlen, row, HDIM}; };
+    p.q = head_tensor(q), p.k = head_tensor(k), p.v = head_tensor(v), p.o = head_tensor(o);
+    p.dout = head_tensor(dout), p.dq = head_tensor(dq), p.dk = head_tensor(dk), p.dv = head_tensor(dv);
+    p.lse = {lse, int64_t(kHeads) * seqlen, seqlen}, p.dpsum = {dpsum, int64_t(kHeads) * seqlen, seqlen};
+    p.batch = batch, p.heads = p.heads_kv = kHeads, p.seqlen_q = p.seqlen_k = seqlen, p.head_dim = HDIM;
+    p.total_q = p.total_k = kTokens;
+    p.softmax_scale = 1.f / std::sqrt(float(HDIM)), p.softmax_scale_log2 = p.softmax_scale * float(M_LOG2E);
+    p.inv_score_scale = 1.f / p.softmax_scale;
+    for (int causal = 0; causal < 2; ++causal) {
+      p.is_windowed = causal, p.window_left = seqlen, p.window_right = causal ? 0 : seqlen;
+      auto run = [&] {
+        if constexpr (KERNEL == 0) {
+          CHECK(flash::sm90::launch_bwd_dq<Traits>(p, 0));
+        } else {
+          CHECK(flash::sm90::launch_bwd_dkdv<Traits>(p, 0));
+        }
+      };
+      // The dQ kernel rewrites D as rowsum(P∘dP), which does not depend on the D it read: repeated calls
+      // see the same, finite, values.
+      fill_rows<<<1024, 256>>>(lse, dpsum, rows, std::log(float(seqlen)) + 1.f);
+      for (int i = 0; i < 5; ++i) { run(); }
+      CHECK(cudaDeviceSynchronize());
+      cudaEvent_t start, stop;
+      CHECK(cudaEventCreate(&start));
+      CHECK(cudaEventCreate(&stop));
+      constexpr int kReps = 30;
+      CHECK(cudaEventRecord(start));
+      for (int i = 0; i < kReps; ++i) { run(); }
+      CHECK(cudaEventRecord(stop));
+      CHECK(cudaEventSynchronize(stop));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      ms /= kReps;
+      CHECK(cudaMemset(hash, 0, sizeof(*hash)));
+      for (Element *grad : KERNEL == 0 ? std::initializer_list<Element *>{dq} : std::initializer_list<Element *>{dk, dv}) {
+        hash_bits<<<1024, 256>>>(grad, n, hash);
+      }
+      unsigned long long hash_host;
+      CHECK(cudaMemcpy(&hash_host, hash, sizeof(hash_host), cudaMemcpyDeviceToHost));
+      double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1) * flop_share;
+      std::printf("%-9s hdim %3d  tile %3dx%-3d stages %d overlap %d prefetch %d desc %d  causal %d  S %5d  %7.3f ms"
+                  "  %6.1f TFLOP/s  hash %016llx\n",
+                  names[KERNEL], HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PREFETCH_ROWS, DESC_PER_STEP, causal, seqlen, ms,
+                  flops / ms / 1e9, hash_host);
+    }
+    for (void *ptr : {(void *)q, (void *)k, (void *)v, (void *)o, (void *)dout, (void *)dq, (void *)dk, (void *)dv,
+                      (void *)lse, (void *)dpsum, (void *)hash}) { CHECK(cudaFree(ptr)); }
+  }
+  return 0;
+}
