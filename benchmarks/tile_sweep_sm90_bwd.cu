@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <initializer_list>
 #include <utility>
 
 #include "sweep_utils.cuh"
@@ -138,16 +137,18 @@ int main() {
       CHECK(cudaEventRecord(start));
       for (int i = 0; i < kReps; ++i) { run(); }
       CHECK(cudaEventRecord(stop));
-      CHECK(cudaEventSynchronize(stop));
+      CHECK_AT(cudaEventSynchronize(stop), names[KERNEL], seqlen, causal);
       float ms;
       CHECK(cudaEventElapsedTime(&ms, start, stop));
       ms /= kReps;
       CHECK(cudaMemset(hash, 0, sizeof(*hash)));
-      for (Element *grad : KERNEL == 0 ? std::initializer_list<Element *>{dq} : std::initializer_list<Element *>{dk, dv}) {
-        hash_bits<<<1024, 256>>>(grad, n, hash);
-      }
+      // A named array: a range-for over `cond ? initializer_list{...} : initializer_list{...}` walks a
+      // backing array that died with the operand's temporary (g++ -O3 passed null or stale pointers here:
+      // the "illegal memory access" / "misaligned address" every candidate reported at the copy below).
+      Element *const grads[] = {KERNEL == 0 ? dq : dk, dv};
+      for (int g = 0; g < (KERNEL == 0 ? 1 : 2); ++g) { hash_bits<<<1024, 256>>>(grads[g], n, hash); }
       unsigned long long hash_host;
-      CHECK(cudaMemcpy(&hash_host, hash, sizeof(hash_host), cudaMemcpyDeviceToHost));
+      CHECK_AT(cudaMemcpy(&hash_host, hash, sizeof(hash_host), cudaMemcpyDeviceToHost), "hash_bits", seqlen, causal);
       double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1) * flop_share;
       std::printf("%-9s hdim %3d  tile %3dx%-3d stages %d overlap %d prefetch %d desc %d  causal %d  S %5d  %7.3f ms"
                   "  %6.1f TFLOP/s  hash %016llx\n",
