@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <initializer_list>
+#include <utility>
 
 #include "sweep_utils.cuh"
 
@@ -48,11 +48,48 @@ __global__ void hash_bits(Element const *p, size_t n, unsigned long long *out) {
   atomicAdd(out, h);
 }
 
+// A fault is reported by the first synchronize after it, which names no kernel: each (shape, causal) syncs
+// after its fills and after its first launch, so that the message says which of them faulted and for what.
+#define CHECK_AT(call, what, seqlen, causal)                                                             \
+  do {                                                                                                  \
+    if (cudaError_t err_ = (call); err_ != cudaSuccess) {                                               \
+      std::fprintf(stderr, "%s:%d: %s, after %s (S %d, causal %d)\n", __FILE__, __LINE__,               \
+                   cudaGetErrorString(err_), what, seqlen, causal);                                     \
+      std::exit(1);                                                                                     \
+    }                                                                                                   \
+  } while (0)
+
+// What the launch is given, once per shape: for a comparison with the binding's params (flash_api.cpp's
+// prepare_bwd) when a candidate faults.
+void print_params(flash::BwdParams const &p) {
+  auto tensor = [](char const *name, flash::HeadTensor const &t) {
+    std::printf("  %-5s ptr %% 1024 = %4u  strides (batch %lld, row %lld, head %lld)\n", name,
+                unsigned(reinterpret_cast<uintptr_t>(t.ptr) % 1024), (long long)t.batch_stride,
+                (long long)t.row_stride, (long long)t.head_stride);
+  };
+  for (auto [name, t] : {std::pair{"q", p.q}, {"k", p.k}, {"v", p.v}, {"o", p.o}, {"dout", p.dout}, {"dq", p.dq},
+                         {"dk", p.dk}, {"dv", p.dv}}) {
+    tensor(name, t);
+  }
+  for (auto [name, t] : {std::pair{"lse", p.lse}, {"dpsum", p.dpsum}}) {
+    std::printf("  %-5s ptr %% 1024 = %4u  strides (batch %lld, head %lld)\n", name,
+                unsigned(reinterpret_cast<uintptr_t>(t.ptr) % 1024), (long long)t.batch_stride,
+                (long long)t.head_stride);
+  }
+  std::printf("  batch %d heads %d/%d seqlen %d/%d total %d/%d head_dim %d  kThreads %d kSmemSize %d  "
+              "sizeof(KernelParams) %zu\n",
+              p.batch, p.heads, p.heads_kv, p.seqlen_q, p.seqlen_k, p.total_q, p.total_k, p.head_dim,
+              Traits::kThreads, Traits::kSmemSize, sizeof(typename Traits::KernelParams));
+}
+
 int main() {
   constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;
   char const *names[] = {"sm90 dq", "sm90 dkdv"};
   double const flop_share = KERNEL == 0 ? 2.5 * 3 / 7 : 2.5 * 4 / 7;
+  // SWEEP_SEQLEN=1024 (say) times that shape only: a short run under compute-sanitizer.
+  char const *only = std::getenv("SWEEP_SEQLEN");
   for (int seqlen : {1024, 4096, 16384}) {
+    if (only != nullptr && std::atoi(only) != seqlen) { continue; }
     int const batch = kTokens / seqlen;
     size_t const n = size_t(kTokens) * kHeads * HDIM, rows = size_t(kTokens) * kHeads;
     Element *q, *k, *v, *o, *dout, *dq, *dk, *dv;
@@ -63,6 +100,7 @@ int main() {
     for (float **t : {&lse, &dpsum}) { CHECK(cudaMalloc(t, rows * sizeof(float))); }
     fill_random<<<1024, 256>>>(q, n, 1), fill_random<<<1024, 256>>>(k, n, 2), fill_random<<<1024, 256>>>(v, n, 3);
     fill_random<<<1024, 256>>>(o, n, 4), fill_random<<<1024, 256>>>(dout, n, 5);
+    for (Element *grad : {dq, dk, dv}) { CHECK(cudaMemset(grad, 0, n * sizeof(Element))); }
     flash::BwdParams p{};
     int64_t const row = int64_t(kHeads) * HDIM;
     auto head_tensor = [&](Element *ptr) { return flash::HeadTensor{ptr, row * seqlen, row, HDIM}; };
@@ -70,9 +108,11 @@ int main() {
     p.dout = head_tensor(dout), p.dq = head_tensor(dq), p.dk = head_tensor(dk), p.dv = head_tensor(dv);
     p.lse = {lse, int64_t(kHeads) * seqlen, seqlen}, p.dpsum = {dpsum, int64_t(kHeads) * seqlen, seqlen};
     p.batch = batch, p.heads = p.heads_kv = kHeads, p.seqlen_q = p.seqlen_k = seqlen, p.head_dim = HDIM;
-    p.total_q = p.total_k = kTokens;
+    // total_q and total_k stay 0, as the binding leaves them for a fixed-length batch (set_qkv): only varlen
+    // reads them.
     p.softmax_scale = 1.f / std::sqrt(float(HDIM)), p.softmax_scale_log2 = p.softmax_scale * float(M_LOG2E);
     p.inv_score_scale = 1.f / p.softmax_scale;
+    print_params(p);
     for (int causal = 0; causal < 2; ++causal) {
       p.is_windowed = causal, p.window_left = seqlen, p.window_right = causal ? 0 : seqlen;
       auto run = [&] {
@@ -85,8 +125,11 @@ int main() {
       // The dQ kernel rewrites D as rowsum(P∘dP), which does not depend on the D it read: repeated calls
       // see the same, finite, values.
       fill_rows<<<1024, 256>>>(lse, dpsum, rows, std::log(float(seqlen)) + 1.f);
-      for (int i = 0; i < 5; ++i) { run(); }
-      CHECK(cudaDeviceSynchronize());
+      CHECK_AT(cudaDeviceSynchronize(), "the fills", seqlen, causal);
+      run();
+      CHECK_AT(cudaDeviceSynchronize(), names[KERNEL], seqlen, causal);
+      for (int i = 0; i < 4; ++i) { run(); }
+      CHECK_AT(cudaDeviceSynchronize(), names[KERNEL], seqlen, causal);
       cudaEvent_t start, stop;
       CHECK(cudaEventCreate(&start));
       CHECK(cudaEventCreate(&stop));
@@ -94,16 +137,18 @@ int main() {
       CHECK(cudaEventRecord(start));
       for (int i = 0; i < kReps; ++i) { run(); }
       CHECK(cudaEventRecord(stop));
-      CHECK(cudaEventSynchronize(stop));
+      CHECK_AT(cudaEventSynchronize(stop), names[KERNEL], seqlen, causal);
       float ms;
       CHECK(cudaEventElapsedTime(&ms, start, stop));
       ms /= kReps;
       CHECK(cudaMemset(hash, 0, sizeof(*hash)));
-      for (Element *grad : KERNEL == 0 ? std::initializer_list<Element *>{dq} : std::initializer_list<Element *>{dk, dv}) {
-        hash_bits<<<1024, 256>>>(grad, n, hash);
-      }
+      // A named array: a range-for over `cond ? initializer_list{...} : initializer_list{...}` walks a
+      // backing array that died with the operand's temporary (g++ -O3 passed null or stale pointers here:
+      // the "illegal memory access" / "misaligned address" every candidate reported at the copy below).
+      Element *const grads[] = {KERNEL == 0 ? dq : dk, dv};
+      for (int g = 0; g < (KERNEL == 0 ? 1 : 2); ++g) { hash_bits<<<1024, 256>>>(grads[g], n, hash); }
       unsigned long long hash_host;
-      CHECK(cudaMemcpy(&hash_host, hash, sizeof(hash_host), cudaMemcpyDeviceToHost));
+      CHECK_AT(cudaMemcpy(&hash_host, hash, sizeof(hash_host), cudaMemcpyDeviceToHost), "hash_bits", seqlen, causal);
       double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1) * flop_share;
       std::printf("%-9s hdim %3d  tile %3dx%-3d stages %d overlap %d prefetch %d desc %d  causal %d  S %5d  %7.3f ms"
                   "  %6.1f TFLOP/s  hash %016llx\n",
