@@ -8,8 +8,9 @@
 //   dV += Pᵀ·dO,  dK += dSᵀ·Q          (Pᵀ, dSᵀ from registers; dO, Q read MN-major)
 // with Sᵀ and dPᵀ issued together and dV's product in flight while dSᵀ is computed (with Traits::kOverlap,
 // dK's product of a step is issued in the next, around its Sᵀ: tile_config.h's BwdTile). The common variant
-// only (no varlen, softcap, ALiBi, left window edge, dropout: mask.h's General): the binding sends the rest
-// to the mma.sync kernel (sm80/bwd_dkdv_kernel.h), which this one matches in what it writes.
+// only (no softcap, ALiBi, left window edge, dropout: mask.h's General), plain or causal, fixed-length or
+// varlen: the binding sends the rest to the mma.sync kernel (sm80/bwd_dkdv_kernel.h), which this one matches
+// in what it writes.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -30,7 +31,9 @@ namespace flash::sm90 {
 using namespace cute;
 
 // Windowed: causal or a right window edge (mask.h), a run-time value as in the other kernels.
-template <class Traits, bool Windowed>
+// Varlen: cu_seqlens may be given, as in the dQ kernel (bwd_dq_kernel.h): blocks past the sequence's last
+// key leave at once, and dK, dV tiles that cross it are stored by rows.
+template <class Traits, bool Windowed, bool Varlen>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     bwd_dkdv_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
@@ -42,7 +45,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   BwdParams const &params = kp.params;
   int const n_block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
 
-  BlockInfo const seq{params, batch, cute::false_type{}};
+  BlockInfo const seq{params, batch, cute::bool_constant<Varlen>{}};
+  if constexpr (Varlen) {
+    if (n_block * kBlockN >= seq.seqlen_k) { return; }  // the grid covers the longest sequence: the whole block leaves
+  }
   Mask<kBlockM, kBlockN, Windowed, false> const mask{params, seq, head};  // (query, key) blocks
   int const m_block_begin = mask.m_block_begin(n_block), m_block_end = mask.m_block_end(n_block);
   bool const has_queries = m_block_end > m_block_begin;  // else dK = dV = 0 (causal keys past the last query)
@@ -74,16 +80,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (producer) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     if (threadIdx.x == 0 && has_queries) {
-      // TMA views (kernel_traits.h): rows past seqlen_q or seqlen_k and columns past head_dim land as zeros.
-      Tensor mQ = kp.tma_q.get_tma_tensor(tma_shape_q<false>(params));
-      Tensor mdO = kp.tma_do.get_tma_tensor(tma_shape_q<false>(params));
-      Tensor mK = kp.tma_k.get_tma_tensor(tma_shape_k<false>(params));
-      Tensor mV = kp.tma_v.get_tma_tensor(tma_shape_k<false>(params));
+      // TMA views (kernel_traits.h): rows past seqlen_q or seqlen_k and columns past head_dim land as zeros;
+      // varlen, rows past the sequence's end are the next sequence's (unused queries, masked keys) or, past
+      // the tensor's end, zeros.
+      Tensor mQ = kp.tma_q.get_tma_tensor(tma_shape_q<Varlen>(params));
+      Tensor mdO = kp.tma_do.get_tma_tensor(tma_shape_q<Varlen>(params));
+      Tensor mK = kp.tma_k.get_tma_tensor(tma_shape_k<Varlen>(params));
+      Tensor mV = kp.tma_v.get_tma_tensor(tma_shape_k<Varlen>(params));
       int const kv_head = params.kv_head(head);
-      Tensor gQ = local_tile(mQ(_, _, head, batch), typename Traits::TileQ{}, make_coord(_, _0{}));  // (M, D, m)
-      Tensor gdO = local_tile(mdO(_, _, head, batch), typename Traits::TileQ{}, make_coord(_, _0{}));
-      Tensor gK = local_tile(mK(_, _, kv_head, batch), typename Traits::TileK{}, make_coord(n_block, _0{}));
-      Tensor gV = local_tile(mV(_, _, kv_head, batch), typename Traits::TileK{}, make_coord(n_block, _0{}));
+      auto q_view = [&](auto const &m) { return sequence_rows<Varlen>(m, params, head, batch, seq.q_start); };
+      auto k_view = [&](auto const &m) { return sequence_rows<Varlen>(m, params, kv_head, batch, seq.k_start); };
+      Tensor gQ = local_tile(q_view(mQ), typename Traits::TileQ{}, make_coord(_, _0{}));  // (M, D, m)
+      Tensor gdO = local_tile(q_view(mdO), typename Traits::TileQ{}, make_coord(_, _0{}));
+      Tensor gK = local_tile(k_view(mK), typename Traits::TileK{}, make_coord(n_block, _0{}));
+      Tensor gV = local_tile(k_view(mV), typename Traits::TileK{}, make_coord(n_block, _0{}));
       auto q_copy = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto do_copy = tma_partition(kp.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
       auto k_copy = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
@@ -275,8 +285,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
 
   // dK (w.r.t. the scaled scores: the scale comes in once, here) and dV through K's and V's buffers and a TMA
-  // store each, which clips the rows past seqlen_k and the columns past head_dim. Each warpgroup writes only
-  // its own 64 rows, which only its own matmuls read, and those have finished.
+  // store each, which clips the rows past seqlen_k and the columns past head_dim (varlen: past the tensor's
+  // end only, so that a tile crossing its sequence's end is stored by rows). Each warpgroup writes only its
+  // own 64 rows, which only its own matmuls read, and those have finished.
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }
   auto smem_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_dkv);
@@ -287,11 +298,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   copy(smem_copy, thr_copy.retile_S(rdV), thr_copy.partition_D(sV));
   cutlass::arch::fence_view_async_shared();  // the generic-proxy writes, visible to the TMA engine
   barrier_sync(Traits::kConsumerThreads, BwdBarrier::GradsReady);
+  if constexpr (Varlen) {
+    if (tma_varlen<Varlen>(params) && (n_block + 1) * kBlockN > seq.seqlen_k) {
+      // dK and dV are per query head (flash.h): rows of k's sequence, q's head.
+      Tensor gdK = local_tile(seq.template k_rows<Traits::kHeadDim, Element>(params.dk, head), typename Traits::TileK{},
+                              make_coord(n_block, _0{}));  // (kBlockN, kHeadDim)
+      Tensor gdV = local_tile(seq.template k_rows<Traits::kHeadDim, Element>(params.dv, head), typename Traits::TileK{},
+                              make_coord(n_block, _0{}));
+      int const rows_left = seq.seqlen_k - n_block * kBlockN;
+      Traits::RowStore::store(sK, gdK, rows_left, params.head_dim, thread_idx);
+      Traits::RowStore::store(sV, gdV, rows_left, params.head_dim, thread_idx);
+      return;
+    }
+  }
   if (thread_idx == 0) {
-    Tensor mdK = kp.tma_dk.get_tma_tensor(tma_shape_dk(params));
-    Tensor mdV = kp.tma_dv.get_tma_tensor(tma_shape_dk(params));
-    Tensor gdK = local_tile(mdK(_, _, head, batch), typename Traits::TileK{}, make_coord(n_block, _0{}));
-    Tensor gdV = local_tile(mdV(_, _, head, batch), typename Traits::TileK{}, make_coord(n_block, _0{}));
+    Tensor mdK = kp.tma_dk.get_tma_tensor(tma_shape_dk<Varlen>(params));
+    Tensor mdV = kp.tma_dv.get_tma_tensor(tma_shape_dk<Varlen>(params));
+    Tensor gdK = local_tile(sequence_rows<Varlen>(mdK, params, head, batch, seq.k_start), typename Traits::TileK{},
+                            make_coord(n_block, _0{}));
+    Tensor gdV = local_tile(sequence_rows<Varlen>(mdV, params, head, batch, seq.k_start), typename Traits::TileK{},
+                            make_coord(n_block, _0{}));
     auto dk_copy = tma_partition(kp.tma_dk, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gdK));
     auto dv_copy = tma_partition(kp.tma_dv, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gdV));
     copy(kp.tma_dk, get<1>(dk_copy), get<0>(dk_copy));  // (gmem, smem) views: smem -> gmem

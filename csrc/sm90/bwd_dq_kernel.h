@@ -9,8 +9,9 @@
 // with S and dP issued together and P made while dP's product runs (with Traits::kOverlap, dQ's product of
 // a step is issued in the next, around its S: tile_config.h's BwdTile). The queries are the M mode of every
 // product, so that LSE and D are per accumulator row, as in the mma.sync kernel (sm80/bwd_dq_kernel.h),
-// which this one matches in what it writes, D's rewrite included. The common variant only (no varlen,
-// softcap, ALiBi, left window edge, dropout: mask.h's General): the binding sends the rest to that kernel.
+// which this one matches in what it writes, D's rewrite included. The common variant only (no softcap, ALiBi,
+// left window edge, dropout: mask.h's General), plain or causal, fixed-length or varlen: the binding sends the
+// rest to that kernel.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -32,7 +33,10 @@ namespace flash::sm90 {
 using namespace cute;
 
 // Windowed: causal or a right window edge (mask.h), a run-time value as in the other kernels.
-template <class Traits, bool Windowed>
+// Varlen: cu_seqlens may be given: each sequence's rows from its offset in the one-batch TMA views
+// (kernel_traits.h), its lengths from BlockInfo; blocks past the sequence's end leave at once, and a dQ tile
+// that crosses it is stored by rows (BwdRowStore), as the next sequence's rows are another block's.
+template <class Traits, bool Windowed, bool Varlen>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     bwd_dq_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
@@ -45,7 +49,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   int const m_block = gridDim.x - 1 - blockIdx.x;  // blocks with the most keys (causal) first
   int const batch = blockIdx.y, head = blockIdx.z;
 
-  BlockInfo const seq{params, batch, cute::false_type{}};
+  BlockInfo const seq{params, batch, cute::bool_constant<Varlen>{}};
+  if constexpr (Varlen) {
+    if (m_block * kBlockM >= seq.seqlen_q) { return; }  // the grid covers the longest sequence: the whole block leaves
+  }
   Mask<kBlockM, kBlockN, Windowed, false> const mask{params, seq, head};  // (query, key) blocks
   int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
   bool const has_keys = n_block_end > n_block_begin;  // else dQ = 0 (causal rows before the first key)
@@ -76,16 +83,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (producer) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     if (threadIdx.x == 0 && has_keys) {
-      // TMA views (kernel_traits.h): rows past seqlen_q or seqlen_k and columns past head_dim land as zeros.
-      Tensor mQ = kp.tma_q.get_tma_tensor(tma_shape_q<false>(params));
-      Tensor mdO = kp.tma_do.get_tma_tensor(tma_shape_q<false>(params));
-      Tensor mK = kp.tma_k.get_tma_tensor(tma_shape_k<false>(params));
-      Tensor mV = kp.tma_v.get_tma_tensor(tma_shape_k<false>(params));
+      // TMA views (kernel_traits.h): rows past seqlen_q or seqlen_k and columns past head_dim land as zeros;
+      // varlen, rows past the sequence's end are the next sequence's (unused query rows, masked keys) or,
+      // past the tensor's end, zeros.
+      Tensor mQ = kp.tma_q.get_tma_tensor(tma_shape_q<Varlen>(params));
+      Tensor mdO = kp.tma_do.get_tma_tensor(tma_shape_q<Varlen>(params));
+      Tensor mK = kp.tma_k.get_tma_tensor(tma_shape_k<Varlen>(params));
+      Tensor mV = kp.tma_v.get_tma_tensor(tma_shape_k<Varlen>(params));
       int const kv_head = params.kv_head(head);
-      Tensor gQ = local_tile(mQ(_, _, head, batch), typename Traits::TileQ{}, make_coord(m_block, _0{}));
-      Tensor gdO = local_tile(mdO(_, _, head, batch), typename Traits::TileQ{}, make_coord(m_block, _0{}));
-      Tensor gK = local_tile(mK(_, _, kv_head, batch), typename Traits::TileK{}, make_coord(_, _0{}));  // (N, D, n)
-      Tensor gV = local_tile(mV(_, _, kv_head, batch), typename Traits::TileK{}, make_coord(_, _0{}));
+      auto q_view = [&](auto const &m) { return sequence_rows<Varlen>(m, params, head, batch, seq.q_start); };
+      auto k_view = [&](auto const &m) { return sequence_rows<Varlen>(m, params, kv_head, batch, seq.k_start); };
+      Tensor gQ = local_tile(q_view(mQ), typename Traits::TileQ{}, make_coord(m_block, _0{}));
+      Tensor gdO = local_tile(q_view(mdO), typename Traits::TileQ{}, make_coord(m_block, _0{}));
+      Tensor gK = local_tile(k_view(mK), typename Traits::TileK{}, make_coord(_, _0{}));  // (N, D, n)
+      Tensor gV = local_tile(k_view(mV), typename Traits::TileK{}, make_coord(_, _0{}));
       auto q_copy = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto do_copy = tma_partition(kp.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
       auto k_copy = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
@@ -234,7 +245,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
 
   // dQ (w.r.t. the scaled scores: the scale comes in once, here) through Q's buffer and a TMA store, which
-  // clips the rows past seqlen_q and the columns past head_dim. Each warpgroup writes only its own 64 rows,
+  // clips the rows past seqlen_q and the columns past head_dim (varlen: past the tensor's end only, so that
+  // a tile crossing its sequence's end is stored by rows). Each warpgroup writes only its own 64 rows,
   // which only its own matmuls read, and those have finished.
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dq); ++i) { acc_dq(i) *= params.softmax_scale; }
@@ -244,9 +256,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   copy(smem_copy, thr_copy.retile_S(rdQ), thr_copy.partition_D(sQ));
   cutlass::arch::fence_view_async_shared();  // the generic-proxy writes, visible to the TMA engine
   barrier_sync(Traits::kConsumerThreads, BwdBarrier::GradsReady);
+  if constexpr (Varlen) {
+    if (tma_varlen<Varlen>(params) && (m_block + 1) * kBlockM > seq.seqlen_q) {
+      Tensor gdQ = local_tile(seq.template q_rows<Traits::kHeadDim, Element>(params.dq, head), typename Traits::TileQ{},
+                              make_coord(m_block, _0{}));  // (kBlockM, kHeadDim)
+      Traits::RowStore::store(sQ, gdQ, seq.seqlen_q - m_block * kBlockM, params.head_dim, thread_idx);
+      return;
+    }
+  }
   if (thread_idx == 0) {
-    Tensor mdQ = kp.tma_dq.get_tma_tensor(tma_shape_q<false>(params));
-    Tensor gdQ = local_tile(mdQ(_, _, head, batch), typename Traits::TileQ{}, make_coord(m_block, _0{}));
+    Tensor mdQ = kp.tma_dq.get_tma_tensor(tma_shape_q<Varlen>(params));
+    Tensor gdQ = local_tile(sequence_rows<Varlen>(mdQ, params, head, batch, seq.q_start), typename Traits::TileQ{},
+                            make_coord(m_block, _0{}));
     auto dq_copy = tma_partition(kp.tma_dq, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gdQ));
     copy(kp.tma_dq, get<1>(dq_copy), get<0>(dq_copy));  // (gmem, smem) views: smem -> gmem
     tma_store_arrive();

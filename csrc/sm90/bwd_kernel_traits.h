@@ -17,10 +17,63 @@ namespace flash::sm90 {
 
 using namespace cute;
 
-// dK and dV are written per query head (flash.h's BwdParams): k's rows and head dim, q's heads.
+// dK and dV are written per query head (flash.h's BwdParams): k's rows and head dim, q's heads; a varlen
+// call's are one batch of all total_k rows, as tma_shape_k's (kernel_traits.h).
+template <bool Varlen = false>
 CUTE_HOST_DEVICE GmemShape tma_shape_dk(AttnParams const &p) {
-  return GmemShape{p.seqlen_k, p.head_dim, p.heads, p.batch};
+  return tma_varlen<Varlen>(p) ? GmemShape{p.total_k, p.head_dim, p.heads, 1}
+                               : GmemShape{p.seqlen_k, p.head_dim, p.heads, p.batch};
 }
+
+// One head's rows of a TMA view (mQ-like: (seqlen, head_dim, heads, batch)), the sequence's first row at row
+// 0: a varlen view is one batch (kernel_traits.h), in which the sequence starts at row start (BlockInfo).
+// Without Varlen, the view of before varlen existed, so that those kernels' code is unchanged.
+template <bool Varlen, class TmaTensor>
+CUTE_DEVICE auto sequence_rows(TmaTensor const &m, AttnParams const &p, int head, int batch, int start) {
+  if constexpr (Varlen) {
+    return domain_offset(make_coord(start, _0{}), m(_, _, head, tma_varlen<Varlen>(p) ? 0 : batch));
+  } else {
+    return m(_, _, head, batch);
+  }
+}
+
+// The varlen store of a gradient tile (dQ, dK, dV) that crosses its sequence's end: the TMA store would
+// write the next sequence's rows, which another block owns. 16-byte loads from the swizzled buffer (the
+// swizzles move whole 16-byte chunks) and stores predicated per row, as the forward's O (fwd_epilogue.h);
+// threads per row: the largest power of two up to 32 that divides the row's 16-byte chunks.
+template <typename Element, int kHeadDim, int kThreads>
+struct BwdRowStore {
+  static constexpr int kThreadsPerRow = (kHeadDim / 8) % 32 == 0   ? 32
+                                        : (kHeadDim / 8) % 16 == 0 ? 16
+                                        : (kHeadDim / 8) % 8 == 0  ? 8
+                                                                   : 4;
+  static_assert((kHeadDim / 8) % kThreadsPerRow == 0 && kThreads % kThreadsPerRow == 0);
+  using TiledCopy = decltype(make_tiled_copy(
+      Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
+      Layout<Shape<Int<kThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>{},
+      Layout<Shape<_1, _8>>{}));
+
+  // sTile: the tile in shared memory; gTile: its (rows, kHeadDim) place in this sequence's rows (BlockInfo's
+  // q_rows, k_rows); only rows below rows_left and columns below head_dim (a multiple of 8) are written.
+  // Every consumer thread takes part.
+  template <class SmemTile, class GmemTile>
+  CUTE_DEVICE static void store(SmemTile const &sTile, GmemTile &gTile, int rows_left, int head_dim, int thread_idx) {
+    TiledCopy gmem_copy;
+    auto thr_copy = gmem_copy.get_thread_slice(thread_idx);
+    Tensor tGsG = thr_copy.partition_S(sTile);  // (CPY, CPY_M, CPY_K)
+    Tensor tGgG = thr_copy.partition_D(gTile);
+    Tensor tGcG = thr_copy.partition_D(make_identity_tensor(shape(gTile)));  // (row, col) of each chunk
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(tGsG); ++m) {
+      if (get<0>(tGcG(0, m, 0)) < rows_left) {
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(tGsG); ++k) {
+          if (get<1>(tGcG(0, m, k)) < head_dim) { copy(gmem_copy, tGsG(_, m, k), tGgG(_, m, k)); }
+        }
+      }
+    }
+  }
+};
 
 // A head-major tensor as the TMA copies of both kernels see it (kernel_traits.h's GmemShape, GmemStride).
 template <typename Element>
@@ -81,6 +134,7 @@ struct BwdDkdvTraits {
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}), TileQ{}, _1{}));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{}, TileK{}, _1{}));
   using TmaDk = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensor{}, SmemLayoutK{}, TileK{}, _1{}));
+  using RowStore = BwdRowStore<Element, kHeadDim, kConsumerThreads>;  // varlen dK, dV tiles past the sequence's end
   static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kTmaBytesK = kBlockN * kHeadDim * sizeof(Element);
 
@@ -157,6 +211,7 @@ struct BwdDqTraits {
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, BwdGmemTensor<Element>{}, take<0, 2>(SmemLayoutK{}), TileK{},
                                       _1{}));
   using TmaDq = decltype(make_tma_copy(SM90_TMA_STORE{}, BwdGmemTensor<Element>{}, SmemLayoutQ{}, TileQ{}, _1{}));
+  using RowStore = BwdRowStore<Element, kHeadDim, kConsumerThreads>;  // varlen dQ tiles past the sequence's end
   static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kTmaBytesK = kBlockN * kHeadDim * sizeof(Element);
 

@@ -1,6 +1,7 @@
 // Host-side launches of the Hopper backward kernels for one (head dim, dtype): TMA descriptors from the
 // params, then one thread block per (key block, batch, query head) for dK/dV, per (query block, batch, head)
-// for dQ. Built only with FLASH_ATTN2_BUILD_SM90_BWD=1.
+// for dQ (varlen: blocks of the longest sequence, those past a shorter one's end leaving at once). Built only
+// with FLASH_ATTN2_BUILD_SM90_BWD=1.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,13 +22,22 @@ auto bwd_tma(TmaOp op, HeadTensor const &t, GmemShape const &shape, SmemLayout c
   return make_tma_copy(op, gmem_tensor<Element>(t, shape), smem_layout, tile, _1{});
 }
 
-// The common variant only (the binding checks !needs_general()): plain, causal, GQA. Traits: a
-// BwdDkdvTraits, the tile_config.h one from run_bwd_dkdv, any from benchmarks/tile_sweep_sm90_bwd.cu.
-template <class Traits>
+// Whether a call may go to these kernels: varlen calls only where the launch was instantiated with MaybeVarlen.
+template <bool MaybeVarlen>
+bool bwd_launchable(BwdParams const &p) { return MaybeVarlen || p.cu_seqlens_q == nullptr; }
+
+// The common variant only (the binding checks the rest of needs_general()): plain, causal, GQA, and with
+// MaybeVarlen varlen too, its kernels chosen per call. Traits: a BwdDkdvTraits, the tile_config.h one from
+// run_bwd_dkdv, any from benchmarks/tile_sweep_sm90_bwd.cu (fixed-length: MaybeVarlen defaulted, so that it
+// builds no varlen kernels).
+template <class Traits, bool MaybeVarlen = false>
 cudaError_t launch_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
   using Element = typename Traits::Element;
   auto const &p = params;
-  GmemShape const shape_q = tma_shape_q<false>(p), shape_k = tma_shape_k<false>(p), shape_dk = tma_shape_dk(p);
+  if (!bwd_launchable<MaybeVarlen>(p)) { return cudaErrorNotSupported; }
+  // Varlen: the one-batch views (kernel_traits.h); else the fixed-length ones, as tma_shape_*<false>.
+  GmemShape const shape_q = tma_shape_q<MaybeVarlen>(p), shape_k = tma_shape_k<MaybeVarlen>(p),
+                  shape_dk = tma_shape_dk<MaybeVarlen>(p);
   typename Traits::SmemLayoutK const layout_k{};
   auto const layout_q = take<0, 2>(typename Traits::SmemLayoutQ{});
   typename Traits::TileQ const tile_q{};
@@ -41,20 +51,25 @@ cudaError_t launch_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
       bwd_tma<Element>(SM90_TMA_STORE{}, p.dk, shape_dk, layout_k, tile_k),
       bwd_tma<Element>(SM90_TMA_STORE{}, p.dv, shape_dk, layout_k, tile_k),
   };
-  dim3 const grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.batch, p.heads);
+  dim3 const grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.batch, p.heads);  // varlen: the longest sequence's
   return bool_switch(p.is_windowed, [&](auto windowed) {
-    return launch_kernel(&bwd_dkdv_kernel<Traits, decltype(windowed)::value>, grid, Traits::kThreads,
-                         Traits::kSmemSize, kp, stream);
+    constexpr bool kWindowed = decltype(windowed)::value;
+    auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
+    if constexpr (MaybeVarlen) {
+      if (p.cu_seqlens_q != nullptr) { return launch(&bwd_dkdv_kernel<Traits, kWindowed, true>); }
+    }
+    return launch(&bwd_dkdv_kernel<Traits, kWindowed, false>);
   });
 }
 
 // The common variant only, as launch_bwd_dkdv (one predicate in the binding for both); dQ, then D
 // rewritten, before the dK/dV kernel runs. Traits: a BwdDqTraits.
-template <class Traits>
+template <class Traits, bool MaybeVarlen = false>
 cudaError_t launch_bwd_dq(BwdParams const &params, cudaStream_t stream) {
   using Element = typename Traits::Element;
   auto const &p = params;
-  GmemShape const shape_q = tma_shape_q<false>(p), shape_k = tma_shape_k<false>(p);
+  if (!bwd_launchable<MaybeVarlen>(p)) { return cudaErrorNotSupported; }
+  GmemShape const shape_q = tma_shape_q<MaybeVarlen>(p), shape_k = tma_shape_k<MaybeVarlen>(p);
   typename Traits::SmemLayoutQ const layout_q{};
   auto const layout_k = take<0, 2>(typename Traits::SmemLayoutK{});
   typename Traits::TileQ const tile_q{};
@@ -67,21 +82,25 @@ cudaError_t launch_bwd_dq(BwdParams const &params, cudaStream_t stream) {
       bwd_tma<Element>(SM90_TMA_LOAD{}, p.v, shape_k, layout_k, tile_k),
       bwd_tma<Element>(SM90_TMA_STORE{}, p.dq, shape_q, layout_q, tile_q),
   };
-  dim3 const grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.batch, p.heads);
+  dim3 const grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.batch, p.heads);  // varlen: the longest sequence's
   return bool_switch(p.is_windowed, [&](auto windowed) {
-    return launch_kernel(&bwd_dq_kernel<Traits, decltype(windowed)::value>, grid, Traits::kThreads,
-                         Traits::kSmemSize, kp, stream);
+    constexpr bool kWindowed = decltype(windowed)::value;
+    auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
+    if constexpr (MaybeVarlen) {
+      if (p.cu_seqlens_q != nullptr) { return launch(&bwd_dq_kernel<Traits, kWindowed, true>); }
+    }
+    return launch(&bwd_dq_kernel<Traits, kWindowed, false>);
   });
 }
 
-// The instantiation units' entry points: the tiles of tile_config.h.
+// The instantiation units' entry points: the tiles of tile_config.h, fixed-length and varlen kernels each.
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
-  return launch_bwd_dkdv<BwdDkdvTraits<kHeadDim, Element>>(params, stream);
+  return launch_bwd_dkdv<BwdDkdvTraits<kHeadDim, Element>, true>(params, stream);
 }
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
-  return launch_bwd_dq<BwdDqTraits<kHeadDim, Element>>(params, stream);
+  return launch_bwd_dq<BwdDqTraits<kHeadDim, Element>, true>(params, stream);
 }
 
 }  // namespace flash::sm90
