@@ -1,7 +1,7 @@
 // Host-side launches of the Hopper backward kernels for one (head dim, dtype): TMA descriptors from the
 // params, then one thread block per (key block, batch, query head) for dK/dV, per (query block, batch, head)
-// for dQ (varlen: blocks of the longest sequence, those past a shorter one's end leaving at once). Built only
-// with FLASH_ATTN2_BUILD_SM90_BWD=1.
+// for dQ (varlen: blocks of the longest sequence, those past a shorter one's end leaving at once). Built with
+// sm_90a unless FLASH_ATTN2_BUILD_SM90_BWD=0.
 #pragma once
 
 #include <cuda_runtime.h>
