@@ -8,7 +8,7 @@ import torch
 from conftest import random_qkv, requires_ext, requires_gpu, skip_unless_built
 from flash_attn2 import flash_attn_func, interface
 
-pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path")]
+pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path", "bwd_path")]
 
 NAN, INF = float("nan"), float("inf")
 RESULTS = ("out", "lse", "dq", "dk", "dv")

@@ -12,7 +12,7 @@ from flash_attn2 import flash_attn_func
 from flash_attn2.reference import attention_ref
 from test_bwd_gpu import GRAD_ERROR_FACTOR, reference_grads
 
-pytestmark = [requires_gpu, requires_ext, pytest.mark.huge, pytest.mark.usefixtures("fwd_path")]
+pytestmark = [requires_gpu, requires_ext, pytest.mark.huge, pytest.mark.usefixtures("fwd_path", "bwd_path")]
 
 HEAD_DIM = 128
 SCALE = HEAD_DIM ** -0.5

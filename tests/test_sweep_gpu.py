@@ -149,7 +149,7 @@ def pytest_generate_tests(metafunc):
 
 @requires_gpu
 @requires_ext
-@pytest.mark.usefixtures("fwd_path")
+@pytest.mark.usefixtures("fwd_path", "bwd_path")
 def test_sweep(sweep_case, seed):
     case = sweep_case
     skip_unless_built(case.head_dim)
@@ -226,6 +226,7 @@ VARLEN_SWEEP = draw_varlen_sweep(SWEEP_SEED, VARLEN_CASES)
 
 @requires_gpu
 @requires_ext
+@pytest.mark.usefixtures("bwd_path")
 def test_sweep_varlen(varlen_case, seed):
     case = varlen_case
     skip_unless_built(case.head_dim)

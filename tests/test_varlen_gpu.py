@@ -20,7 +20,7 @@ from test_fwd_gpu import check_fwd
 from test_input_checks import message
 from test_varlen_input_checks import VARLEN_BAD_INPUTS, cu, varlen_args
 
-pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path")]
+pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path", "bwd_path")]
 
 INF = float("inf")
 RESULTS = ("out", "lse", *GRADS)
