@@ -1,5 +1,5 @@
-// Times one Hopper-forward candidate (HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT: the
-// fields of sm90/kernel_traits.h), torch-free, on the paper's shapes: bf16, 16k tokens, hidden 2048, causal
+// Times one Hopper-forward candidate (HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT, EXP2_FMA:
+// the fields of sm90/kernel_traits.h), torch-free, on the paper's shapes: bf16, 16k tokens, hidden 2048, causal
 // and not. Built and run by benchmarks/tile_sweep_sm90.sh, for the tile choices in sm90/tile_config.h and
 // the ablations in NOTES.md.
 #include <cmath>
@@ -10,8 +10,12 @@
 
 #include "sm90/fwd_launch.h"
 
+#ifndef EXP2_FMA
+#define EXP2_FMA 0  // of every 8 score columns, those whose exp2 runs on the FMA units
+#endif
+
 using Element = cutlass::bfloat16_t;
-using Traits = flash::sm90::FwdTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT>;
+using Traits = flash::sm90::FwdTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT, EXP2_FMA>;
 
 int main() {
   constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;
@@ -46,8 +50,9 @@ int main() {
       float ms;
       CHECK(cudaEventElapsedTime(&ms, start, stop));
       double const flops = 4.0 * batch * kHeads * double(seqlen) * seqlen * HDIM / (causal ? 2 : 1);
-      std::printf("sm90 fwd hdim %3d  tile %3dx%-3d stages %d overlap %d pingpong %d persistent %d  causal %d  S %5d  %6.1f TFLOP/s\n",
-                  HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT, causal, seqlen, flops / (ms / kReps) / 1e9);
+      std::printf("sm90 fwd hdim %3d  tile %3dx%-3d stages %d overlap %d pingpong %d persistent %d exp2fma %d/8  causal %d  S %5d  %6.1f TFLOP/s\n",
+                  HDIM, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT, EXP2_FMA, causal, seqlen,
+                  flops / (ms / kReps) / 1e9);
     }
     for (void *ptr : {(void *)q, (void *)k, (void *)v, (void *)o, (void *)lse}) { CHECK(cudaFree(ptr)); }
   }
