@@ -29,8 +29,8 @@ struct OnlineSoftmax {
   // update() in two halves, for a kernel whose P·V of the previous block is still in flight when this
   // block's scores are ready (SM90): the max, exponentials and sums first; the output's rescaling once
   // the matmul writing it has finished. Returns each row's correction exp2(old max - new max).
-  // kFmaOf8: of every 8 columns, how many take exp2_fma (the FMA units) rather than exp2_approx; only for
-  // blocks without hidden scores, whose exponents are finite (a hidden score must give exactly 0).
+  // kFmaOf8: of every 8 columns, how many take exp2_fma (the FMA units) rather than exp2_approx (the Hopper
+  // forward's knob, given for its unmasked key blocks).
   template <bool First, int kFmaOf8 = 0, class Scores>
   CUTE_DEVICE cute::array<float, kRows> exp_step(Scores &acc_s, float scale_log2) {
     Tensor s = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // (rows, cols)

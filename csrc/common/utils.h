@@ -81,8 +81,8 @@ CUTE_DEVICE float exp2_approx(float x) {
 // 2^x on the FMA units, for a kernel that the special-function unit's 16 exp2 per SM and clock bound (the
 // Hopper forward at D = 64): x = j + f, j = round(x) and f in [-1/2, 1/2]; 2^f by a cubic with p(0) = 1
 // (relative error 1.0e-4, 20 times below the bf16 rounding of P), 2^j added into its exponent bits. x is
-// clamped at -127 so that j's bits cannot reach the sign (the result there: 0 or a denormal below 2^-126,
-// where exp2_approx flushes to 0); x must not be NaN or +inf, and -inf gives a denormal, not 0.
+// clamped at -127 so that j's bits cannot reach the sign: x <= -127 (-inf too) gives exactly 0, x in
+// (-127, -126) a denormal where exp2_approx flushes to 0. x must not be NaN or +inf.
 CUTE_DEVICE float exp2_fma(float x) {
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound holds round(x) in its low mantissa bits
   x = fmaxf(x, -127.f);

@@ -229,7 +229,8 @@ struct FwdMainloop {
       pipeline_k.consumer_release(read_k);
       ++read_k;
       mask.template apply<decltype(is_masked)::value>(acc_s, tScS, w.m_block, n_block);
-      // exp2 on the FMA units for some columns (tile_config.h) in unmasked blocks, whose exponents are finite.
+      // exp2 on the FMA units for some columns (tile_config.h), in unmasked blocks only: their exponents are
+      // all finite; the masked blocks are few and keep the special-function unit's exact 0 for hidden scores.
       constexpr int kExp2FmaOf8 = decltype(is_masked)::value ? 0 : Traits::kExp2FmaOf8;
       auto const correction = softmax.template exp_step<false, kExp2FmaOf8>(acc_s, scale_log2);
       warpgroup_wait<0>();  // O is in
