@@ -18,7 +18,11 @@ done
 wait
 for c in $candidates; do
   if [ -x "$dir/$c" ]; then
-    echo "== $c (registers: $(grep -o "Used [0-9]* registers" "$dir/$c.log" | sort -u | tr '\n' ' ')worst spill: $(grep -o "[0-9]* bytes spill stores" "$dir/$c.log" | sort -n | tail -1))"
+    # ptxas's lines for the candidate's kernels only (the binary holds the default one too, as the reference).
+    IFS=':x' read -r d m n stages overlap pingpong persistent exp2 <<<"$c"
+    mine="FwdTraitsILi${d}EN7cutlass10bfloat16_tELi${m}ELi${n}ELi${stages}ELb${overlap}ELb${pingpong}ELb${persistent}ELi${exp2:-0}E"
+    usage=$(awk -v k="$mine" '/Function properties for/ { on = index($0, k) > 0 } on' "$dir/$c.log")
+    echo "== $c (registers: $(grep -o "Used [0-9]* registers" <<<"$usage" | sort -u | tr '\n' ' ')worst spill: $(grep -o "[0-9]* bytes spill stores" <<<"$usage" | sort -n | tail -1))"
     "$dir/$c"
   else
     echo "== $c: build failed: $(grep -m1 error "$dir/$c.log")"
