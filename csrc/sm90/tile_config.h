@@ -19,7 +19,7 @@ struct FwdTile {
   // its key loop, which is 2.6 times as long; the fixed-length kernel spills 16 (32), in its loop too.
   bool varlen_common_loop = true;
   // Of every 8 score columns a thread holds, how many take exp2 on the FMA units (a polynomial,
-  // softmax.h's exp2_fma) rather than the special-function unit, whose 16 results per SM and clock bound
+  // common/utils.h's exp2_fma) rather than the special-function unit, whose 16 results per SM and clock bound
   // D = 64 (benchmarks/NOTES.md). Unmasked key blocks of the overlapped loop (intra_wg_overlap) only, whose
   // exponents are finite. Not yet measured: 0.
   int exp2_fma_of8 = 0;
