@@ -29,7 +29,9 @@ struct OnlineSoftmax {
   // update() in two halves, for a kernel whose P·V of the previous block is still in flight when this
   // block's scores are ready (SM90): the max, exponentials and sums first; the output's rescaling once
   // the matmul writing it has finished. Returns each row's correction exp2(old max - new max).
-  template <bool First, class Scores>
+  // kFmaOf8: of every 8 columns, how many take exp2_fma (the FMA units) rather than exp2_approx (the Hopper
+  // forward's knob, given for its unmasked key blocks).
+  template <bool First, int kFmaOf8 = 0, class Scores>
   CUTE_DEVICE cute::array<float, kRows> exp_step(Scores &acc_s, float scale_log2) {
     Tensor s = make_tensor(acc_s.data(), rows_cols(acc_s.layout()));  // (rows, cols)
     static_assert(decltype(size<0>(s))::value == kRows);
@@ -51,7 +53,8 @@ struct OnlineSoftmax {
       float sum = 0.f;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(s); ++c) {
-        s(r, c) = exp2_approx(s(r, c) * scale_log2 - max_shift);  // the scale folded into one FMA
+        float const x = s(r, c) * scale_log2 - max_shift;  // the scale folded into one FMA
+        s(r, c) = c % 8 < kFmaOf8 ? exp2_fma(x) : exp2_approx(x);
         sum += s(r, c);
       }
       if constexpr (First) {

@@ -1,7 +1,8 @@
 // The Hopper forward kernel (FlashAttention-3's schedule on FlashAttention-2's algorithm): persistent thread
 // blocks, each walking (query block, head, batch) tiles (sm90/tile_scheduler.h); a producer warpgroup whose
-// one thread streams Q, K and V in by TMA, and two consumer warpgroups, 64 query rows each, running Q·Kᵀ,
-// the online softmax and P·V on wgmma with the softmax overlapped with the matmuls (sm90/fwd_mainloop.h).
+// one thread streams Q, K and V in by TMA, and two (or three) consumer warpgroups, 64 query rows each,
+// running Q·Kᵀ, the online softmax and P·V on wgmma with the softmax overlapped with the matmuls
+// (sm90/fwd_mainloop.h).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -112,8 +113,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     int const thread_idx = threadIdx.x - cutlass::NumThreadsPerWarpGroup;
-    if constexpr (Traits::kPingpong) {  // warpgroup 0 (of the consumers) goes first
-      if (warpgroup == 2) { barrier_arrive(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, 0); }
+    if constexpr (Traits::kPingpong) {  // warpgroup 0 (of the consumers) goes first, handed its turn by the last
+      if (warpgroup == Traits::kConsumerWarpgroups) {
+        barrier_arrive(Traits::kTurnThreads, FwdBarrier::WarpgroupTurn1, 0);
+      }
     }
     FwdEpilogue<Traits, Varlen> const epilogue{kp, shared};
     typename Traits::PipelineState read_k, read_v;

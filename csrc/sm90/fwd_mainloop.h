@@ -129,13 +129,20 @@ struct FwdMainloop {
     Tensor tOrP = make_tensor<Element>(acc_as_operand_a(acc_s.layout()));   // P as the A operand of P·V
     float const scale_log2 = kp.params.softmax_scale_log2;
 
-    // Ping-pong: this warpgroup waits for its turn before issuing matmuls and hands the turn on after.
+    // Ping-pong: this warpgroup waits for its turn before issuing matmuls and hands the turn on after, to the
+    // next warpgroup round-robin. Every warpgroup of the block takes the same number of turns per tile (one
+    // per key block and one more, the tile's key blocks being the block's), so the rounds stay in step.
     int const warpgroup = thread_idx / cutlass::NumThreadsPerWarpGroup;
     auto my_turn = [&] {
-      if constexpr (Traits::kPingpong) { barrier_sync(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, warpgroup); }
+      if constexpr (Traits::kPingpong) { barrier_sync(Traits::kTurnThreads, FwdBarrier::WarpgroupTurn1, warpgroup); }
     };
     auto next_turn = [&] {
-      if constexpr (Traits::kPingpong) { barrier_arrive(Traits::kConsumerThreads, FwdBarrier::WarpgroupTurn1, 1 - warpgroup); }
+      if constexpr (Traits::kPingpong) {
+        constexpr int kLast = Traits::kConsumerWarpgroups - 1;
+        // (1 - warpgroup for two: the instructions of before three existed.)
+        int const next = kLast == 1 ? 1 - warpgroup : warpgroup == kLast ? 0 : warpgroup + 1;
+        barrier_arrive(Traits::kTurnThreads, FwdBarrier::WarpgroupTurn1, next);
+      }
     };
     // P, bf16/fp16, into the A operand (the previous P·V has finished reading it). Dropout zeroes entries of
     // the 16-bit P, as the mma.sync forward does, by the same (batch, head, query, key) -> bits function: the
@@ -222,7 +229,10 @@ struct FwdMainloop {
       pipeline_k.consumer_release(read_k);
       ++read_k;
       mask.template apply<decltype(is_masked)::value>(acc_s, tScS, w.m_block, n_block);
-      auto const correction = softmax.template exp_step<false>(acc_s, scale_log2);
+      // exp2 on the FMA units for some columns (tile_config.h), in unmasked blocks only: their exponents are
+      // all finite; the masked blocks are few and keep the special-function unit's exact 0 for hidden scores.
+      constexpr int kExp2FmaOf8 = decltype(is_masked)::value ? 0 : Traits::kExp2FmaOf8;
+      auto const correction = softmax.template exp_step<false, kExp2FmaOf8>(acc_s, scale_log2);
       warpgroup_wait<0>();  // O is in
       warpgroup_fence_operand(acc_o);
       pipeline_v.consumer_release(read_v);

@@ -9,6 +9,7 @@
 
 #include "common/flash.h"
 
+#include "named_barriers.h"
 #include "tile_config.h"
 
 namespace flash::sm90 {
@@ -48,7 +49,7 @@ using SmemAtomK = std::conditional_t<kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<
 template <int kHeadDim_, typename Element_, int kBlockM_ = fwd_tile(kHeadDim_).block_m,
           int kBlockN_ = fwd_tile(kHeadDim_).block_n, int kStages_ = fwd_tile(kHeadDim_).stages,
           bool kIntraWgOverlap_ = fwd_tile(kHeadDim_).intra_wg_overlap, bool kPingpong_ = fwd_tile(kHeadDim_).pingpong,
-          bool kPersistent_ = fwd_tile(kHeadDim_).persistent>
+          bool kPersistent_ = fwd_tile(kHeadDim_).persistent, int kExp2FmaOf8_ = fwd_tile(kHeadDim_).exp2_fma_of8>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -59,6 +60,7 @@ struct FwdTraits {
   static constexpr bool kPingpong = kPingpong_;
   static constexpr bool kPersistent = kPersistent_;
   static constexpr bool kVarlenCommonLoop = fwd_tile(kHeadDim_).varlen_common_loop;
+  static constexpr int kExp2FmaOf8 = kExp2FmaOf8_;
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kThreads = kConsumerThreads + cutlass::NumThreadsPerWarpGroup;  // + the producer
@@ -67,7 +69,14 @@ struct FwdTraits {
   static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 232 : 160;
 
   static_assert(kBlockM % 64 == 0 && kBlockN % 16 == 0 && kHeadDim % 16 == 0);
-  static_assert(!kPingpong || kConsumerWarpgroups == 2, "ping-pong alternates two warpgroups");
+  // Ping-pong: a warpgroup waits on its own turn barrier, which the warpgroup before it arrives at once it
+  // has issued its matmuls: two warpgroups on each.
+  static constexpr int kTurnThreads = 2 * cutlass::NumThreadsPerWarpGroup;
+  static_assert(!kPingpong || (kConsumerWarpgroups >= 2 && int(FwdBarrier::WarpgroupTurn1) + kConsumerWarpgroups <=
+                                                               int(FwdBarrier::WarpgroupTurnEnd)),
+                "ping-pong takes turns among two or three warpgroups, one turn barrier each");
+  static_assert(kExp2FmaOf8 >= 0 && kExp2FmaOf8 <= 8 && (kExp2FmaOf8 == 0 || kIntraWgOverlap),
+                "exp2 on the FMA units: in the overlapped key loop only");
   static_assert(kProducerRegisters * cutlass::NumThreadsPerWarpGroup + kConsumerRegisters * kConsumerThreads <= 65536);
   static_assert(sizeof(Element) == 2);
 

@@ -11,7 +11,11 @@ enum class FwdBarrier : uint32_t {
   OutputFree = 1,        // the previous tile's TMA store has read O's buffer: the consumers may write it
   QueryFree = 2,         // the consumers are done with Q's buffer: the producer may load the next tile's Q
   WarpgroupTurn1 = 3,    // ping-pong: warpgroup 1 may issue its matmuls; WarpgroupTurn1 + w for warpgroup w
+  WarpgroupTurnEnd = 6,  // one past the last turn: ping-pong among at most three consumer warpgroups
 };
+static_assert(cutlass::arch::NamedBarrier::ReservedNamedBarrierCount + uint32_t(FwdBarrier::WarpgroupTurnEnd) <=
+                  cutlass::arch::NamedBarrier::HardwareMaxNumNamedBarriers,
+              "the forward's barriers outnumber the hardware's 16");
 
 CUTE_DEVICE void barrier_sync(int threads, FwdBarrier id, int offset = 0) {
   cutlass::arch::NamedBarrier::sync(threads, static_cast<uint32_t>(id) + offset);

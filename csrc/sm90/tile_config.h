@@ -9,13 +9,20 @@ struct FwdTile {
   int block_n;              // key rows per main-loop step
   int stages;               // K and V buffers each in the shared-memory pipeline
   bool intra_wg_overlap;    // a warpgroup's softmax of block n overlaps its own Q·Kᵀ of n-1 and P·V of n+1
-  bool pingpong;            // the two consumer warpgroups take turns at the tensor cores (named barriers)
+  // The consumer warpgroups take turns at the tensor cores, round-robin (named barriers): two (block_m 128)
+  // or three (block_m 192, whose consumers get 160 registers each, the producer 32).
+  bool pingpong;
   bool persistent = true;   // at most one block per SM, walking the tiles; else one block per tile
   // Varlen calls without softcap, ALiBi, a left window edge or dropout run the common key loop (fwd_kernel.h:
   // Varlen without ScoreMod), else the general variant's. Off at D = 256 until timed: there that kernel
   // spills 28 bytes (windowed: 52, some in its masked steps) where the general one spills 8 (16) outside
   // its key loop, which is 2.6 times as long; the fixed-length kernel spills 16 (32), in its loop too.
   bool varlen_common_loop = true;
+  // Of every 8 score columns a thread holds, how many take exp2 on the FMA units (a polynomial,
+  // common/utils.h's exp2_fma) rather than the special-function unit, whose 16 results per SM and clock bound
+  // D = 64 (benchmarks/NOTES.md). Unmasked key blocks of the overlapped loop (intra_wg_overlap) only, whose
+  // exponents are finite. Not yet measured: 0.
+  int exp2_fma_of8 = 0;
 };
 
 // 96 and 192 take their neighbours' tiles (128 and 256), not yet measured on their own.
