@@ -9,12 +9,14 @@
 # its worst spill, and whether ptxas serialized wgmma (a register hazard it could not rule out: slow); each
 # timing line a hash of the gradients, which candidates of one kernel, head dim and tile must share.
 # Needs nvcc and the CUTLASS headers (CUTLASS_INCLUDE, else found as the build finds them).
+# SWEEP_COMPILE_ONLY=1 builds and reports the candidates without running them (CI: tests/test_sweeps_build.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Default: the knobs against today's tiles (the first of each kernel and head dim is tile_config.h's choice).
 candidates=${1:-"dkdv:128:64x128:2:0 dkdv:128:64x128:2:0:0:1 dkdv:128:64x128:3:2:0:1 dkdv:64:64x128:2:0 dkdv:64:64x128:3:1 dkdv:64:64x128:3:1:1 dq:128:128x64:2:0 dq:128:128x64:3:1"}
 include=${CUTLASS_INCLUDE:-$(cd csrc && python3 -c "import build_config; print(build_config.cutlass_include())")}
 dir=$(mktemp -d)
+status=0  # 1 if a candidate did not build
 for c in $candidates; do
   IFS=':x' read -r kernel d m n stages overlap prefetch desc <<<"$c"
   case $kernel in dq) id=0 ;; dkdv) id=1 ;; *) echo "unknown kernel in $c"; exit 1 ;; esac
@@ -30,8 +32,10 @@ for c in $candidates; do
     spill=$(grep -o "[0-9]* bytes spill stores" "$dir/$c.log" | sort -n | tail -1)
     serial=$(grep -c "serialized" "$dir/$c.log" || true)
     echo "== $c ($regs, worst spill: $spill; wgmma-serialization warnings: $serial)"
-    "$dir/$c" || echo "== $c: run failed"
+    [ "${SWEEP_COMPILE_ONLY:-0}" = 1 ] || "$dir/$c" || echo "== $c: run failed"
   else
     echo "== $c: build failed: $(grep -m1 error "$dir/$c.log")"
+    status=1
   fi
 done
+exit $status
