@@ -79,7 +79,7 @@ bool hopper_fwd(flash::FwdParams const &) {
 
 // The Hopper backward kernels (csrc/sm90/bwd_dq_kernel.h, bwd_dkdv_kernel.h) take the split backward's dQ
 // and dK/dV steps by default where they are built, on an sm_90 GPU, for the common variant they cover:
-// plain, causal and GQA (varlen too, opt-in below); not softcap, ALiBi, windows, dropout or sinks.
+// plain, causal, GQA and varlen (fixed or packed lengths); not softcap, ALiBi, windows, dropout or sinks.
 // FLASH_ATTN2_SM90_BWD=0 (read at each call) sends them to the mma.sync kernels, for A/B runs and bug
 // reports. One predicate for both, so that the dQ kernel's D rewrite always feeds the dK/dV kernel of the
 // same path. FLASH_ATTN2_SM90_BWD=1 in a build without them: an error, before any launch. The head dim is the
@@ -92,14 +92,7 @@ bool hopper_bwd(flash::BwdParams const &p) {
               "which this build does not have: rebuild with FLASH_ATTN2_CUDA_ARCHS including 90a (and without "
               "FLASH_ATTN2_BUILD_SM90_BWD=0), or unset FLASH_ATTN2_SM90_BWD");
   if (!FLASH_ATTN2_SM90_BWD) { return false; }
-  // Varlen (plain or causal) is covered too, but only with FLASH_ATTN2_SM90_BWD_VARLEN=1 (read at each call)
-  // until the kernels' varlen variant has been verified on a GPU; else such calls keep the mma.sync kernels.
-  char const *varlen_asked = std::getenv("FLASH_ATTN2_SM90_BWD_VARLEN");
-  bool const varlen_on = varlen_asked != nullptr && std::string(varlen_asked) == "1";
-  flash::AttnParams fixed = p;  // the features but varlen
-  fixed.cu_seqlens_q = fixed.cu_seqlens_k = nullptr;
-  bool const covered = (p.cu_seqlens_q == nullptr || varlen_on) && !fixed.needs_general() && p.sinks == nullptr &&
-                       (!p.is_windowed || p.window_right == 0);
+  bool const covered = !p.needs_score_mod() && p.sinks == nullptr && (!p.is_windowed || p.window_right == 0);
   return covered && is_sm90(c10::cuda::current_device());
 }
 

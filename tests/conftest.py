@@ -109,7 +109,7 @@ def fwd_path(request, monkeypatch):
 # The split backward's dQ and dK/dV steps on an sm_90 GPU: the mma.sync kernels, and the Hopper ones
 # (csrc/sm90/bwd_dq_kernel.h, bwd_dkdv_kernel.h; built with sm_90a unless FLASH_ATTN2_BUILD_SM90_BWD=0, and
 # taken by default: FLASH_ATTN2_SM90_BWD=0 turns them off), which take the calls they cover (head dims 64 and
-# 128: plain, causal, GQA; varlen with FLASH_ATTN2_SM90_BWD_VARLEN=1) and leave the rest on mma.sync.
+# 128: plain, causal, GQA, varlen) and leave the rest on mma.sync.
 BWD_PATHS = ("mma_sync", "hopper")
 
 
@@ -130,12 +130,8 @@ def bwd_path(request, monkeypatch):
             pytest.skip("the Hopper backward kernels need an sm_90 GPU and a build with them (not FLASH_ATTN2_BUILD_SM90_BWD=0) "
                         "and FLASH_ATTN2_CUDA_ARCHS including 90a")
         monkeypatch.setenv("FLASH_ATTN2_SM90_BWD", "1")
-        # Varlen calls take the Hopper backward only when opted into (flash_api.cpp, hopper_bwd): the hopper
-        # path tests that opt-in; without it they would run the mma.sync backward twice.
-        monkeypatch.setenv("FLASH_ATTN2_SM90_BWD_VARLEN", "1")
     else:
         monkeypatch.setenv("FLASH_ATTN2_SM90_BWD", "0")
-        monkeypatch.delenv("FLASH_ATTN2_SM90_BWD_VARLEN", raising=False)
     return request.param
 
 

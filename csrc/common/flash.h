@@ -97,9 +97,13 @@ struct AttnParams {
   // Whether the kernels' general variant is needed (mask.h): varlen, softcap, ALiBi, a window's left edge
   // that hides a key from some row, or dropout (whose Philox calls, in the common variant behind a run-time
   // branch, would cost the plain kernels registers: dropout.h).
-  bool needs_general() const {
-    return cu_seqlens_q != nullptr || softcap_premul != 0.f || alibi_slopes != nullptr ||
-           (is_windowed && window_left < seqlen_k - 1) || has_dropout();
+  bool needs_general() const { return cu_seqlens_q != nullptr || needs_score_mod(); }
+  // needs_general() but varlen: the features that change scores or probabilities (softcap, ALiBi, a left
+  // window edge, dropout). Varlen plain or causal calls without them run the common key loop of the Hopper
+  // kernels (sm90/fwd_launch.h, flash_api.cpp's hopper_bwd).
+  bool needs_score_mod() const {
+    return softcap_premul != 0.f || alibi_slopes != nullptr || (is_windowed && window_left < seqlen_k - 1) ||
+           has_dropout();
   }
 
   // Which kv head serves query head h.

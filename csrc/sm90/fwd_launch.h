@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "common/flash.h"
 #include "common/launch_utils.h"
 
@@ -23,19 +25,11 @@ auto gmem_tensor(HeadTensor const &t, GmemShape const &shape) {
                      GmemStride{t.row_stride, _1{}, t.head_stride, batch_stride});
 }
 
-// Whether a call needs the ScoreMod flag (fwd_kernel.h): any feature of the general variant but varlen
-// (AttnParams::needs_general, so that a feature added there reaches this test too).
-inline bool needs_score_mod(FwdParams const &p) {
-  FwdParams fixed = p;
-  fixed.cu_seqlens_q = fixed.cu_seqlens_k = nullptr;
-  return fixed.needs_general();
-}
-
-// Varlen: the kernels that may be given cu_seqlens (the general unit's), whose TMA views are then the
-// one-batch ones; ScoreMod is chosen per call among them. benchmarks/tile_sweep_sm90.cu launches the
-// common ones (Varlen defaulted).
-template <class Traits, bool Varlen = false>
-cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
+// One kernel of the forward: Windowed (causal or a window) and Varlen fixed by the caller. Varlen: the
+// kernels that may be given cu_seqlens (the general unit's), whose TMA views are then the one-batch ones;
+// ScoreMod is chosen per call among them.
+template <class Traits, bool kWindowed, bool Varlen>
+cudaError_t launch_fwd_kernel(FwdParams const &params, cudaStream_t stream) {
   using Element = typename Traits::Element;
   auto const &p = params;
   GmemShape const shape_q = tma_shape_q<Varlen>(p), shape_k = tma_shape_k<Varlen>(p);
@@ -53,27 +47,40 @@ cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
   };
   int sm_count = 0;
   if (cudaError_t err = current_sm_count(sm_count); err != cudaSuccess) { return err; }
-  // Of the general unit's calls, the fixed-length ones came for a score mod or dropout; the varlen ones may not.
-  bool const score_mod = p.cu_seqlens_q == nullptr || needs_score_mod(p);
-  return bool_switch(p.is_windowed, [&](auto windowed) {
-    constexpr bool kWindowed = decltype(windowed)::value;
-    dim3 const grid(TileScheduler<Traits::kBlockM, Traits::kPersistent && !kWindowed>::grid(p, sm_count));
-    auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
-    if constexpr (Varlen && Traits::kVarlenCommonLoop) {
-      return score_mod ? launch(&fwd_kernel<Traits, kWindowed, true, true>)
-                       : launch(&fwd_kernel<Traits, kWindowed, true, false>);
-    } else {
-      return launch(&fwd_kernel<Traits, kWindowed, Varlen, Varlen>);
-    }
+  dim3 const grid(TileScheduler<Traits::kBlockM, Traits::kPersistent && !kWindowed>::grid(p, sm_count));
+  auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
+  if constexpr (Varlen && Traits::kVarlenCommonLoop) {
+    // Of the general unit's calls, the varlen ones may need no score mod.
+    return p.needs_score_mod() ? launch(&fwd_kernel<Traits, kWindowed, true, true>)
+                               : launch(&fwd_kernel<Traits, kWindowed, true, false>);
+  } else {
+    return launch(&fwd_kernel<Traits, kWindowed, Varlen, Varlen>);
+  }
+}
+
+// Both Windowed kernels of one tile. benchmarks/tile_sweep_sm90.cu launches the common ones (Varlen defaulted).
+template <class Traits, bool Varlen = false>
+cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
+  return bool_switch(params.is_windowed, [&](auto windowed) {
+    return launch_fwd_kernel<Traits, decltype(windowed)::value, Varlen>(params, stream);
   });
 }
 
 // The common variant (plain, causal, right window edges, GQA, sinks) and the general one (AttnParams::
 // needs_general: varlen, softcap, ALiBi, left window edges, dropout), in translation units of their own; the
 // general one's unit holds both its kernels, plain-or-causal varlen (Varlen) and the rest (Varlen, ScoreMod).
+// Calls of the common variant in which every row sees every key (not Windowed) take the full-rows tile
+// (tile_config.h), where it differs.
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
-  return launch_fwd<FwdTraits<kHeadDim, Element>, false>(params, stream);
+  using Tile = FwdTraitsOf<kHeadDim, Element, false>;
+  using FullRowsTile = FwdTraitsOf<kHeadDim, Element, true>;
+  if constexpr (std::is_same_v<Tile, FullRowsTile>) {
+    return launch_fwd<Tile, false>(params, stream);
+  } else {
+    return params.is_windowed ? launch_fwd_kernel<Tile, true, false>(params, stream)
+                              : launch_fwd_kernel<FullRowsTile, false, false>(params, stream);
+  }
 }
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd_general(FwdParams const &params, cudaStream_t stream) {

@@ -150,4 +150,12 @@ struct FwdTraits {
   };
 };
 
+// The traits of one of tile_config.h's choices: fwd_tile(head_dim, full_rows).
+template <int kHeadDim, typename Element, bool kFullRows>
+using FwdTraitsOf =
+    FwdTraits<kHeadDim, Element, fwd_tile(kHeadDim, kFullRows).block_m, fwd_tile(kHeadDim, kFullRows).block_n,
+              fwd_tile(kHeadDim, kFullRows).stages, fwd_tile(kHeadDim, kFullRows).intra_wg_overlap,
+              fwd_tile(kHeadDim, kFullRows).pingpong, fwd_tile(kHeadDim, kFullRows).persistent,
+              fwd_tile(kHeadDim, kFullRows).exp2_fma_of8>;
+
 }  // namespace flash::sm90
