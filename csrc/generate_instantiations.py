@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Tuple
 # Head dims with a kernel of their own; any other head dim <= 256 is served by the next one up.
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 # Those the Hopper forward has a kernel for: a call whose head dim rounds up to one of them goes there.
-SM90_HEAD_DIMS = (64, 128, 256)
+SM90_HEAD_DIMS = (64, 96, 128, 192, 256)
 # Those flash_attn_with_kvcache has a kernel for: decoding is bound by the cache's bytes, which a head dim served
 # by the next one up (its columns predicated) does not add to, so three kernels serve every head dim and keep
 # the full build within its budget (benchmarks/NOTES.md, session 6).

@@ -8,7 +8,7 @@
 namespace flash {
 
 constexpr int kKernelHeadDims[] = {32, 64, 96, 128, 192, 256};
-constexpr int kSm90FwdHeadDims[] = {64, 128, 256};
+constexpr int kSm90FwdHeadDims[] = {64, 96, 128, 192, 256};
 constexpr int kKvcacheHeadDims[] = {64, 128, 256};
 constexpr int kSm90BwdHeadDims[] = {64, 128};
 

@@ -25,7 +25,7 @@ struct FwdTile {
   int exp2_fma_of8 = 0;
 };
 
-// 96 and 192 take their neighbours' tiles (128 and 256), not yet measured on their own.
+// 96 and 192 take their neighbours' tiles (128 and 256), not yet swept on their own (no spills in either).
 // full_rows: the tile of fixed-length calls in which every query row sees every key (no causal, no window:
 // the kernel's Windowed flag off). At D = 64 three consumer warpgroups with ping-pong among them ran 10%
 // faster there at S = 8k (444 against 404 TFLOP/s, 5% at 2k, 2% slower at 512), but slower with causal
