@@ -83,7 +83,12 @@ bool hopper_fwd(flash::FwdParams const &) {
 // FLASH_ATTN2_SM90_BWD=0 (read at each call) sends them to the mma.sync kernels, for A/B runs and bug
 // reports. One predicate for both, so that the dQ kernel's D rewrite always feeds the dK/dV kernel of the
 // same path. FLASH_ATTN2_SM90_BWD=1 in a build without them: an error, before any launch. The head dim is the
-// caller's to check (kSm90BwdHeadDims).
+// caller's to check (kSm90BwdHeadDims). hopper_bwd_covers: the same test without the switch (time_kernels).
+bool hopper_bwd_covers(flash::BwdParams const &p) {
+  if (!FLASH_ATTN2_SM90_BWD) { return false; }
+  bool const covered = !p.needs_score_mod() && p.sinks == nullptr && (!p.is_windowed || p.window_right == 0);
+  return covered && is_sm90(c10::cuda::current_device());
+}
 bool hopper_bwd(flash::BwdParams const &p) {
   char const *asked = std::getenv("FLASH_ATTN2_SM90_BWD");
   std::string const switch_ = asked == nullptr ? "" : asked;
@@ -91,9 +96,7 @@ bool hopper_bwd(flash::BwdParams const &p) {
   TORCH_CHECK(FLASH_ATTN2_SM90_BWD || switch_ != "1", "FLASH_ATTN2_SM90_BWD=1 asks for the Hopper backward kernels, "
               "which this build does not have: rebuild with FLASH_ATTN2_CUDA_ARCHS including 90a (and without "
               "FLASH_ATTN2_BUILD_SM90_BWD=0), or unset FLASH_ATTN2_SM90_BWD");
-  if (!FLASH_ATTN2_SM90_BWD) { return false; }
-  bool const covered = !p.needs_score_mod() && p.sinks == nullptr && (!p.is_windowed || p.window_right == 0);
-  return covered && is_sm90(c10::cuda::current_device());
+  return hopper_bwd_covers(p);
 }
 
 // The split backward's dQ and dK/dV steps: on the Hopper kernels where hopper (hopper_bwd) and they have this
@@ -617,7 +620,7 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
       time("bwd_dkdv_atomic_dq", [&] { return flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); });
     }
     if constexpr (FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {  // built, and this call is one it covers
-      if (is_sm90(c10::cuda::current_device()) && !p.needs_general() && p.sinks == nullptr) {
+      if (hopper_bwd_covers(p)) {
         time("bwd_dq_sm90", [&] { return flash::sm90::run_bwd_dq<kHeadDim, Element>(p, stream); });
         time("bwd_dkdv_sm90", [&] { return flash::sm90::run_bwd_dkdv<kHeadDim, Element>(p, stream); });
       }
