@@ -42,22 +42,28 @@ struct BwdDqAtomic {
   CUTE_DEVICE void add(TiledMmaSt const &mma_st, RdS const &rdS, int m_block, BwdParams const &params, Seq const &seq,
                        int head) const {
     Element *buffer = ds + (m_block % Traits::kDsBuffers) * cosize_v<typename Traits::SmemLayoutdSt>;
+    Element const *k_buffer = k;
+    int tid = thread_idx, wg = warpgroup;
+    // Addresses, descriptors and this thread's coordinates rebuilt in every step, from values the compiler
+    // cannot see through, rather than hoisted out of the loop into registers that the D = 128 kernel does
+    // not have (as its K and V descriptors: BwdTile's desc_per_step).
+    asm volatile("" : "+l"(buffer), "+l"(k_buffer), "+r"(tid), "+r"(wg));
     Tensor sdSt = make_tensor(make_smem_ptr(buffer), typename Traits::SmemLayoutdSt{});  // (kBlockN, kBlockM)
     auto smem_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_st);
-    auto thr_copy = smem_copy.get_thread_slice(thread_idx);
+    auto thr_copy = smem_copy.get_thread_slice(tid);
     copy(smem_copy, thr_copy.retile_S(rdS), thr_copy.partition_D(sdSt));
     cutlass::arch::fence_view_async_shared();  // the generic-proxy writes, visible to wgmma
     if constexpr (Traits::kDqSplitN) {  // the product reads every warpgroup's rows
       barrier_sync(Traits::kConsumerThreads, BwdBarrier::DsReady);
     } else {  // its own rows only
-      barrier_sync(cutlass::NumThreadsPerWarpGroup, BwdBarrier::DsReady, warpgroup);
+      barrier_sync(cutlass::NumThreadsPerWarpGroup, BwdBarrier::DsReady, wg);
     }
 
     typename Traits::TiledMmaDq mma_dq;
-    auto thr_dq = mma_dq.get_thread_slice(thread_idx % cutlass::NumThreadsPerWarpGroup);
-    Tensor sdS = make_tensor(make_smem_ptr(buffer + warpgroup * Traits::kOffsetdS),
+    auto thr_dq = mma_dq.get_thread_slice(tid % cutlass::NumThreadsPerWarpGroup);
+    Tensor sdS = make_tensor(make_smem_ptr(buffer + wg * Traits::kOffsetdS),
                              typename Traits::SmemLayoutdSdq{});  // (kBlockM, kDqK)
-    Tensor sKt = make_tensor(make_smem_ptr(k + warpgroup * Traits::kOffsetK),
+    Tensor sKt = make_tensor(make_smem_ptr(k_buffer + wg * Traits::kOffsetK),
                              typename Traits::SmemLayoutKtdq{});  // (kDqN, kDqK)
     Tensor acc_dq = partition_fragment_C(mma_dq, typename Traits::TileDq{});  // (MMA, MMA_M, MMA_N)
     gemm_issue<true>(mma_dq, thr_dq.partition_fragment_A(sdS), thr_dq.partition_fragment_B(sKt), acc_dq);
@@ -72,7 +78,7 @@ struct BwdDqAtomic {
                                  Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
     Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(typename Traits::TileDq{}));  // (query, column)
     int const rows = seq.seqlen_q - m_block * kBlockM;
-    int const col0 = Traits::kDqSplitN ? warpgroup * Traits::kDqN : 0;
+    int const col0 = Traits::kDqSplitN ? wg * Traits::kDqN : 0;
     float const scale = params.softmax_scale;
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dq); i += 2) {
