@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       pipeline.consumer_release(read_prev);
     }
   }
-  if constexpr (AtomicDq) { BwdDqAtomic<Traits>{nullptr, nullptr, warpgroup - 1, thread_idx}.release_k(); }
+  if constexpr (AtomicDq) { BwdDqAtomic<Traits>::release_k(); }
 
   // dK (w.r.t. the scaled scores: the scale comes in once, here) and dV through K's and V's buffers and a TMA
   // store each, which clips the rows past seqlen_k and the columns past head_dim (varlen: past the tensor's

@@ -91,7 +91,7 @@ struct BwdDqAtomic {
 
   // Split N, before the epilogue writes dK over K's buffer: the other warpgroup's last product may still read
   // this one's rows. Every consumer thread calls it, after its last add().
-  CUTE_DEVICE void release_k() const {
+  CUTE_DEVICE static void release_k() {
     if constexpr (Traits::kDqSplitN) { barrier_sync(Traits::kConsumerThreads, BwdBarrier::KFree); }
   }
 };
