@@ -20,9 +20,11 @@ KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv")  # the deterministic b
 ATOMIC = "bwd_dkdv_atomic_dq"  # the atomic backward's one kernel after the preprocess (timed where built)
 HOPPER = "bwd_dkdv_sm90"  # the Hopper dK/dV kernel (built with sm_90a; timed where built, on sm_90)
 HOPPER_DQ = "bwd_dq_sm90"  # and its dQ kernel (the same build switch)
+HOPPER_ATOMIC = "bwd_dkdv_atomic_dq_sm90"  # the Hopper dK/dV kernel with the atomic dQ (both switches; unverified)
 # The deterministic backward does its matmuls as 3 in the dQ kernel and 4 in the dK/dV kernel; each kernel
 # is credited with its share of the backward's FLOPs (2.5x the forward's). The atomic kernel does all five.
-BWD_SHARE = {"bwd_dq": 3 / 7, "bwd_dkdv": 4 / 7, ATOMIC: 1.0, HOPPER_DQ: 3 / 7, HOPPER: 4 / 7}
+BWD_SHARE = {"bwd_dq": 3 / 7, "bwd_dkdv": 4 / 7, ATOMIC: 1.0, HOPPER_DQ: 3 / 7, HOPPER: 4 / 7,
+             HOPPER_ATOMIC: 1.0}
 
 
 def parse_args():
@@ -52,7 +54,8 @@ def bench_point(args, dtype, head_dim, causal, seqlen):
     read_bytes = 2 * q.numel() * q.element_size()  # the preprocess reads O and dO
     bwd_kernels_ms = sum(ms[name] for name in KERNELS[1:])
     return {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch,
-            "heads": heads, **{f"{name}_ms": ms.get(name) for name in (*KERNELS, ATOMIC, HOPPER_DQ, HOPPER)},
+            "heads": heads, **{f"{name}_ms": ms.get(name) for name in (*KERNELS, ATOMIC, HOPPER_DQ, HOPPER,
+                                                                 HOPPER_ATOMIC)},
             **{f"{name}_tflops": tflops(f, ms[name]) if name in ms else None for name, f in kernel_flops.items()},
             "bwd_preprocess_gbs": read_bytes / ms["bwd_preprocess"] / 1e6,
             "python_fwd_ms": python_ms["fwd"], "python_bwd_ms": python_ms["bwd"],
@@ -63,14 +66,15 @@ def table(header, rows):
     columns = ["D", "causal", "S", "fwd ms", "fwd TFLOP/s", "Python fwd ms", "pre ms", "pre GB/s", "dQ ms",
                "dQ TFLOP/s", "dK/dV ms", "dK/dV TFLOP/s", "bwd kernels ms", "Python bwd ms", "bwd overhead ms",
                "atomic dK/dV/dQ ms", "atomic TFLOP/s", "Hopper dQ ms", "Hopper dQ TFLOP/s", "Hopper dK/dV ms",
-               "Hopper dK/dV TFLOP/s"]
+               "Hopper dK/dV TFLOP/s", "Hopper atomic ms", "Hopper atomic TFLOP/s"]
     cells = [[r["head_dim"], r["causal"], r["seqlen"], fmt(r["fwd_ms"], ".3f"), fmt(r["fwd_tflops"], ".1f"),
               fmt(r["python_fwd_ms"], ".3f"), fmt(r["bwd_preprocess_ms"], ".3f"), fmt(r["bwd_preprocess_gbs"], ".0f"),
               fmt(r["bwd_dq_ms"], ".3f"), fmt(r["bwd_dq_tflops"], ".1f"), fmt(r["bwd_dkdv_ms"], ".3f"),
               fmt(r["bwd_dkdv_tflops"], ".1f"), fmt(r["bwd_kernels_ms"], ".3f"), fmt(r["python_bwd_ms"], ".3f"),
               fmt(r["bwd_overhead_ms"], ".3f"), fmt(r[f"{ATOMIC}_ms"], ".3f"), fmt(r[f"{ATOMIC}_tflops"], ".1f"),
               fmt(r[f"{HOPPER_DQ}_ms"], ".3f"), fmt(r[f"{HOPPER_DQ}_tflops"], ".1f"),
-              fmt(r[f"{HOPPER}_ms"], ".3f"), fmt(r[f"{HOPPER}_tflops"], ".1f")]
+              fmt(r[f"{HOPPER}_ms"], ".3f"), fmt(r[f"{HOPPER}_tflops"], ".1f"),
+              fmt(r[f"{HOPPER_ATOMIC}_ms"], ".3f"), fmt(r[f"{HOPPER_ATOMIC}_tflops"], ".1f")]
              for r in rows]
     notes = ("TFLOP/s: fwd counts 4·B·H·S²·D (half if causal); dQ is credited 3/7 and dK/dV 4/7 of the "
              "backward's 2.5x that (ours splits the backward's matmuls 3 + 4). pre GB/s: bytes of O and dO "
@@ -79,7 +83,8 @@ def table(header, rows):
              "atomic backward's dK/dV kernel with dQ by atomics (all five matmuls: credited the whole backward; "
              "it runs after the same preprocess, and dQ's zeroing and cast are not in it; '-' where it is not built). "
              "Hopper dQ, dK/dV: the wgmma dQ and dK/dV kernels (built with sm_90a) on the same inputs, "
-             "credited as dQ and dK/dV ('-' where not built or not on sm_90).")
+             "credited as dQ and dK/dV ('-' where not built or not on sm_90); Hopper atomic: its dK/dV kernel "
+             "with the atomic dQ, credited as atomic.")
     overhead = statistics.median(r["bwd_overhead_ms"] / r["python_bwd_ms"] for r in rows)
     return "\n".join([header, "", notes, "", *markdown_table(columns, cells), "",
                       f"Backward overhead over its kernels, {rows[0]['dtype']}: median {overhead:.1%} of the "

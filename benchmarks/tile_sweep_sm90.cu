@@ -19,29 +19,6 @@ using Element = cutlass::bfloat16_t;
 using Traits = flash::sm90::FwdTraits<HDIM, Element, BLOCK_M, BLOCK_N, STAGES, OVERLAP, PINGPONG, PERSISTENT, EXP2_FMA>;
 using Reference = flash::sm90::FwdTraits<HDIM, Element>;
 
-// The largest |a - b| and |b| over n elements, into two floats kept as bits (non-negative floats order as
-// their bits do, so atomicMax on the bits is a max); a NaN difference counts as +inf.
-template <typename T>
-__global__ void max_abs_diff(T const *a, T const *b, size_t n, unsigned *diff_ref) {
-  float d = 0.f, r = 0.f;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    float const e = fabsf(float(a[i]) - float(b[i]));
-    d = fmaxf(d, e == e ? e : INFINITY);  // fmaxf would drop the NaN
-    r = fmaxf(r, fabsf(float(b[i])));
-  }
-  atomicMax(&diff_ref[0], __float_as_uint(d));
-  atomicMax(&diff_ref[1], __float_as_uint(r));
-}
-
-// {max |a - b|, max |b|} over n elements.
-template <typename T>
-void compare(T const *a, T const *b, size_t n, unsigned *scratch, float out[2]) {
-  CHECK(cudaMemset(scratch, 0, 2 * sizeof(unsigned)));
-  max_abs_diff<<<1024, 256>>>(a, b, n, scratch);
-  CHECK(cudaGetLastError());
-  CHECK(cudaMemcpy(out, scratch, 2 * sizeof(float), cudaMemcpyDeviceToHost));
-}
-
 int main() {
   constexpr int kTokens = 16384, kHidden = 2048, kHeads = kHidden / HDIM;
   for (int seqlen : {512, 2048, 8192}) {

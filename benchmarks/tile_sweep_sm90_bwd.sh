@@ -2,7 +2,8 @@
 # Hopper-backward candidates, each built as its own binary (in parallel) and timed on the GPU:
 #   bash benchmarks/tile_sweep_sm90_bwd.sh "dkdv:128:64x128:2:0 dkdv:128:64x128:3:2:0:1 dq:64:128x64:3:1 ..."
 #   (kernel:hdim:block_m x block_n:stages:overlap[:prefetch_rows[:desc_per_step]], the last two dkdv only, 0 if
-#   left out; kernel is dq or dkdv; tile_config.h's BwdTile says what each does; the fields of BwdDqTraits and
+#   left out; kernel is dq, dkdv or dkdv_atomic (dK/dV with the atomic dQ, checked against the split backward's
+#   results; opt-in and unverified on a GPU); tile_config.h's BwdTile says what each does; the fields of BwdDqTraits and
 #   BwdDkdvTraits in csrc/sm90/bwd_kernel_traits.h: for dQ block_m is the queries per block and block_n the keys
 #   per step, for dK/dV block_m the queries per step and block_n the keys per block)
 # Each candidate's line shows ptxas's registers (the launch-bound figure: setmaxnreg gives the consumers more),
@@ -19,7 +20,7 @@ dir=$(mktemp -d)
 status=0  # 1 if a candidate did not build
 for c in $candidates; do
   IFS=':x' read -r kernel d m n stages overlap prefetch desc <<<"$c"
-  case $kernel in dq) id=0 ;; dkdv) id=1 ;; *) echo "unknown kernel in $c"; exit 1 ;; esac
+  case $kernel in dq) id=0 ;; dkdv) id=1 ;; dkdv_atomic) id=2 ;; *) echo "unknown kernel in $c"; exit 1 ;; esac
   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Icsrc -I"$include" \
     -DKERNEL=$id -DHDIM="$d" -DBLOCK_M="$m" -DBLOCK_N="$n" -DSTAGES="$stages" -DOVERLAP="$overlap" \
     -DPREFETCH_ROWS="${prefetch:-0}" -DDESC_PER_STEP="${desc:-0}" \

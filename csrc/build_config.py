@@ -96,9 +96,15 @@ def builds_sm90_bwd(env=os.environ):
     return env.get("FLASH_ATTN2_BUILD_SM90_BWD", "1") != "0"
 
 
+def builds_sm90_atomic_bwd(env=os.environ):
+    """Whether the Hopper dK/dV kernel with the atomic dQ is built: the atomic backward's opt-in and the Hopper
+    backward both (sm_90a too: its arch). Not yet verified on a GPU."""
+    return builds_atomic_bwd(env) and builds_sm90_bwd(env)
+
+
 # Kernels built only when their switch says so.
 OPTIONAL_KERNELS = {"bwd_dkdv_atomic_dq": builds_atomic_bwd, "bwd_dkdv_sm90": builds_sm90_bwd,
-                    "bwd_dq_sm90": builds_sm90_bwd}
+                    "bwd_dq_sm90": builds_sm90_bwd, "bwd_dkdv_atomic_dq_sm90": builds_sm90_atomic_bwd}
 
 
 def kernel_sources(dims, archs=("80", "90a"), env=os.environ):

@@ -115,6 +115,16 @@ cudaError_t run_split_dkdv(flash::BwdParams const &p, bool hopper, cudaStream_t 
   }
   return flash::run_bwd_dkdv<kHeadDim, Element>(p, stream);
 }
+// The atomic backward's dK/dV with dQ: on the Hopper kernel where hopper (hopper_bwd: the same coverage) and it
+// is built (FLASH_ATTN2_BUILD_ATOMIC_BWD=1 with the Hopper backward), else on the mma.sync one. The Hopper
+// kernel is not yet verified on a GPU; FLASH_ATTN2_SM90_BWD=0 sends it to mma.sync too.
+template <int kHeadDim, typename Element>
+cudaError_t run_atomic_dkdv(flash::BwdParams const &p, bool hopper, cudaStream_t stream) {
+  if constexpr (FLASH_ATTN2_ATOMIC_BWD && FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {
+    if (hopper) { return flash::sm90::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); }
+  }
+  return flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream);
+}
 
 template <size_t I, bool (*Has)(int), class F>
 bool try_kernel(int head_dim, F &f) {
@@ -548,7 +558,7 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
   TORCH_CHECK(deterministic || FLASH_ATTN2_ATOMIC_BWD, "the atomic backward (FLASH_ATTN2_ATOMIC_BWD=1) is not in this "
               "build: rebuild with FLASH_ATTN2_BUILD_ATOMIC_BWD=1, or unset FLASH_ATTN2_ATOMIC_BWD");
   c10::cuda::CUDAGuard device_guard(q.device());
-  bool const hopper = deterministic && hopper_bwd(p);
+  bool const hopper = hopper_bwd(p);
   at::Tensor dq_accum;  // fp32 dQ, shaped as q, for the atomic adds
   if (!deterministic) {
     dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
@@ -563,7 +573,7 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
       if (err == cudaSuccess) { err = run_split_dq<kHeadDim, Element>(p, hopper, stream); }
       if (err == cudaSuccess) { err = run_split_dkdv<kHeadDim, Element>(p, hopper, stream); }
     } else if constexpr (FLASH_ATTN2_ATOMIC_BWD) {
-      if (err == cudaSuccess) { err = flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); }
+      if (err == cudaSuccess) { err = run_atomic_dkdv<kHeadDim, Element>(p, hopper, stream); }
     }
     return err;
   });
@@ -623,6 +633,9 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
       if (hopper_bwd_covers(p)) {
         time("bwd_dq_sm90", [&] { return flash::sm90::run_bwd_dq<kHeadDim, Element>(p, stream); });
         time("bwd_dkdv_sm90", [&] { return flash::sm90::run_bwd_dkdv<kHeadDim, Element>(p, stream); });
+        if constexpr (FLASH_ATTN2_ATOMIC_BWD) {
+          time("bwd_dkdv_atomic_dq_sm90", [&] { return flash::sm90::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); });
+        }
       }
     }
     return cudaSuccess;

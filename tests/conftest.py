@@ -124,7 +124,9 @@ def hopper_bwd_available():
 def bwd_path(request, monkeypatch):
     """Runs the test with the split backward's dQ and dK/dV on one path; a module opts in with
     `pytestmark = pytest.mark.usefixtures("bwd_path")`. The atomic mode (deterministic=False with its opt-in)
-    has no Hopper kernel and runs as on the mma.sync path."""
+    follows the same switch: on "hopper" its Hopper dK/dV kernel with the atomic dQ takes the calls the Hopper
+    backward covers, where the build has it (FLASH_ATTN2_BUILD_ATOMIC_BWD=1 with the Hopper backward), else
+    the mma.sync one."""
     if request.param == "hopper":
         if not hopper_bwd_available():
             pytest.skip("the Hopper backward kernels need an sm_90 GPU and a build with them (not FLASH_ATTN2_BUILD_SM90_BWD=0) "

@@ -134,15 +134,18 @@ def test_kernel_sources():
     # For a head-dim subset, setup.py compiles the generated files of those head dims and those
     # that serve every head dim, each once; for all head dims, every generated file (sm_90a included) but
     # those of the optional atomic backward, which its switch adds; the Hopper backward's are in by default and
-    # FLASH_ATTN2_BUILD_SM90_BWD=0 leaves them out.
+    # FLASH_ATTN2_BUILD_SM90_BWD=0 leaves them out, with the Hopper atomic one's (which needs both switches).
     generated = [path for path in gen.generated_files() if path.suffix == ".cu"]
     atomic = {path for path in generated if path.name.startswith("bwd_dkdv_atomic_dq_")}
     hopper_bwd = {path for path in generated if path.name.startswith(("bwd_dkdv_sm90_", "bwd_dq_sm90_"))}
-    assert atomic and hopper_bwd and all(path.parent.name == "sm90" for path in hopper_bwd)
+    hopper_atomic = {path for path in atomic if path.name.startswith("bwd_dkdv_atomic_dq_sm90_")}
+    assert atomic and hopper_bwd and all(path.parent.name == "sm90" for path in hopper_bwd | hopper_atomic)
+    assert sorted(path.name for path in hopper_atomic) == sorted(
+        f"bwd_dkdv_atomic_dq_sm90_hdim{d}_{dtype}.cu" for d in gen.SM90_BWD_HEAD_DIMS for dtype in gen.DTYPES)
     no_hopper = {"FLASH_ATTN2_BUILD_SM90_BWD": "0"}
     for env, left_out in [({}, atomic), ({"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, set()),
                           (no_hopper, atomic | hopper_bwd),
-                          ({**no_hopper, "FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, hopper_bwd)]:
+                          ({**no_hopper, "FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, hopper_bwd | hopper_atomic)]:
         for dims in [(64, 128), (32, 96), gen.HEAD_DIMS]:
             wanted = {path for path in generated if head_dim_of(path) in (None, *dims)} - left_out
             sources = build_config.kernel_sources(dims, ["80", "90a"], env)
@@ -154,8 +157,9 @@ def test_hopper_bwd_needs_sm90a():
     # FLASH_ATTN2_BUILD_SM90_BWD=0 leaves out.
     env = {}
     for archs in (["80"], ["80", "90"]):
-        assert not any("_sm90_" in path.name and path.name.startswith("bwd_")
-                       for path in build_config.kernel_sources(gen.HEAD_DIMS, archs, env))
+        for switches in (env, {"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}):  # the Hopper atomic dK/dV too
+            assert not any("_sm90_" in path.name and path.name.startswith("bwd_")
+                           for path in build_config.kernel_sources(gen.HEAD_DIMS, archs, switches))
     added = set(build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], env)) - set(
         build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], {"FLASH_ATTN2_BUILD_SM90_BWD": "0"}))
     assert sorted(path.name for path in added) == sorted(

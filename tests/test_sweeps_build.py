@@ -28,11 +28,12 @@ SWEEPS = [
     ("tile_sweep.sh", "fwd:64:128x64x4"),
     ("tile_sweep_sm90.sh", "64:128x128:2:1:1:1"),
     ("tile_sweep_sm90_bwd.sh", "dkdv:64:64x128:2:0"),
+    ("tile_sweep_sm90_bwd.sh", "dkdv_atomic:128:64x128:2:0:0:1"),  # the atomic dQ's kernel and its checks
 ]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("script, candidate", SWEEPS, ids=[s for s, _ in SWEEPS])
+@pytest.mark.parametrize("script, candidate", SWEEPS, ids=[f"{s}-{c.split(':')[0]}" for s, c in SWEEPS])
 def test_sweep_builds(script, candidate):
     include = cutlass_include()
     if include is None:

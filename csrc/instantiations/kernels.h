@@ -42,5 +42,9 @@ namespace sm90 {
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dq(BwdParams const &, cudaStream_t);
 }
+namespace sm90 {
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dkdv_atomic_dq(BwdParams const &, cudaStream_t);
+}
 
 }  // namespace flash

@@ -10,7 +10,8 @@
 // dK's product of a step is issued in the next, around its Sᵀ: tile_config.h's BwdTile). The common variant
 // only (no softcap, ALiBi, left window edge, dropout: mask.h's General), plain or causal, fixed-length or
 // varlen: the binding sends the rest to the mma.sync kernel (sm80/bwd_dkdv_kernel.h), which this one matches
-// in what it writes.
+// in what it writes. AtomicDq (the non-deterministic backward): each step also adds its share of dQ into
+// params.dq_accum (bwd_dq_atomic.h), 5 matmuls in all and no dQ kernel; D is then the preprocess's.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -22,6 +23,7 @@
 #include "common/mask.h"
 #include "common/utils.h"
 
+#include "bwd_dq_atomic.h"
 #include "bwd_kernel_traits.h"
 #include "gemm.h"
 #include "named_barriers.h"
@@ -33,7 +35,8 @@ using namespace cute;
 // Windowed: causal or a right window edge (mask.h), a run-time value as in the other kernels.
 // Varlen: cu_seqlens may be given, as in the dQ kernel (bwd_dq_kernel.h): blocks past the sequence's last
 // key leave at once, and dK, dV tiles that cross it are stored by rows.
-template <class Traits, bool Windowed, bool Varlen>
+// AtomicDq: Traits is a BwdDkdvAtomicDqTraits; off, the split backward's kernel, unchanged.
+template <class Traits, bool Windowed, bool Varlen, bool AtomicDq = false>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     bwd_dkdv_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
@@ -180,6 +183,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     };
     if constexpr (Traits::kPrefetchRows) { load_rows(m_block_begin, lse_next, dpsum_next); }
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+    auto add_dq = [&](auto const &rdS, int m_block) __attribute__((always_inline)) {
+      if constexpr (AtomicDq) {
+        BwdDqAtomic<Traits>{shared.ds.data(), shared.k.data(), warpgroup - 1, thread_idx}.add(mma_st, rdS, m_block,
+                                                                                             params, seq, head);
+      }
+    };
 
     // has_prev: overlap, and not the first step (a compile-time tag: warpgroup_wait's count depends on it).
     auto step = [&](int m_block, auto is_masked, auto has_prev) __attribute__((always_inline)) {
@@ -247,11 +256,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_dv);
         copy(convert_type<Element>(acc_dp), rdS_prev);
+        add_dq(rdS_prev, m_block);
         read_prev = read;
       } else {
         Tensor rdS = convert_type<Element>(acc_dp);
         gemm_issue<false>(mma_dkv, make_tensor(rdS.data(), acc_as_operand_a(rdS.layout())), tdKrQ(_, _, _, stage),
                           acc_dk);
+        add_dq(rdS, m_block);  // beside dK's product
         warpgroup_wait<0>();  // both products have read this stage's Q and dO
         warpgroup_fence_operand(acc_dv);
         warpgroup_fence_operand(acc_dk);
@@ -283,6 +294,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       pipeline.consumer_release(read_prev);
     }
   }
+  if constexpr (AtomicDq) { BwdDqAtomic<Traits>::release_k(); }
 
   // dK (w.r.t. the scaled scores: the scale comes in once, here) and dV through K's and V's buffers and a TMA
   // store each, which clips the rows past seqlen_k and the columns past head_dim (varlen: past the tensor's

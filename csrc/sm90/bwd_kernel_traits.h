@@ -162,6 +162,58 @@ struct BwdDkdvTraits {
   };
 };
 
+// The dK/dV kernel with the atomic dQ (bwd_dkdv_kernel.h's AtomicDq; the non-deterministic backward): Base's
+// types and tiles, plus a dS buffer in shared memory and the matmul dQ_partial = dS·K of each step, whose
+// rows are the step's kBlockM queries. Apart from Base, so that the split backward's kernel and its shared
+// memory stay as they are.
+//
+// How the two consumer warpgroups share dQ_partial (kBlockM, kHeadDim), by registers (kHeadDim / 4 or / 2
+// fp32 per thread) and by what GMMA can read: split N, each warpgroup takes half of the head dim over all
+// kBlockN keys (every warpgroup's dS first in shared memory: one barrier of both, two dS buffers), where that
+// half is whole 128-byte swizzle columns of K's buffer (D = 128: 32 accumulators); else split K, each
+// warpgroup over its own 64 keys and the whole head dim (D = 64: 32 accumulators too, a barrier of its own
+// threads only, twice the atomic adds). A half of one swizzle column (D = 64's 32) is no canonical GMMA
+// layout of the MN-major B operand.
+template <class Base>
+struct BwdDkdvAtomicDqTraits : Base {
+  using Element = typename Base::Element;
+  static constexpr int kHeadDim = Base::kHeadDim, kBlockM = Base::kBlockM, kBlockN = Base::kBlockN;
+  using AtomK = SmemAtomK<Element, kHeadDim>;  // K's buffer's swizzle atom (rows, columns)
+  static constexpr int kAtomCols = decltype(size<1>(AtomK{}))::value;
+  static constexpr bool kDqSplitN = Base::kConsumerWarpgroups == 2 && (kHeadDim / 2) % kAtomCols == 0;
+  static_assert(kDqSplitN || Base::kConsumerWarpgroups == 1 || kAtomCols == kHeadDim,
+                "split K: each warpgroup's 64 rows of K must be one contiguous piece of its buffer");
+  static constexpr int kDqN = kDqSplitN ? kHeadDim / 2 : kHeadDim;  // dQ columns per warpgroup
+  static constexpr int kDqK = kDqSplitN ? kBlockN : 64;             // keys per warpgroup's product
+  // dSᵀ as the Sᵀ accumulators hold it, (keys, queries), the queries contiguous (stmatrix rows); read back
+  // as dS (queries, keys), MN-major, the A operand of dQ_partial. One buffer per step in flight: split N, a
+  // warpgroup writes step n + 1's while the other may still read step n's.
+  using AtomdS = SmemAtomK<Element, kBlockM>;
+  static_assert(decltype(size<1>(AtomdS{}))::value == kBlockM,
+                "split K: each warpgroup's 64 rows of dSᵀ must be one contiguous piece of its buffer");
+  static constexpr int kDsBuffers = kDqSplitN ? 2 : 1;
+  using SmemLayoutdSt = decltype(tile_to_shape(AtomdS{}, Shape<Int<kBlockN>, Int<kBlockM>>{}));
+  // One warpgroup's operands, each a contiguous piece of its buffer (the static_asserts above), starting
+  // at warpgroup w's offset: w·cosize (split N: K's w-th column half; split K: the w-th 64 rows of both).
+  using SmemLayoutdSdq = decltype(composition(tile_to_shape(AtomdS{}, Shape<Int<kDqK>, Int<kBlockM>>{}),
+                                              make_ordered_layout(Shape<Int<kBlockM>, Int<kDqK>>{}, Step<_2, _1>{})));
+  using SmemLayoutKtdq = decltype(composition(tile_to_shape(AtomK{}, Shape<Int<kDqK>, Int<kDqN>>{}),
+                                              make_ordered_layout(Shape<Int<kDqN>, Int<kDqK>>{}, Step<_2, _1>{})));
+  static constexpr int kOffsetdS = kDqSplitN ? 0 : kDqK * kBlockM;  // per warpgroup, in elements
+  static constexpr int kOffsetK = kDqK * kDqN;
+  using TileDq = Shape<_64, Int<kDqN>>;  // one warpgroup's dQ_partial: (queries, head dim columns)
+  using TiledMmaDq = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqN>, Int<kDqK>>, GMMA::Major::MN,
+                           GMMA::Major::MN>()));  // one warpgroup
+  static_assert(kBlockM == 64, "dQ_partial's rows are one warpgroup's 64");
+
+  struct SharedStorage : Base::SharedStorage {
+    alignas(1024) cute::array_aligned<Element, kDsBuffers * cosize_v<SmemLayoutdSt>> ds;
+  };
+  static constexpr int kSmemSize = sizeof(SharedStorage);
+  static_assert(kSmemSize <= 227 * 1024, "the tiles and dS outgrow the 227 KB of shared memory a block may have");
+};
+
 // The dQ kernel's (bwd_dq_kernel.h): its rows are this block's queries, 64 per consumer warpgroup, so
 // that S, dP and dQ all have the queries in their M mode and LSE, D are per accumulator row.
 template <int kHeadDim_, typename Element_, int kBlockM_ = bwd_dq_tile(kHeadDim_).block_m,

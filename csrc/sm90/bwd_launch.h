@@ -29,8 +29,8 @@ bool bwd_launchable(BwdParams const &p) { return MaybeVarlen || p.cu_seqlens_q =
 // The common variant only (the binding checks the rest of needs_general()): plain, causal, GQA, and with
 // MaybeVarlen varlen too, its kernels chosen per call. Traits: a BwdDkdvTraits, the tile_config.h one from
 // run_bwd_dkdv, any from benchmarks/tile_sweep_sm90_bwd.cu (fixed-length: MaybeVarlen defaulted, so that it
-// builds no varlen kernels).
-template <class Traits, bool MaybeVarlen = false>
+// builds no varlen kernels). AtomicDq: Traits is a BwdDkdvAtomicDqTraits, and params.dq_accum is zeroed fp32.
+template <class Traits, bool MaybeVarlen = false, bool AtomicDq = false>
 cudaError_t launch_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
   using Element = typename Traits::Element;
   auto const &p = params;
@@ -56,9 +56,9 @@ cudaError_t launch_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
     constexpr bool kWindowed = decltype(windowed)::value;
     auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
     if constexpr (MaybeVarlen) {
-      if (p.cu_seqlens_q != nullptr) { return launch(&bwd_dkdv_kernel<Traits, kWindowed, true>); }
+      if (p.cu_seqlens_q != nullptr) { return launch(&bwd_dkdv_kernel<Traits, kWindowed, true, AtomicDq>); }
     }
-    return launch(&bwd_dkdv_kernel<Traits, kWindowed, false>);
+    return launch(&bwd_dkdv_kernel<Traits, kWindowed, false, AtomicDq>);
   });
 }
 
@@ -101,6 +101,12 @@ cudaError_t run_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
   return launch_bwd_dq<BwdDqTraits<kHeadDim, Element>, true>(params, stream);
+}
+// dK, dV and (atomically, into params.dq_accum) dQ, on run_bwd_dkdv's tiles: in translation units of their own
+// (FLASH_ATTN2_BUILD_ATOMIC_BWD=1), so that the split backward's kernels and their build do not change.
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dkdv_atomic_dq(BwdParams const &params, cudaStream_t stream) {
+  return launch_bwd_dkdv<BwdDkdvAtomicDqTraits<BwdDkdvTraits<kHeadDim, Element>>, true, true>(params, stream);
 }
 
 }  // namespace flash::sm90

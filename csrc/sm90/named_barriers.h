@@ -28,10 +28,17 @@ CUTE_DEVICE void barrier_arrive(int threads, FwdBarrier id, int offset = 0) {
 enum class BwdBarrier : uint32_t {
   GradsReady = 0,  // every consumer has written its gradient rows (dK and dV, or dQ) to shared memory: the TMA
                    // stores may read
+  // The dK/dV kernel's atomic dQ (bwd_dq_atomic.h):
+  DsReady = 1,  // a step's dSᵀ is in shared memory: both warpgroups' (split N), or DsReady + w: warpgroup w's
+  KFree = 3,    // split N: every warpgroup's last dQ product has read K: dK may go over it
+  BwdEnd = 4,   // one past the last
 };
+static_assert(cutlass::arch::NamedBarrier::ReservedNamedBarrierCount + uint32_t(BwdBarrier::BwdEnd) <=
+                  cutlass::arch::NamedBarrier::HardwareMaxNumNamedBarriers,
+              "the backward's barriers outnumber the hardware's 16");
 
-CUTE_DEVICE void barrier_sync(int threads, BwdBarrier id) {
-  cutlass::arch::NamedBarrier::sync(threads, static_cast<uint32_t>(id));
+CUTE_DEVICE void barrier_sync(int threads, BwdBarrier id, int offset = 0) {
+  cutlass::arch::NamedBarrier::sync(threads, static_cast<uint32_t>(id) + offset);
 }
 
 }  // namespace flash::sm90
