@@ -8,7 +8,10 @@ view, (batch, heads_kv, seqlen, head_dim), no copy); "-" where a backend refuses
 cache does not fit --mem-fraction of the GPU's memory are skipped. --splits times ours at several
 num_splits (0: the heuristic's count, shown in the table) to check the heuristic. --page-sizes times ours
 on the same cache seen as pages of that size (a view, no copy) in shuffled order through block_table
-(the issue's goal: >= 0.9x the contiguous cache with 16-token pages).
+(the issue's goal: >= 0.9x the contiguous cache with 16-token pages). --fused-splits times ours with
+the split-KV combine folded into the split kernel (FLASH_ATTN2_DECODE_FUSED_COMBINE=1, set around each of its
+calls and "0" around the others', so both run in one process; its heuristic's count in the table too) at
+those num_splits, beside ours-splits (the combine kernel).
 
 Two timings of every implementation, as two tables (--timing picks): "eager", one call at a time with L2
 flushed before each (common.time_ms): a batch-1 step at 8k moves 34-134 MB, 8-31 us at the ceiling, the
@@ -20,12 +23,13 @@ the bytes read between two calls on one copy are 5x the L2 (L2_FLUSH_BYTES), so 
 in L2. A peer that cannot be captured shows "n/c" (the error is printed below the table). The goal is
 judged on the graph table where it is timed.
 
-    python3 benchmarks/bench_decode.py [--splits 0,1] [--timing eager,graph] [--markdown results/decode.md
-                                       --json results/decode.json]
+    python3 benchmarks/bench_decode.py [--splits 0,1] [--fused-splits 0] [--timing eager,graph]
+                                       [--markdown results/decode.md --json results/decode.json]
 """
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -40,6 +44,23 @@ PEERS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATT
 GOAL = 0.8  # the issue's bar: >= 80% of the copy ceiling wherever the cache is >= 8k tokens
 TIMINGS = ("eager", "graph")
 GRAPH_BYTES = 4 * 2**30  # a graph replay streams at most about this much cache (a few ms on an H200)
+FUSED_COMBINE = "FLASH_ATTN2_DECODE_FUSED_COMBINE"
+
+
+def with_fused_combine(fn, on):
+    """fn with FLASH_ATTN2_DECODE_FUSED_COMBINE set to 1 or 0 around its call (the binding reads it at each
+    call, so also while a graph is captured), and the caller's setting back after."""
+    def call():
+        before = os.environ.get(FUSED_COMBINE)
+        os.environ[FUSED_COMBINE] = "1" if on else "0"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                os.environ.pop(FUSED_COMBINE)
+            else:
+                os.environ[FUSED_COMBINE] = before
+    return call
 
 
 def parse_args():
@@ -51,6 +72,8 @@ def parse_args():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--splits", type=csv_of(int), default="0", help="num_splits values for ours (0: heuristic)")
+    parser.add_argument("--fused-splits", type=csv_of(int), default=[],
+                        help="num_splits values for ours with the combine fused (FLASH_ATTN2_DECODE_FUSED_COMBINE=1)")
     parser.add_argument("--page-sizes", type=csv_of(int), default="16",
                         help="paged runs of ours (num_splits 0) at these page sizes")
     parser.add_argument("--peers", type=csv_of(choices=PEERS), default=",".join(PEERS))
@@ -95,21 +118,28 @@ def point(args, batch, cache_len, heads_kv, ceiling):
     seqlens = torch.full((batch,), cache_len, dtype=torch.int32, device="cuda")
     nbytes = cache_bytes + 2 * q.numel() * q.element_size()  # K, V, q, out
 
-    fns = {f"ours-splits{s}": [lambda s=s, kv=kv: flash_attn_with_kvcache(q, *kv, cache_seqlens=seqlens, num_splits=s)
-                               for kv in caches] for s in args.splits}
+    def ours(s, kv, fused):
+        call = lambda: flash_attn_with_kvcache(q, *kv, cache_seqlens=seqlens, num_splits=s)  # noqa: E731
+        return with_fused_combine(call, fused)
+
+    fns = {f"ours-splits{s}": [ours(s, kv, False) for kv in caches] for s in args.splits}
+    fns.update({f"ours-fused-splits{s}": [ours(s, kv, True) for kv in caches] for s in args.fused_splits})
     for page_size in args.page_sizes:
         if cache_len % page_size == 0:
             table = torch.randperm(batch * cache_len // page_size, device="cuda").int().view(batch, -1)
             fns[f"ours-paged{page_size}"] = [  # the same bytes as pages, in shuffled order
-                lambda kv=kv: flash_attn_with_kvcache(q, *(t.view(-1, page_size, heads_kv, d) for t in kv),
-                                                      cache_seqlens=seqlens, block_table=table) for kv in caches]
+                with_fused_combine(lambda kv=kv: flash_attn_with_kvcache(
+                    q, *(t.view(-1, page_size, heads_kv, d) for t in kv), cache_seqlens=seqlens, block_table=table),
+                    False) for kv in caches]
     qt = q.transpose(1, 2)
     sdpa_caches = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in caches]  # (batch, heads_kv, seqlen, d) views
     for name in args.peers:
         if sdpa(qt, *sdpa_caches[0], False, PEERS[name]) is not None:
             fns[name] = [lambda name=name, kv=kv: sdpa(qt, *kv, False, PEERS[name]) for kv in sdpa_caches]
+    chosen = lambda fused: with_fused_combine(lambda: kvcache_num_splits(q, k_cache, 0), fused)()  # noqa: E731
     row = dict(batch=batch, cache_len=cache_len, heads=heads, heads_kv=heads_kv, head_dim=d, bytes=nbytes,
-               ceiling_tbs=ceiling, splits_chosen=kvcache_num_splits(q, k_cache, 0), graph_calls=graph_calls,
+               ceiling_tbs=ceiling, splits_chosen=chosen(False), splits_chosen_fused=chosen(True),
+               graph_calls=graph_calls,
                cache_copies=copies, failures={})
     missing = [f"ours-paged{p}" for p in args.page_sizes] + list(args.peers)
     for timing in args.timing:
@@ -127,17 +157,19 @@ def point(args, batch, cache_len, heads_kv, ceiling):
 
 def timing_table(args, rows, timing, ceiling):
     """The markdown lines of one timing's table, its goal line and the peers it could not capture."""
-    names = [f"ours-splits{s}" for s in args.splits] + [f"ours-paged{p}" for p in args.page_sizes] + list(args.peers)
-    columns = ["batch", "cache", "heads:kv", "splits (0 picks)", *[f"{n} TB/s" for n in names],
-               *[f"{n} % ceiling" for n in names[:len(args.splits)]]]
+    ours = [f"ours-splits{s}" for s in args.splits] + [f"ours-fused-splits{s}" for s in args.fused_splits]
+    names = ours + [f"ours-paged{p}" for p in args.page_sizes] + list(args.peers)
+    fused = ["fused splits (0 picks)"] if args.fused_splits else []
+    columns = ["batch", "cache", "heads:kv", "splits (0 picks)", *fused, *[f"{n} TB/s" for n in names],
+               *[f"{n} % ceiling" for n in ours]]
 
     def cell(r, n):
         return "n/c" if r[f"{n}_{timing}_state"] == "n/c" else fmt(r[f"{n}_{timing}_tbs"], ".2f")
 
     table = [[r["batch"], r["cache_len"], f"{r['heads']}:{r['heads_kv']}", r["splits_chosen"],
-              *[cell(r, n) for n in names],
+              *([r["splits_chosen_fused"]] if fused else []), *[cell(r, n) for n in names],
               *[fmt(None if r[f"{n}_{timing}_tbs"] is None else 100 * r[f"{n}_{timing}_tbs"] / ceiling, ".0f")
-                for n in names[:len(args.splits)]]] for r in rows]
+                for n in ours]] for r in rows]
     how = {"eager": "one call at a time, L2 flushed before each; includes host dispatch and the gaps between "
                     "a call's launches",
            "graph": f"per call of a CUDA graph of up to {args.graph_calls}+ calls replayed (cache copies that L2 cannot "

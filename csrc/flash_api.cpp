@@ -1,6 +1,7 @@
 // The binding: the only file that knows torch. Checks tensors, fills the params structs, picks the
 // kernel for the head dim and dtype, and launches it on the current stream of the inputs' device.
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cutlass/numeric_types.h>
@@ -680,13 +681,56 @@ int sm_count(int device) {
   return it->second;
 }
 
-// The split count of a KV-cache launch (csrc/common/decode_plan.h: num_splits = 0 picks by its cost model,
-// n > 0 asks for n, at most the key blocks and 128), after pack_gqa_decode. The capacity of the cache sizes
-// it (the lengths are on the device); the kernel spreads each sequence's own keys over the splits.
+// FLASH_ATTN2_DECODE_FUSED_COMBINE=1 (read at each call; off by default, not yet run on a GPU): a split
+// KV-cache launch folds the combine into its last block per tile (split_combine.h combine_in_last_split)
+// instead of a second kernel, and num_splits = 0 prices splitting by that (decode_plan.h). Only the common
+// kernels have the fused variant (sm80/fwd_launch.h): softcap, ALiBi and a window's left edge keep the
+// combine kernel.
+bool decode_fused_combine(flash::FwdParams const &p) {
+  char const *asked = std::getenv("FLASH_ATTN2_DECODE_FUSED_COMBINE");
+  return asked != nullptr && std::string(asked) == "1" && !p.needs_general();
+}
+
+// The grid of a KV-cache launch for the split count (csrc/common/decode_plan.h), after pack_gqa_decode. The
+// capacity of the cache sizes it (the lengths are on the device); the kernel spreads each sequence's own
+// keys over the splits.
+flash::DecodeGrid kvcache_grid(flash::FwdParams const &p, flash::TileShape tile, int sms) {
+  return flash::decode_grid(p.batch, p.heads, p.seqlen_q, p.seqlen_k, p.head_dim, tile.block_m, tile.block_n, sms,
+                            decode_fused_combine(p));
+}
+
+// The split count of a KV-cache launch: num_splits = 0 picks by the cost model, n > 0 asks for n, at most the
+// key blocks and 128.
 int kvcache_splits(flash::FwdParams const &p, flash::TileShape tile, int64_t requested, int sms) {
-  return flash::decode_num_splits(flash::decode_grid(p.batch, p.heads, p.seqlen_q, p.seqlen_k, p.head_dim,
-                                                     tile.block_m, tile.block_n, sms),
-                                  requested);
+  return flash::decode_num_splits(kvcache_grid(p, tile, sms), requested);
+}
+
+// The fused combine's counts: flash::kMaxFusedCombineTiles int32, zero between launches (the last block of
+// each tile sets its count back), so no call pays a memset, which under a CUDA graph would be one more
+// dependent node, what the fusion removes. Not per call from PyTorch's allocator: the zeros must outlive the
+// call, for the next one and for graph replays. One buffer per (device, stream): launches on one stream run in
+// order, so no two count in one buffer at once, and two streams never share one. Allocated at a stream's
+// first fused call, under graph capture too (relaxed capture mode, as PyTorch's allocator does; zeroed on a
+// private stream, which capture does not see, and waited for), and never freed: captured graphs keep the
+// address. Not covered: two graphs captured on one stream, replayed at the same time on two others.
+int *split_counters(int device, cudaStream_t stream) {
+  static std::map<std::pair<int, cudaStream_t>, int *> known;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  int *&counts = known[{device, stream}];
+  if (counts == nullptr) {
+    size_t const bytes = size_t(flash::kMaxFusedCombineTiles) * sizeof(int);
+    c10::cuda::CUDAStreamCaptureModeGuard relaxed{cudaStreamCaptureModeRelaxed};
+    cudaStream_t zeroing = nullptr;
+    int *buffer = nullptr;
+    C10_CUDA_CHECK(cudaMalloc(&buffer, bytes));
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&zeroing, cudaStreamNonBlocking));
+    C10_CUDA_CHECK(cudaMemsetAsync(buffer, 0, bytes, zeroing));
+    C10_CUDA_CHECK(cudaStreamSynchronize(zeroing));
+    C10_CUDA_CHECK(cudaStreamDestroy(zeroing));
+    counts = buffer;
+  }
+  return counts;
 }
 
 // A cache whose rows are not q's batch: paged, k_cache and v_cache (num_pages, page_size, heads_kv, head_dim)
@@ -891,13 +935,15 @@ void fwd_kvcache(at::Tensor const &q, at::Tensor const &k_cache, at::Tensor cons
   at::Tensor o_partial, lse_partial;  // split-KV scratch, alive until the launches are queued
   launch<has_kvcache>(p, q.scalar_type(), [&](auto head_dim, auto element) {
     constexpr int kHeadDim = decltype(head_dim)::value;
-    p.num_splits = kvcache_splits(p, flash::fwd_kvcache_tile(kHeadDim), num_splits, sm_count(q.device().index()));
+    flash::DecodeGrid const grid = kvcache_grid(p, flash::fwd_kvcache_tile(kHeadDim), sm_count(q.device().index()));
+    p.num_splits = flash::decode_num_splits(grid, num_splits);
     if (p.num_splits > 1) {
       auto const options = q.options().dtype(at::kFloat);
       o_partial = at::empty({p.num_splits, p.batch, p.heads, p.seqlen_q, p.head_dim}, options);
       lse_partial = at::empty({p.num_splits, p.batch, p.heads, p.seqlen_q}, options);
       p.o_partial = o_partial.data_ptr<float>();
       p.lse_partial = lse_partial.data_ptr<float>();
+      if (grid.fused_combine) { p.split_counters = split_counters(q.device().index(), stream); }
     }
     return flash::run_fwd_kvcache<kHeadDim, decltype(element)>(p, stream);
   });

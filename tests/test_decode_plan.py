@@ -21,20 +21,20 @@ DRIVER = r"""
 #include "common/decode_plan.h"
 #include "sm80/tile_config.h"
 
-// One shape a line: batch heads heads_kv seqlen_q seqlen_k head_dim alibi window_left sms requested;
-// prints "packed splits". window_left -1: none (set_scores makes it seqlen_k); the kernel head dim is the
+// One shape a line: batch heads heads_kv seqlen_q seqlen_k head_dim alibi window_left sms requested fused;
+// prints "packed splits" (fused: the combine folded into the split kernel, FLASH_ATTN2_DECODE_FUSED_COMBINE). window_left -1: none (set_scores makes it seqlen_k); the kernel head dim is the
 // next built one up (64, 128, 256), as the binding dispatches.
 int main() {
-  long long b, h, hkv, sq, sk, d, alibi, wl, sms, req;
-  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &b, &h, &hkv, &sq, &sk, &d, &alibi, &wl,
-                    &sms, &req) == 10) {
+  long long b, h, hkv, sq, sk, d, alibi, wl, sms, req, fused;
+  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &b, &h, &hkv, &sq, &sk, &d, &alibi,
+                    &wl, &sms, &req, &fused) == 11) {
     long long const left = wl < 0 ? sk : std::min(wl, sk);
     bool const packed = flash::packs_gqa_decode(sq, h, hkv, alibi != 0, left, sk);
     long long const heads = packed ? hkv : h, rows = packed ? h / hkv : sq;
     int const kernel_d = d <= 64 ? 64 : d <= 128 ? 128 : 256;
     flash::TileShape const tile = flash::fwd_kvcache_tile(kernel_d);
     flash::DecodeGrid const grid =
-        flash::decode_grid(b, heads, rows, sk, int(d), tile.block_m, tile.block_n, int(sms));
+        flash::decode_grid(b, heads, rows, sk, int(d), tile.block_m, tile.block_n, int(sms), fused != 0);
     std::printf("%d %d\n", int(packed), flash::decode_num_splits(grid, req));
   }
   return 0;
@@ -53,9 +53,9 @@ def plan(tmp_path_factory):
                     "-o", str(folder / "driver")], check=True, capture_output=True, text=True)
 
     def decide(batch, heads, heads_kv, seqlen_k, seqlen_q=1, head_dim=128, alibi=False, window_left=-1,
-               sms=H200_SMS, requested=0):
+               sms=H200_SMS, requested=0, fused=False):
         line = " ".join(map(str, (batch, heads, heads_kv, seqlen_q, seqlen_k, head_dim, int(alibi), window_left, sms,
-                                  requested)))
+                                  requested, int(fused))))
         result = subprocess.run([str(folder / "driver")], input=line + "\n", capture_output=True, text=True,
                                 check=True)
         packed, splits = result.stdout.split()
@@ -136,3 +136,28 @@ def test_requested_counts(plan):
     assert plan(1, 32, 8, 64, requested=50) == (True, 1)  # ... at most the key blocks ...
     assert plan(1, 32, 8, 128 * K, requested=500) == (True, 128)  # ... and 128
     assert plan(1, 32, 8, 8 * K, requested=32) == (True, 32)  # below the heuristic's minimum when asked
+
+
+# FLASH_ATTN2_DECODE_FUSED_COMBINE=1: the combine folded into the split kernel costs 1 step, not 2, and a split
+# may stream 128 KB (4 key blocks at D = 128). (batch, heads, heads_kv, seqlen_k, expected splits, why).
+FUSED = [
+    (1, 32, 8, 8 * K, 32, "32 splits: one wave of 256 blocks of 4 key blocks (4 + 2 + 1 = 7.1 steps) against "
+                          "16's 128 blocks of 8 (8 + 2 + 1 = 11.1); the 256 KB minimum held it at 16"),
+    (1, 32, 8, 32 * K, 32, "one wave of 256 blocks of 16 key blocks (16 + 2 + 1 = 19.1 steps); 31 (17 + 2 + 1) is "
+                           "5.2% dearer, past the bar"),
+    (1, 32, 32, 8 * K, 8, "unchanged: 16 splits would make two waves (2 x (8 + 2) + 1 = 21 against 19)"),
+    (1, 32, 8, 128 * K, 32, "unchanged: one wave, 64 key blocks each"),
+    (64, 32, 8, 8 * K, 1, "unchanged: 512 blocks fill two waves unsplit"),
+    (1, 32, 32, 1 * K, 4, "16 key blocks: the 128 KB minimum allows 4 (one wave of 128 blocks of 4)"),
+]
+
+
+@pytest.mark.parametrize("batch, heads, heads_kv, seqlen_k, expected, why", FUSED,
+                         ids=[f"b{c[0]}-{c[1]}:{c[2]}-sk{c[3]}" for c in FUSED])
+def test_heuristic_with_the_combine_fused(plan, batch, heads, heads_kv, seqlen_k, expected, why):
+    assert plan(batch, heads, heads_kv, seqlen_k, fused=True)[1] == expected, why
+
+
+def test_fused_combine_keeps_requested_counts(plan):
+    assert plan(1, 32, 8, 8 * K, requested=16, fused=True) == (True, 16)
+    assert plan(1, 32, 8, 64, requested=50, fused=True) == (True, 1)

@@ -26,6 +26,17 @@ LENGTHS = {"zero": [0] * 5, "one": [1] * 5, "ragged": [0, 1, 63, 129, 300], "ful
 SPLITS = [1, 0, 5]
 
 
+@pytest.fixture(params=[False, True], ids=["combine-kernel", "combine-fused"])
+def fused_combine(request, monkeypatch):
+    """Split-KV's combine as a second kernel (the default) or folded into the split kernel's last block per
+    tile (FLASH_ATTN2_DECODE_FUSED_COMBINE=1, read at each call, so the split count follows it too)."""
+    if request.param:
+        monkeypatch.setenv("FLASH_ATTN2_DECODE_FUSED_COMBINE", "1")
+    else:
+        monkeypatch.delenv("FLASH_ATTN2_DECODE_FUSED_COMBINE", raising=False)
+    return request.param
+
+
 def random_cache(batch, capacity, heads_kv, head_dim, dtype):
     k_cache = torch.randn(batch, capacity, heads_kv, head_dim, dtype=dtype, device="cuda")
     return k_cache, torch.randn_like(k_cache)
@@ -129,9 +140,10 @@ def test_kvcache_scores(variant, seqlen_q, num_splits):
 
 @pytest.mark.parametrize("kv_heads", KV_HEADS)
 @pytest.mark.parametrize("length", [8192, 20000])
-def test_split_against_unsplit(length, kv_heads):
+def test_split_against_unsplit(length, kv_heads, fused_combine):
     # One long sequence, where the heuristic splits: split and unsplit both within the 2x rule, and the
-    # heuristic's count is > 1 here (batch x heads = 8 blocks cannot fill a GPU).
+    # heuristic's count is > 1 here (batch x heads = 8 blocks cannot fill a GPU). Fused, the calls in turn
+    # (1, the heuristic's, 128 splits) find the counts zero that the one before left.
     head_dim = 128
     skip_unless_built(head_dim)
     q = torch.randn(1, 1, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
@@ -171,7 +183,7 @@ def test_heuristic_counts_the_packing_that_runs():
         kvcache_num_splits(q, gqa, -1)
 
 
-def test_lengths_out_of_range_are_clamped():
+def test_lengths_out_of_range_are_clamped(fused_combine):
     # cache_seqlens values are not checked on the host: below 0 reads as 0, past the cache as the whole cache.
     head_dim = 64
     skip_unless_built(head_dim)
@@ -269,13 +281,15 @@ def test_opcheck(case):
     assert not failed, f"opcheck of {op}: {failed}"
 
 
-def test_cuda_graph_replay_with_new_lengths():
-    # A captured decode step replayed after cache_seqlens (and q) change in place: the same bits as eager calls.
+def test_cuda_graph_replay_with_new_lengths(fused_combine):
+    # A captured decode step replayed after cache_seqlens (and q) change in place: the same bits as eager calls
+    # (fused: the counts zero again after each replay, with no memset node in the graph).
     head_dim = 128
     skip_unless_built(head_dim)
     q = torch.randn(3, 1, HEADS_Q, head_dim, dtype=torch.bfloat16, device="cuda")
     k_cache, v_cache = random_cache(3, 4000, 2, head_dim, torch.bfloat16)
     seqlens = torch.tensor([10, 3999, 1], dtype=torch.int32, device="cuda")
+    assert kvcache_num_splits(q, k_cache, causal=True) > 1  # the split path, which the combine is part of
     decode_step(q, k_cache, v_cache, seqlens)  # warm-up outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -586,7 +600,7 @@ def test_cache_leftpad(seqlen_q, seqlen_new, rotary):
 @pytest.mark.parametrize("softcap", [0.0, 7.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("num_splits", [1, 0], ids=lambda s: f"splits{s}")
 @pytest.mark.parametrize("heads_kv", [1, 4, 8])
-def test_gqa_decode(heads_kv, num_splits, softcap):
+def test_gqa_decode(heads_kv, num_splits, softcap, fused_combine):
     # 32 query heads over 1 (32 rows per block), 4 or 8 kv heads: the packed rows against the reference, and
     # against the same call with K/V repeated per query head (MHA, not packed), causal (a no-op for one query).
     head_dim = 128
@@ -599,3 +613,27 @@ def test_gqa_decode(heads_kv, num_splits, softcap):
     k_mha, v_mha = (t.repeat_interleave(32 // heads_kv, dim=2) for t in (k_cache, v_cache))
     out_mha, lse_mha = kvcache_into_nan(q, k_mha, v_mha, lengths, 0.09, True, softcap=softcap, num_splits=num_splits)
     check_kvcache(out_mha, lse_mha, q, k_cache, v_cache, lengths, softmax_scale=0.09, causal=True, softcap=softcap)
+
+
+def test_fused_combine_on_two_streams(monkeypatch):
+    # FLASH_ATTN2_DECODE_FUSED_COMBINE=1 keeps one buffer of counts per stream: split calls in flight at once on
+    # two streams give the bits of the same calls one after the other.
+    monkeypatch.setenv("FLASH_ATTN2_DECODE_FUSED_COMBINE", "1")
+    head_dim = 128
+    skip_unless_built(head_dim)
+    q = torch.randn(1, 1, 32, head_dim, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = random_cache(1, 8192, 8, head_dim, torch.bfloat16)
+    lengths = [[8192], [5000]]
+    expected = [decode_step(q, k_cache, v_cache, torch.tensor(n, dtype=torch.int32, device="cuda")) for n in lengths]
+    seqlens = [torch.tensor(n, dtype=torch.int32, device="cuda") for n in lengths]
+    streams = [torch.cuda.Stream() for _ in lengths]
+    torch.cuda.synchronize()
+    results = [[], []]
+    for _ in range(20):
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                results[i].append(decode_step(q, k_cache, v_cache, seqlens[i]))
+    torch.cuda.synchronize()
+    for i, runs in enumerate(results):
+        for out, lse in runs:
+            assert torch.equal(out, expected[i][0]) and torch.equal(lse, expected[i][1])

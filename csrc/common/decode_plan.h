@@ -30,6 +30,9 @@ struct DecodeGrid {
   int head_dim;
   int block_n;
   int64_t slots;
+  // Whether a split launch folds the combine into its last block per tile (FLASH_ATTN2_DECODE_FUSED_COMBINE=1,
+  // split_combine.h combine_in_last_split): no second launch, so the cost model prices splitting lower.
+  bool fused_combine;
 };
 
 // Blocks of the decoding kernel an SM holds at once: its 128 threads take up to 255 registers (ptxas, bf16:
@@ -40,12 +43,19 @@ constexpr int kDecodeBlocksPerSm = 2;
 
 constexpr int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The fused combine counts each tile's splits in an int32 buffer of this many counts (flash_api.cpp, one per
+// device and stream, 256 KB); a grid of more tiles (batch x heads x query blocks; 64k is, e.g., batch 256 x 256
+// heads) takes the combine kernel.
+constexpr int64_t kMaxFusedCombineTiles = int64_t(1) << 16;
+
 // The grid of a launch (after packing: heads is heads_kv and seqlen_q the group size where it packed) on
-// tiles of block_m query rows and block_n keys, on a GPU of `sms` SMs.
+// tiles of block_m query rows and block_n keys, on a GPU of `sms` SMs; fused_combine: asked for (and the
+// kernel variant built: flash_api.cpp), taken where the counts fit.
 constexpr DecodeGrid decode_grid(int64_t batch, int64_t heads, int64_t seqlen_q, int64_t seqlen_k, int head_dim,
-                                 int block_m, int block_n, int sms) {
-  return DecodeGrid{batch * heads * ceil_div64(seqlen_q, block_m), ceil_div64(seqlen_k, block_n),
-                    batch * heads * seqlen_q, head_dim, block_n, int64_t(sms) * kDecodeBlocksPerSm};
+                                 int block_m, int block_n, int sms, bool fused_combine = false) {
+  int64_t const work = batch * heads * ceil_div64(seqlen_q, block_m);
+  return DecodeGrid{work, ceil_div64(seqlen_k, block_n), batch * heads * seqlen_q, head_dim, block_n,
+                    int64_t(sms) * kDecodeBlocksPerSm, fused_combine && work <= kMaxFusedCombineTiles};
 }
 
 // The cost model behind num_splits = 0, in steps: one step is the time a full wave of resident blocks takes to
@@ -67,9 +77,14 @@ constexpr DecodeGrid decode_grid(int64_t batch, int64_t heads, int64_t seqlen_q,
 // grid of 1.94 waves, batch 64 GQA at 128k, would otherwise take 17 splits to save 1%). The counts whose
 // last splits would get no key block are never taken (ceil(key_blocks / S) blocks each: S' = ceil(key_blocks
 // / ceil(key_blocks / S)) launches the same work with no empty blocks).
+// With the combine fused (fused_combine): kCombineSteps becomes kFusedCombineSteps, the last block's own
+// combine (its threads' chains of num_splits dependent L2 reads, about as long as the combine kernel's, but
+// no launch and no drain between the two), and kMinSplitBytes halves, so that GQA batch 1 at 8k may take 32
+// splits of 4 key blocks (one wave of 256 blocks; benchmarks/NOTES.md has the arithmetic). Unmeasured: only
+// behind the switch.
 constexpr int kMaxSplits = 128;
-constexpr double kBlockSteps = 2.0, kCombineSteps = 2.0, kTolerance = 0.05;
-constexpr int64_t kMinSplitBytes = 256 << 10;
+constexpr double kBlockSteps = 2.0, kCombineSteps = 2.0, kFusedCombineSteps = 1.0, kTolerance = 0.05;
+constexpr int64_t kMinSplitBytes = 256 << 10, kFusedMinSplitBytes = 128 << 10;
 
 // The most splits num_splits can ask for: one key block each, at most kMaxSplits (and 1 for an empty cache).
 constexpr int64_t most_splits(DecodeGrid const &g) {
@@ -79,7 +94,8 @@ constexpr int64_t most_splits(DecodeGrid const &g) {
 // The fewest key blocks a split of the heuristic's streams.
 constexpr int64_t min_split_key_blocks(DecodeGrid const &g) {
   int64_t const key_block_bytes = 2 * int64_t(g.block_n) * g.head_dim * 2;
-  return std::max<int64_t>(1, ceil_div64(kMinSplitBytes, key_block_bytes));
+  int64_t const min_bytes = g.fused_combine ? kFusedMinSplitBytes : kMinSplitBytes;
+  return std::max<int64_t>(1, ceil_div64(min_bytes, key_block_bytes));
 }
 
 constexpr double split_cost(DecodeGrid const &g, int64_t splits) {
@@ -87,7 +103,7 @@ constexpr double split_cost(DecodeGrid const &g, int64_t splits) {
   double cost = double(waves) * (double(ceil_div64(g.key_blocks, splits)) + kBlockSteps);
   if (splits > 1) {
     double const step_bytes = double(std::max<int64_t>(g.slots, 1)) * 2.0 * g.block_n * g.head_dim * 2.0;
-    cost += kCombineSteps + 2.0 * double(splits) * double(g.rows) * g.head_dim * 4.0 / step_bytes;
+    cost += (g.fused_combine ? kFusedCombineSteps : kCombineSteps) + 2.0 * double(splits) * double(g.rows) * g.head_dim * 4.0 / step_bytes;
   }
   return cost;
 }

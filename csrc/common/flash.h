@@ -140,6 +140,10 @@ struct FwdParams : AttnParams {
   int num_splits;
   float *__restrict__ o_partial;
   float *__restrict__ lse_partial;
+  // The combine folded into the split kernel instead (FLASH_ATTN2_DECODE_FUSED_COMBINE=1; split_combine.h
+  // combine_in_last_split): one int32 count per (batch, head, query block), zero between launches; nullptr:
+  // the combine kernel. Last, so that no field above moves.
+  int *split_counters;
 };
 
 // ---- KV cache append (flash_attn_with_kvcache's k, v and rotary; common/kvcache_append.h) ----

@@ -11,6 +11,7 @@
 #include "common/mask.h"
 #include "common/cache_layout.h"
 #include "common/softmax.h"
+#include "common/split_combine.h"
 #include "common/utils.h"
 
 #include "epilogue.h"
@@ -32,8 +33,11 @@ constexpr int fwd_smem_size() { return Traits::kSmemSizeM + 2 * Traits::kSmemSiz
 // KvCache: the variant behind flash_attn_with_kvcache (its own instantiations, fwd_launch.h): k and v are
 // caches whose per-sequence lengths come from cache_seqlens (block_info.h), and with num_splits > 1 each
 // block takes one split of the keys and writes a partial result for the combine kernel (split_combine.h).
-template <class Traits, bool Windowed, bool General, bool KvCache = false>
+// FusedCombine (KvCache with num_splits > 1 only; FLASH_ATTN2_DECODE_FUSED_COMBINE=1): the last split block
+// of each tile does the combine itself (split_combine.h combine_in_last_split), no second launch.
+template <class Traits, bool Windowed, bool General, bool KvCache = false, bool FusedCombine = false>
 __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant__ const FwdParams params) {
+  static_assert(KvCache || !FusedCombine, "the fused combine is split-KV's, the KvCache variant's");
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -108,6 +112,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
         Tensor lse = make_tensor<float>(Int<2 * decltype(size<1>(acc_o))::value>{});
         fill(lse, -INFINITY);
         store_split_partial<Traits>(params, tiled_mma, acc_o, lse, split, seq, head, m_block);
+        if constexpr (FusedCombine) {
+          combine_in_last_split<Element, kBlockM, Traits::kNThreads>(params, seq.batch, head, m_block);
+        }
         return;
       }
     }
@@ -230,6 +237,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(__grid_constant_
       CUTE_UNROLL
       for (int r = 0; r < size(lse); ++r) { lse(r) = lse(r) == INFINITY ? -INFINITY : lse(r); }  // saw no key
       store_split_partial<Traits>(params, tiled_mma, acc_o, lse, split, seq, head, m_block);
+      if constexpr (FusedCombine) {
+        combine_in_last_split<Element, kBlockM, Traits::kNThreads>(params, seq.batch, head, m_block);
+      }
       return;
     }
   }
