@@ -36,15 +36,17 @@ def extension():
              f"-DFLASH_ATTN2_SM90={int(build_config.builds_sm90(archs))}",
              f"-DFLASH_ATTN2_ATOMIC_BWD={int(build_config.builds_atomic_bwd())}",
              f"-DFLASH_ATTN2_SM90_BWD={int(build_config.builds_sm90(archs) and build_config.builds_sm90_bwd())}"]
+    # Read by kernel units too (sm80/fwd_launch.h), so it goes to nvcc as well.
+    fused = f"-DFLASH_ATTN2_DECODE_FUSED={int(build_config.builds_decode_fused())}"
     sources = [ROOT / "csrc" / "flash_api.cpp", *build_config.SHARED_SOURCES, *build_config.kernel_sources(dims, archs)]
     return CUDAExtension(
         name="flash_attn2._C",
         sources=[str(s.relative_to(ROOT)) for s in sources],
         include_dirs=[str(ROOT / "csrc"), str(build_config.cutlass_include())],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", *built],
+            "cxx": ["-O3", "-std=c++17", *built, fused],
             # Only the binding needs the list (nvcc would split a -D value at its commas).
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", fused,
                      f"--threads={build_config.nvcc_threads()}", *build_config.gencode_flags(archs)],
         },
     )

@@ -7,6 +7,8 @@ Environment switches:
   CUTLASS_DIR             a CUTLASS checkout (its include/ is used), overriding the lookup below
   FLASH_ATTN2_BUILD_ATOMIC_BWD  1: also build the atomic-dQ backward's kernels (off by default: the split
                           backward is the faster today, and these 12 units would cost the default build ~2 min)
+  FLASH_ATTN2_BUILD_DECODE_FUSED  1: also build the KV-cache kernels' fused split combine (opt-in, unverified
+                          on a GPU; FLASH_ATTN2_DECODE_FUSED_COMBINE=1 takes it at run time)
   FLASH_ATTN2_BUILD_SM90_BWD  0: leave out the Hopper dQ and dK/dV kernels (built by default where sm_90a is
                           built: 8 units at head dims 64 and 128; taken by default on sm_90, FLASH_ATTN2_SM90_BWD=0
                           sends the backward to the mma.sync kernels, flash_api.cpp)
@@ -94,6 +96,13 @@ def builds_sm90_bwd(env=os.environ):
     only where sm_90a is among the archs, as every Hopper kernel). On by default since they were measured
     (session 8, H200: backward 1.31x SDPA-flash where the mma.sync kernels give 0.97x)."""
     return env.get("FLASH_ATTN2_BUILD_SM90_BWD", "1") != "0"
+
+
+def builds_decode_fused(env=os.environ):
+    """Whether the KV-cache kernels' FusedCombine variant (the split combine in the last block per tile) is built
+    (FLASH_ATTN2_BUILD_DECODE_FUSED=1): opt-in, as its use is (FLASH_ATTN2_DECODE_FUSED_COMBINE=1 at run time),
+    since it adds half again to the KV-cache units' compile time and is not yet verified on a GPU."""
+    return env.get("FLASH_ATTN2_BUILD_DECODE_FUSED", "0") == "1"
 
 
 def builds_sm90_atomic_bwd(env=os.environ):

@@ -681,14 +681,19 @@ int sm_count(int device) {
   return it->second;
 }
 
-// FLASH_ATTN2_DECODE_FUSED_COMBINE=1 (read at each call; off by default, not yet run on a GPU): a split
+// FLASH_ATTN2_DECODE_FUSED_COMBINE=1 (read at each call; off by default, not yet run on a GPU; an error in a
+// build without it, FLASH_ATTN2_BUILD_DECODE_FUSED=1): a split
 // KV-cache launch folds the combine into its last block per tile (split_combine.h combine_in_last_split)
 // instead of a second kernel, and num_splits = 0 prices splitting by that (decode_plan.h). Only the common
 // kernels have the fused variant (sm80/fwd_launch.h): softcap, ALiBi and a window's left edge keep the
 // combine kernel.
 bool decode_fused_combine(flash::FwdParams const &p) {
   char const *asked = std::getenv("FLASH_ATTN2_DECODE_FUSED_COMBINE");
-  return asked != nullptr && std::string(asked) == "1" && !p.needs_general();
+  if (asked == nullptr || std::string(asked) != "1") { return false; }
+  TORCH_CHECK(FLASH_ATTN2_DECODE_FUSED, "FLASH_ATTN2_DECODE_FUSED_COMBINE=1 asks for the KV-cache kernels' fused "
+              "split combine, which this build does not have: rebuild with FLASH_ATTN2_BUILD_DECODE_FUSED=1, or unset "
+              "FLASH_ATTN2_DECODE_FUSED_COMBINE");
+  return !p.needs_general();
 }
 
 // The grid of a KV-cache launch for the split count (csrc/common/decode_plan.h), after pack_gqa_decode. The
@@ -1047,6 +1052,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("alibi_slopes") = py::none());
   m.def("built_head_dims", &built_head_dims, "Kernel head dims compiled into this build");
   m.def("has_sm90", [] { return bool(FLASH_ATTN2_SM90); }, "Whether this build has the Hopper (sm_90a) kernels");
+  m.def("has_decode_fused", [] { return bool(FLASH_ATTN2_DECODE_FUSED); },
+        "Whether this build has the KV-cache kernels' fused split combine (FLASH_ATTN2_BUILD_DECODE_FUSED=1)");
   m.def("has_atomic_bwd", [] { return bool(FLASH_ATTN2_ATOMIC_BWD); },
         "Whether this build has the atomic-dQ backward (FLASH_ATTN2_BUILD_ATOMIC_BWD=1)");
   m.def("has_sm90_bwd", [] { return bool(FLASH_ATTN2_SM90_BWD); },

@@ -26,11 +26,18 @@ LENGTHS = {"zero": [0] * 5, "one": [1] * 5, "ragged": [0, 1, 63, 129, 300], "ful
 SPLITS = [1, 0, 5]
 
 
+def skip_unless_decode_fused():
+    from flash_attn2._extension import C
+    if not getattr(C, "has_decode_fused", lambda: False)():
+        pytest.skip("the fused split combine is built only with FLASH_ATTN2_BUILD_DECODE_FUSED=1")
+
+
 @pytest.fixture(params=[False, True], ids=["combine-kernel", "combine-fused"])
 def fused_combine(request, monkeypatch):
     """Split-KV's combine as a second kernel (the default) or folded into the split kernel's last block per
     tile (FLASH_ATTN2_DECODE_FUSED_COMBINE=1, read at each call, so the split count follows it too)."""
     if request.param:
+        skip_unless_decode_fused()
         monkeypatch.setenv("FLASH_ATTN2_DECODE_FUSED_COMBINE", "1")
     else:
         monkeypatch.delenv("FLASH_ATTN2_DECODE_FUSED_COMBINE", raising=False)
@@ -618,6 +625,7 @@ def test_gqa_decode(heads_kv, num_splits, softcap, fused_combine):
 def test_fused_combine_on_two_streams(monkeypatch):
     # FLASH_ATTN2_DECODE_FUSED_COMBINE=1 keeps one buffer of counts per stream: split calls in flight at once on
     # two streams give the bits of the same calls one after the other.
+    skip_unless_decode_fused()
     monkeypatch.setenv("FLASH_ATTN2_DECODE_FUSED_COMBINE", "1")
     head_dim = 128
     skip_unless_built(head_dim)

@@ -1,6 +1,10 @@
 // Kernel parameters: plain structs, no torch, so the kernels can be driven from any framework.
 #pragma once
 
+#ifndef FLASH_ATTN2_DECODE_FUSED
+#define FLASH_ATTN2_DECODE_FUSED 0  // setup.py defines it: 1 when the KV-cache kernels' fused split combine is built
+#endif
+
 #include <cstdint>
 
 namespace flash {
