@@ -4,8 +4,6 @@
 
 #include <cuda_runtime.h>
 
-#include <type_traits>
-
 #include "common/flash.h"
 #include "common/launch_utils.h"
 
@@ -70,17 +68,11 @@ cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
 // needs_general: varlen, softcap, ALiBi, left window edges, dropout), in translation units of their own; the
 // general one's unit holds both its kernels, plain-or-causal varlen (Varlen) and the rest (Varlen, ScoreMod).
 // Calls of the common variant in which every row sees every key (not Windowed) take the full-rows tile
-// (tile_config.h), where it differs.
+// (tile_config.h; the same traits where it does not differ).
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
-  using Tile = FwdTraitsOf<kHeadDim, Element, false>;
-  using FullRowsTile = FwdTraitsOf<kHeadDim, Element, true>;
-  if constexpr (std::is_same_v<Tile, FullRowsTile>) {
-    return launch_fwd<Tile, false>(params, stream);
-  } else {
-    return params.is_windowed ? launch_fwd_kernel<Tile, true, false>(params, stream)
-                              : launch_fwd_kernel<FullRowsTile, false, false>(params, stream);
-  }
+  return params.is_windowed ? launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, false>, true, false>(params, stream)
+                            : launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, true>, false, false>(params, stream);
 }
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd_general(FwdParams const &params, cudaStream_t stream) {
