@@ -23,10 +23,9 @@ auto gmem_tensor(HeadTensor const &t, GmemShape const &shape) {
                      GmemStride{t.row_stride, _1{}, t.head_stride, batch_stride});
 }
 
-// One kernel of the forward: Windowed (causal or a window) and Varlen fixed by the caller. Varlen: the
-// kernels that may be given cu_seqlens (the general unit's), whose TMA views are then the one-batch ones;
-// ScoreMod is chosen per call among them.
-template <class Traits, bool kWindowed, bool Varlen>
+// One kernel of the forward: Windowed (causal or a window), Varlen and ScoreMod fixed by the caller. Varlen:
+// the kernels that may be given cu_seqlens (the general unit's), whose TMA views are then the one-batch ones.
+template <class Traits, bool kWindowed, bool Varlen, bool ScoreMod = Varlen>
 cudaError_t launch_fwd_kernel(FwdParams const &params, cudaStream_t stream) {
   using Element = typename Traits::Element;
   auto const &p = params;
@@ -46,14 +45,8 @@ cudaError_t launch_fwd_kernel(FwdParams const &params, cudaStream_t stream) {
   int sm_count = 0;
   if (cudaError_t err = current_sm_count(sm_count); err != cudaSuccess) { return err; }
   dim3 const grid(TileScheduler<Traits::kBlockM, Traits::kPersistent && !kWindowed>::grid(p, sm_count));
-  auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
-  if constexpr (Varlen && Traits::kVarlenCommonLoop) {
-    // Of the general unit's calls, the varlen ones may need no score mod.
-    return p.needs_score_mod() ? launch(&fwd_kernel<Traits, kWindowed, true, true>)
-                               : launch(&fwd_kernel<Traits, kWindowed, true, false>);
-  } else {
-    return launch(&fwd_kernel<Traits, kWindowed, Varlen, Varlen>);
-  }
+  return launch_kernel(&fwd_kernel<Traits, kWindowed, Varlen, ScoreMod>, grid, Traits::kThreads, Traits::kSmemSize,
+                       kp, stream);
 }
 
 // Both Windowed kernels of one tile. benchmarks/tile_sweep_sm90.cu launches the common ones (Varlen defaulted).
@@ -74,9 +67,20 @@ cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
   return params.is_windowed ? launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, false>, true, false>(params, stream)
                             : launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, true>, false, false>(params, stream);
 }
+// The general unit: of its calls, the varlen ones that need no score mod run the common key loop
+// (FwdTile::varlen_common_loop), those without a window on the full-rows tile as run_fwd's; the rest run the
+// general kernel (ScoreMod).
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd_general(FwdParams const &params, cudaStream_t stream) {
-  return launch_fwd<FwdTraits<kHeadDim, Element>, true>(params, stream);
+  using Traits = FwdTraitsOf<kHeadDim, Element, false>;
+  if constexpr (Traits::kVarlenCommonLoop) {
+    if (!params.needs_score_mod()) {
+      return params.is_windowed
+                 ? launch_fwd_kernel<Traits, true, true, false>(params, stream)
+                 : launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, true>, false, true, false>(params, stream);
+    }
+  }
+  return launch_fwd<Traits, true>(params, stream);
 }
 
 }  // namespace flash::sm90
