@@ -123,8 +123,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
     int q_phase = 0;
     for (int tile = scheduler.first(); scheduler.valid(tile); tile = scheduler.next(tile)) {
       auto [w, mask] = plan(tile);
-      BlockInfo const seq = sequence(w);
-      if (!has_rows(w, seq)) { continue; }
+      if (!has_rows(w, sequence(w))) { continue; }
       typename Traits::TiledMmaO mma_o;
       Tensor acc_o = partition_fragment_C(mma_o, typename Traits::TileQ{});  // (MMA, MMA_M, MMA_N)
       clear(acc_o);
@@ -140,7 +139,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(__grid_constan
       float const sink_log2 = params.sinks == nullptr ? -INFINITY : params.sinks[w.head] * float(M_LOG2E);
       // Dropout: the row sums (and LSE) are those of the undropped P; the kept entries' 1 / (1 - p), once on O.
       Tensor lse = softmax.finalize(acc_o, sink_log2, ScoreMod && params.has_dropout() ? params.dropout_scale : 1.f);
-      epilogue.store(w, seq, acc_o, lse, thread_idx);
+      // The sequence made again (varlen: cu_seqlens read again) rather than kept live across the key loop.
+      epilogue.store(w, sequence(w), acc_o, lse, thread_idx);
       if constexpr (!Traits::kSeparateO) {  // O went out of Q's buffer: wait until it has left
         if (thread_idx == 0) { tma_store_wait<0>(); }
         barrier_arrive(kQueryFreeThreads, FwdBarrier::QueryFree);
