@@ -80,14 +80,16 @@ bool hopper_fwd(flash::FwdParams const &) {
 
 // The Hopper backward kernels (csrc/sm90/bwd_dq_kernel.h, bwd_dkdv_kernel.h) take the split backward's dQ
 // and dK/dV steps by default where they are built, on an sm_90 GPU, for the common variant they cover:
-// plain, causal, GQA and varlen (fixed or packed lengths); not softcap, ALiBi, windows, dropout or sinks.
+// plain, causal, GQA, varlen (fixed or packed lengths) and sinks (which the backward kernels never read: the
+// LSE includes the sink, and its gradient comes from D in _ops.py); not sliding windows, softcap, ALiBi or
+// dropout.
 // FLASH_ATTN2_SM90_BWD=0 (read at each call) sends them to the mma.sync kernels, for A/B runs and bug
 // reports. One predicate for both, so that the dQ kernel's D rewrite always feeds the dK/dV kernel of the
 // same path. FLASH_ATTN2_SM90_BWD=1 in a build without them: an error, before any launch. The head dim is the
 // caller's to check (kSm90BwdHeadDims). hopper_bwd_covers: the same test without the switch (time_kernels).
 bool hopper_bwd_covers(flash::BwdParams const &p) {
   if (!FLASH_ATTN2_SM90_BWD) { return false; }
-  bool const covered = !p.needs_score_mod() && p.sinks == nullptr && (!p.is_windowed || p.window_right == 0);
+  bool const covered = !p.needs_score_mod() && (!p.is_windowed || p.window_right == 0);
   return covered && is_sm90(c10::cuda::current_device());
 }
 bool hopper_bwd(flash::BwdParams const &p) {
