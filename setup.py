@@ -38,15 +38,18 @@ def extension():
              f"-DFLASH_ATTN2_SM90_BWD={int(build_config.builds_sm90(archs) and build_config.builds_sm90_bwd())}"]
     # Read by kernel units too (sm80/fwd_launch.h), so it goes to nvcc as well.
     fused = f"-DFLASH_ATTN2_DECODE_FUSED={int(build_config.builds_decode_fused())}"
+    # Read by the binding (flash_api.cpp); to nvcc too, so that a unit sees the same flash.h the binding does.
+    sm90_bwd_general = build_config.builds_sm90(archs) and build_config.builds_sm90_bwd_general()
+    general = f"-DFLASH_ATTN2_SM90_BWD_GENERAL={int(sm90_bwd_general)}"
     sources = [ROOT / "csrc" / "flash_api.cpp", *build_config.SHARED_SOURCES, *build_config.kernel_sources(dims, archs)]
     return CUDAExtension(
         name="flash_attn2._C",
         sources=[str(s.relative_to(ROOT)) for s in sources],
         include_dirs=[str(ROOT / "csrc"), str(build_config.cutlass_include())],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", *built, fused],
+            "cxx": ["-O3", "-std=c++17", *built, fused, general],
             # Only the binding needs the list (nvcc would split a -D value at its commas).
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", fused,
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", fused, general,
                      f"--threads={build_config.nvcc_threads()}", *build_config.gencode_flags(archs)],
         },
     )

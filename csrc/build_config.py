@@ -12,6 +12,9 @@ Environment switches:
   FLASH_ATTN2_BUILD_SM90_BWD  0: leave out the Hopper dQ and dK/dV kernels (built by default where sm_90a is
                           built: 8 units at head dims 64 and 128; taken by default on sm_90, FLASH_ATTN2_SM90_BWD=0
                           sends the backward to the mma.sync kernels, flash_api.cpp)
+  FLASH_ATTN2_BUILD_SM90_BWD_GENERAL  1: also build the Hopper backward's general variant (softcap, ALiBi, a
+                          window's left edge, dropout; 8 units; opt-in, unverified on a GPU: taken only with
+                          FLASH_ATTN2_SM90_BWD_GENERAL=1 at run time, flash_api.cpp); needs the Hopper backward
   NVCC_THREADS            threads per nvcc process (default 2: each handles one arch)
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
 """
@@ -111,9 +114,17 @@ def builds_sm90_atomic_bwd(env=os.environ):
     return builds_atomic_bwd(env) and builds_sm90_bwd(env)
 
 
+def builds_sm90_bwd_general(env=os.environ):
+    """Whether the Hopper backward's general variant (its dQ and dK/dV kernels with mask.h's General) is built:
+    FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1 and the Hopper backward (sm_90a too: its arch). Opt-in, as its use is,
+    since it is not yet verified on a GPU."""
+    return env.get("FLASH_ATTN2_BUILD_SM90_BWD_GENERAL", "0") == "1" and builds_sm90_bwd(env)
+
+
 # Kernels built only when their switch says so.
 OPTIONAL_KERNELS = {"bwd_dkdv_atomic_dq": builds_atomic_bwd, "bwd_dkdv_sm90": builds_sm90_bwd,
-                    "bwd_dq_sm90": builds_sm90_bwd, "bwd_dkdv_atomic_dq_sm90": builds_sm90_atomic_bwd}
+                    "bwd_dq_sm90": builds_sm90_bwd, "bwd_dkdv_atomic_dq_sm90": builds_sm90_atomic_bwd,
+                    "bwd_dq_sm90_general": builds_sm90_bwd_general, "bwd_dkdv_sm90_general": builds_sm90_bwd_general}
 
 
 def kernel_sources(dims, archs=("80", "90a"), env=os.environ):

@@ -81,32 +81,52 @@ bool hopper_fwd(flash::FwdParams const &) {
 // The Hopper backward kernels (csrc/sm90/bwd_dq_kernel.h, bwd_dkdv_kernel.h) take the split backward's dQ
 // and dK/dV steps by default where they are built, on an sm_90 GPU, for the common variant they cover:
 // plain, causal, GQA, varlen (fixed or packed lengths) and sinks (which the backward kernels never read: the
-// LSE includes the sink, and its gradient comes from D in _ops.py); not sliding windows, softcap, ALiBi or
-// dropout.
+// LSE includes the sink, and its gradient comes from D in _ops.py); not windows with a right side > 0; the
+// score mods (softcap, ALiBi, a window's left edge, dropout: needs_score_mod) only with general, which their
+// general variant's opt-in gives (FLASH_ATTN2_SM90_BWD_GENERAL=1 below; split backward only: the atomic mode's
+// Hopper kernel has the common variant only).
 // FLASH_ATTN2_SM90_BWD=0 (read at each call) sends them to the mma.sync kernels, for A/B runs and bug
 // reports. One predicate for both, so that the dQ kernel's D rewrite always feeds the dK/dV kernel of the
 // same path. FLASH_ATTN2_SM90_BWD=1 in a build without them: an error, before any launch. The head dim is the
-// caller's to check (kSm90BwdHeadDims). hopper_bwd_covers: the same test without the switch (time_kernels).
-bool hopper_bwd_covers(flash::BwdParams const &p) {
+// caller's to check (kSm90BwdHeadDims). hopper_bwd_covers: the same test without the switches (time_kernels).
+bool hopper_bwd_covers(flash::BwdParams const &p, bool general) {
   if (!FLASH_ATTN2_SM90_BWD) { return false; }
-  bool const covered = !p.needs_score_mod() && (!p.is_windowed || p.window_right == 0);
+  bool const variant = !p.needs_score_mod() || (FLASH_ATTN2_SM90_BWD_GENERAL && general);
+  bool const covered = variant && (!p.is_windowed || p.window_right == 0);
   return covered && is_sm90(c10::cuda::current_device());
 }
-bool hopper_bwd(flash::BwdParams const &p) {
+// FLASH_ATTN2_SM90_BWD_GENERAL=1 (read at each call; off by default, not yet run on a GPU; an error in a build
+// without it, FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1): the split backward's score-mod calls go to the Hopper
+// kernels' general variant too (csrc/sm90/bwd_launch.h run_bwd_dq_general, run_bwd_dkdv_general).
+bool sm90_bwd_general() {
+  char const *asked = std::getenv("FLASH_ATTN2_SM90_BWD_GENERAL");
+  if (asked == nullptr || std::string(asked) != "1") { return false; }
+  TORCH_CHECK(FLASH_ATTN2_SM90_BWD_GENERAL, "FLASH_ATTN2_SM90_BWD_GENERAL=1 asks for the Hopper backward's general "
+              "variant, which this build does not have: rebuild with FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1 (and "
+              "FLASH_ATTN2_CUDA_ARCHS including 90a), or unset FLASH_ATTN2_SM90_BWD_GENERAL");
+  return true;
+}
+// deterministic: the split backward, whose score-mod calls the general variant may take; else the atomic one.
+bool hopper_bwd(flash::BwdParams const &p, bool deterministic) {
+  bool const general = sm90_bwd_general();  // its error first, whatever the other switch says
   char const *asked = std::getenv("FLASH_ATTN2_SM90_BWD");
   std::string const switch_ = asked == nullptr ? "" : asked;
   if (switch_ == "0") { return false; }
   TORCH_CHECK(FLASH_ATTN2_SM90_BWD || switch_ != "1", "FLASH_ATTN2_SM90_BWD=1 asks for the Hopper backward kernels, "
               "which this build does not have: rebuild with FLASH_ATTN2_CUDA_ARCHS including 90a (and without "
               "FLASH_ATTN2_BUILD_SM90_BWD=0), or unset FLASH_ATTN2_SM90_BWD");
-  return hopper_bwd_covers(p);
+  return hopper_bwd_covers(p, general && deterministic);
 }
 
 // The split backward's dQ and dK/dV steps: on the Hopper kernels where hopper (hopper_bwd) and they have this
-// head dim, else on the mma.sync ones.
+// head dim, score-mod calls on their general variant (hopper_bwd takes those only where it is built and asked
+// for), else on the mma.sync ones.
 template <int kHeadDim, typename Element>
 cudaError_t run_split_dq(flash::BwdParams const &p, bool hopper, cudaStream_t stream) {
   if constexpr (FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {
+    if constexpr (FLASH_ATTN2_SM90_BWD_GENERAL) {
+      if (hopper && p.needs_score_mod()) { return flash::sm90::run_bwd_dq_general<kHeadDim, Element>(p, stream); }
+    }
     if (hopper) { return flash::sm90::run_bwd_dq<kHeadDim, Element>(p, stream); }
   }
   return flash::run_bwd_dq<kHeadDim, Element>(p, stream);
@@ -114,12 +134,15 @@ cudaError_t run_split_dq(flash::BwdParams const &p, bool hopper, cudaStream_t st
 template <int kHeadDim, typename Element>
 cudaError_t run_split_dkdv(flash::BwdParams const &p, bool hopper, cudaStream_t stream) {
   if constexpr (FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {
+    if constexpr (FLASH_ATTN2_SM90_BWD_GENERAL) {
+      if (hopper && p.needs_score_mod()) { return flash::sm90::run_bwd_dkdv_general<kHeadDim, Element>(p, stream); }
+    }
     if (hopper) { return flash::sm90::run_bwd_dkdv<kHeadDim, Element>(p, stream); }
   }
   return flash::run_bwd_dkdv<kHeadDim, Element>(p, stream);
 }
-// The atomic backward's dK/dV with dQ: on the Hopper kernel where hopper (hopper_bwd: the same coverage) and it
-// is built (FLASH_ATTN2_BUILD_ATOMIC_BWD=1 with the Hopper backward), else on the mma.sync one. The Hopper
+// The atomic backward's dK/dV with dQ: on the Hopper kernel where hopper (hopper_bwd with deterministic false:
+// the common variant's coverage) and it is built (FLASH_ATTN2_BUILD_ATOMIC_BWD=1 with the Hopper backward), else on the mma.sync one. The Hopper
 // kernel is not yet verified on a GPU; FLASH_ATTN2_SM90_BWD=0 sends it to mma.sync too.
 template <int kHeadDim, typename Element>
 cudaError_t run_atomic_dkdv(flash::BwdParams const &p, bool hopper, cudaStream_t stream) {
@@ -561,7 +584,7 @@ at::Tensor bwd(at::Tensor const &dout, at::Tensor const &q, at::Tensor const &k,
   TORCH_CHECK(deterministic || FLASH_ATTN2_ATOMIC_BWD, "the atomic backward (FLASH_ATTN2_ATOMIC_BWD=1) is not in this "
               "build: rebuild with FLASH_ATTN2_BUILD_ATOMIC_BWD=1, or unset FLASH_ATTN2_ATOMIC_BWD");
   c10::cuda::CUDAGuard device_guard(q.device());
-  bool const hopper = hopper_bwd(p);
+  bool const hopper = hopper_bwd(p, deterministic);
   at::Tensor dq_accum;  // fp32 dQ, shaped as q, for the atomic adds
   if (!deterministic) {
     dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
@@ -633,7 +656,7 @@ std::map<std::string, double> time_kernels(at::Tensor const &dout, at::Tensor co
       time("bwd_dkdv_atomic_dq", [&] { return flash::run_bwd_dkdv_atomic_dq<kHeadDim, Element>(p, stream); });
     }
     if constexpr (FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {  // built, and this call is one it covers
-      if (hopper_bwd_covers(p)) {
+      if (hopper_bwd_covers(p, false)) {  // no score mod here: the common variant
         time("bwd_dq_sm90", [&] { return flash::sm90::run_bwd_dq<kHeadDim, Element>(p, stream); });
         time("bwd_dkdv_sm90", [&] { return flash::sm90::run_bwd_dkdv<kHeadDim, Element>(p, stream); });
         if constexpr (FLASH_ATTN2_ATOMIC_BWD) {
@@ -1058,6 +1081,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether this build has the KV-cache kernels' fused split combine (FLASH_ATTN2_BUILD_DECODE_FUSED=1)");
   m.def("has_atomic_bwd", [] { return bool(FLASH_ATTN2_ATOMIC_BWD); },
         "Whether this build has the atomic-dQ backward (FLASH_ATTN2_BUILD_ATOMIC_BWD=1)");
+  m.def("has_sm90_bwd_general", [] { return bool(FLASH_ATTN2_SM90_BWD_GENERAL); },
+        "Whether this build has the Hopper backward's general variant (FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1)");
   m.def("has_sm90_bwd", [] { return bool(FLASH_ATTN2_SM90_BWD); },
         "Whether this build has the Hopper backward kernels (dQ, dK/dV): sm_90a built, FLASH_ATTN2_BUILD_SM90_BWD not 0");
 }

@@ -51,6 +51,13 @@ KERNELS = {
                             arch="90a"),
     # Its dQ kernel, run before it (and rewriting D for it) under the same switch and coverage.
     "bwd_dq_sm90": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dq", "BwdParams", SM90_BWD_HEAD_DIMS, arch="90a"),
+    # The Hopper backward's general variant (softcap, ALiBi, a window's left edge, dropout: mask.h's General),
+    # apart from the common units: built only with FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1 (opt-in, unverified on
+    # a GPU), taken only with FLASH_ATTN2_SM90_BWD_GENERAL=1 at run time.
+    "bwd_dq_sm90_general": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dq_general", "BwdParams",
+                                  SM90_BWD_HEAD_DIMS, arch="90a"),
+    "bwd_dkdv_sm90_general": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dkdv_general", "BwdParams",
+                                    SM90_BWD_HEAD_DIMS, arch="90a"),
     # deterministic=False on the Hopper path: its dK/dV kernel with dQ by atomics, apart from bwd_dkdv_sm90's
     # units; built only with both the atomic and the Hopper backward (opt-in).
     "bwd_dkdv_atomic_dq_sm90": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dkdv_atomic_dq", "BwdParams",

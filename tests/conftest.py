@@ -66,11 +66,14 @@ KV_HEADS = {"mha": lambda heads_q: heads_q, "gqa": lambda heads_q: heads_q // 4,
 
 def pytest_generate_tests(metafunc):
     """Gives the tests that take `seqlens` or `batch_heads` the grid; --large-grid adds to it. Tests that
-    use the fixture `fwd_path` run once per forward path, and those that use `bwd_path` once per dK/dV path."""
+    use the fixture `fwd_path` run once per forward path, those that use `bwd_path` once per dK/dV path, and
+    those that use `sm90_bwd_general` with and without the Hopper backward's general variant."""
     if "fwd_path" in metafunc.fixturenames:
         metafunc.parametrize("fwd_path", FWD_PATHS, indirect=True)
     if "bwd_path" in metafunc.fixturenames:
         metafunc.parametrize("bwd_path", BWD_PATHS, indirect=True)
+    if "sm90_bwd_general" in metafunc.fixturenames:
+        metafunc.parametrize("sm90_bwd_general", SM90_BWD_GENERAL, indirect=True)
     large = metafunc.config.getoption("--large-grid")
     if "seqlens" in metafunc.fixturenames:
         seqlens = SEQLENS + (LARGE_SEQLENS if large else [])
@@ -134,6 +137,30 @@ def bwd_path(request, monkeypatch):
         monkeypatch.setenv("FLASH_ATTN2_SM90_BWD", "1")
     else:
         monkeypatch.setenv("FLASH_ATTN2_SM90_BWD", "0")
+    return request.param
+
+
+# The score-mod calls' backward (softcap, ALiBi, a window's left edge, dropout): on the mma.sync kernels, and
+# on the Hopper kernels' general variant (opt-in: built with FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1, taken with
+# FLASH_ATTN2_SM90_BWD_GENERAL=1 at run time, flash_api.cpp hopper_bwd).
+SM90_BWD_GENERAL = ("off", "on")
+
+
+@pytest.fixture
+def sm90_bwd_general(request, monkeypatch):
+    """Runs the test with FLASH_ATTN2_SM90_BWD_GENERAL off, and on where the build has the general variant and
+    the GPU is sm_90; a module opts in with `pytest.mark.usefixtures("sm90_bwd_general")`. The atomic mode
+    keeps the mma.sync kernels for score-mod calls either way."""
+    if request.param == "on":
+        if not hopper_bwd_available():
+            pytest.skip("the Hopper backward kernels need an sm_90 GPU and a build with them and with sm_90a")
+        from flash_attn2._extension import C
+        if not getattr(C, "has_sm90_bwd_general", lambda: False)():
+            pytest.skip("the Hopper backward's general variant is not in this build "
+                        "(FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1 builds it)")
+        monkeypatch.setenv("FLASH_ATTN2_SM90_BWD_GENERAL", "1")
+    else:
+        monkeypatch.setenv("FLASH_ATTN2_SM90_BWD_GENERAL", "0")
     return request.param
 
 

@@ -133,19 +133,26 @@ def head_dim_of(path):
 def test_kernel_sources():
     # For a head-dim subset, setup.py compiles the generated files of those head dims and those
     # that serve every head dim, each once; for all head dims, every generated file (sm_90a included) but
-    # those of the optional atomic backward, which its switch adds; the Hopper backward's are in by default and
-    # FLASH_ATTN2_BUILD_SM90_BWD=0 leaves them out, with the Hopper atomic one's (which needs both switches).
+    # those of the optional atomic backward and the Hopper backward's general variant, which their switches add;
+    # the Hopper backward's are in by default and FLASH_ATTN2_BUILD_SM90_BWD=0 leaves them out, with the Hopper
+    # atomic one's and the general variant's (which need it too).
     generated = [path for path in gen.generated_files() if path.suffix == ".cu"]
     atomic = {path for path in generated if path.name.startswith("bwd_dkdv_atomic_dq_")}
-    hopper_bwd = {path for path in generated if path.name.startswith(("bwd_dkdv_sm90_", "bwd_dq_sm90_"))}
+    general = {path for path in generated if path.name.startswith(("bwd_dkdv_sm90_general_", "bwd_dq_sm90_general_"))}
+    hopper_bwd = {path for path in generated if path.name.startswith(("bwd_dkdv_sm90_", "bwd_dq_sm90_"))} - general
     hopper_atomic = {path for path in atomic if path.name.startswith("bwd_dkdv_atomic_dq_sm90_")}
-    assert atomic and hopper_bwd and all(path.parent.name == "sm90" for path in hopper_bwd | hopper_atomic)
+    assert atomic and hopper_bwd and all(path.parent.name == "sm90" for path in hopper_bwd | hopper_atomic | general)
     assert sorted(path.name for path in hopper_atomic) == sorted(
         f"bwd_dkdv_atomic_dq_sm90_hdim{d}_{dtype}.cu" for d in gen.SM90_BWD_HEAD_DIMS for dtype in gen.DTYPES)
+    assert sorted(path.name for path in general) == sorted(
+        f"{kernel}_sm90_general_hdim{d}_{dtype}.cu" for kernel in ("bwd_dq", "bwd_dkdv")
+        for d in gen.SM90_BWD_HEAD_DIMS for dtype in gen.DTYPES)
     no_hopper = {"FLASH_ATTN2_BUILD_SM90_BWD": "0"}
-    for env, left_out in [({}, atomic), ({"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, set()),
-                          (no_hopper, atomic | hopper_bwd),
-                          ({**no_hopper, "FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, hopper_bwd | hopper_atomic)]:
+    with_general = {"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "1"}
+    for env, left_out in [({}, atomic | general), ({"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, general),
+                          (with_general, atomic), (no_hopper, atomic | hopper_bwd | general),
+                          ({**no_hopper, **with_general}, atomic | hopper_bwd | general),
+                          ({**no_hopper, "FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, hopper_bwd | hopper_atomic | general)]:
         for dims in [(64, 128), (32, 96), gen.HEAD_DIMS]:
             wanted = {path for path in generated if head_dim_of(path) in (None, *dims)} - left_out
             sources = build_config.kernel_sources(dims, ["80", "90a"], env)
@@ -157,7 +164,8 @@ def test_hopper_bwd_needs_sm90a():
     # FLASH_ATTN2_BUILD_SM90_BWD=0 leaves out.
     env = {}
     for archs in (["80"], ["80", "90"]):
-        for switches in (env, {"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}):  # the Hopper atomic dK/dV too
+        # The Hopper atomic dK/dV and the general variant too.
+        for switches in (env, {"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, {"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "1"}):
             assert not any("_sm90_" in path.name and path.name.startswith("bwd_")
                            for path in build_config.kernel_sources(gen.HEAD_DIMS, archs, switches))
     added = set(build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], env)) - set(
@@ -166,6 +174,25 @@ def test_hopper_bwd_needs_sm90a():
         f"{kernel}_sm90_hdim{d}_{dtype}.cu" for kernel in ("bwd_dq", "bwd_dkdv") for d in gen.SM90_BWD_HEAD_DIMS
         for dtype in gen.DTYPES)
     assert build_config.builds_sm90_bwd(env) and not build_config.builds_sm90_bwd({"FLASH_ATTN2_BUILD_SM90_BWD": "0"})
+
+
+def test_sm90_bwd_general_switch():
+    # Off by default; FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1 adds the general variant's 8 units (dQ and dK/dV at
+    # head dims 64 and 128), and only with the Hopper backward, whose coverage they extend.
+    on = {"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "1"}
+    assert not build_config.builds_sm90_bwd_general({}) and build_config.builds_sm90_bwd_general(on)
+    assert not build_config.builds_sm90_bwd_general({**on, "FLASH_ATTN2_BUILD_SM90_BWD": "0"})
+    assert not build_config.builds_sm90_bwd_general({"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "0"})
+    added = set(build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], on)) - set(
+        build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], {}))
+    assert sorted(path.name for path in added) == sorted(
+        f"{kernel}_sm90_general_hdim{d}_{dtype}.cu" for kernel in ("bwd_dq", "bwd_dkdv")
+        for d in gen.SM90_BWD_HEAD_DIMS for dtype in gen.DTYPES)
+    assert all(path.parent.name == "sm90" for path in added)
+    # Their launchers are the general variant's, declared for the binding.
+    assert "run_bwd_dq_general" in gen.declarations() and "run_bwd_dkdv_general" in gen.declarations()
+    assert all("_general<" in gen.instantiation(path.name.split("_hdim")[0], head_dim_of(path), path.stem.split("_")[-1])
+               for path in added)
 
 
 def test_hopper_head_dims_are_kernel_head_dims():

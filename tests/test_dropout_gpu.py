@@ -27,7 +27,7 @@ from test_varlen_gpu import assert_equal, run
 from test_variants_gpu import (BATCH, HEADS_Q, RESULTS, VARIANTS, VARLEN_MIX, Variant, check_results, options,
                                softmax_scale_of)
 
-pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path")]
+pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path", "sm90_bwd_general")]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 P = 0.17  # not a multiple of 1/256 or 1/2^16: a threshold rounded the wrong way shows in the kept fraction

@@ -26,7 +26,7 @@ from test_bwd_gpu import GRAD_ERROR_FACTOR, GRADS
 from test_varlen_gpu import (LENGTH_MIXES, VARLEN_LENGTHS_K, VARLEN_LENGTHS_Q, assert_equal, packed_grads, run,
                              unpacked)
 
-pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path")]
+pytestmark = [requires_gpu, requires_ext, pytest.mark.usefixtures("fwd_path", "sm90_bwd_general")]
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -4,6 +4,9 @@
 #ifndef FLASH_ATTN2_DECODE_FUSED
 #define FLASH_ATTN2_DECODE_FUSED 0  // setup.py defines it: 1 when the KV-cache kernels' fused split combine is built
 #endif
+#ifndef FLASH_ATTN2_SM90_BWD_GENERAL
+#define FLASH_ATTN2_SM90_BWD_GENERAL 0  // setup.py defines it: 1 when the Hopper backward's general variant is built
+#endif
 
 #include <cstdint>
 

@@ -44,6 +44,14 @@ cudaError_t run_bwd_dq(BwdParams const &, cudaStream_t);
 }
 namespace sm90 {
 template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dq_general(BwdParams const &, cudaStream_t);
+}
+namespace sm90 {
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dkdv_general(BwdParams const &, cudaStream_t);
+}
+namespace sm90 {
+template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dkdv_atomic_dq(BwdParams const &, cudaStream_t);
 }
 

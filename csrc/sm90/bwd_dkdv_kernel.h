@@ -7,10 +7,11 @@
 //   Pᵀ = exp(Sᵀ·scale - LSE),  dSᵀ = Pᵀ∘(dPᵀ - D)   (in the accumulators' registers)
 //   dV += Pᵀ·dO,  dK += dSᵀ·Q          (Pᵀ, dSᵀ from registers; dO, Q read MN-major)
 // with Sᵀ and dPᵀ issued together and dV's product in flight while dSᵀ is computed (with Traits::kOverlap,
-// dK's product of a step is issued in the next, around its Sᵀ: tile_config.h's BwdTile). The common variant
-// only (no softcap, ALiBi, left window edge, dropout: mask.h's General), plain or causal, fixed-length or
-// varlen: the binding sends the rest to the mma.sync kernel (sm80/bwd_dkdv_kernel.h), which this one matches
-// in what it writes. AtomicDq (the non-deterministic backward): each step also adds its share of dQ into
+// dK's product of a step is issued in the next, around its Sᵀ: tile_config.h's BwdTile). Plain or causal,
+// fixed-length or varlen; with General also softcap, ALiBi, a window's left edge and dropout (mask.h,
+// dropout.h): dV takes the dropped Pᵀ (its 1 / (1 - p) applied once to dV), dSᵀ the undropped Pᵀ with the
+// masked, rescaled dPᵀ, as in the mma.sync kernel (sm80/bwd_dkdv_kernel.h), which this one matches in what it
+// writes. AtomicDq (the non-deterministic backward): each step also adds its share of dQ into
 // params.dq_accum (bwd_dq_atomic.h), 5 matmuls in all and no dQ kernel; D is then the preprocess's.
 #pragma once
 
@@ -19,6 +20,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "common/block_info.h"
+#include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/utils.h"
@@ -36,7 +38,8 @@ using namespace cute;
 // Varlen: cu_seqlens may be given, as in the dQ kernel (bwd_dq_kernel.h): blocks past the sequence's last
 // key leave at once, and dK, dV tiles that cross it are stored by rows.
 // AtomicDq: Traits is a BwdDkdvAtomicDqTraits; off, the split backward's kernel, unchanged.
-template <class Traits, bool Windowed, bool Varlen, bool AtomicDq = false>
+// General: mask.h's (in translation units of their own, bwd_launch.h run_bwd_dkdv_general); not with AtomicDq.
+template <class Traits, bool Windowed, bool Varlen, bool AtomicDq = false, bool General = false>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     bwd_dkdv_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
@@ -52,7 +55,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if constexpr (Varlen) {
     if (n_block * kBlockN >= seq.seqlen_k) { return; }  // the grid covers the longest sequence: the whole block leaves
   }
-  Mask<kBlockM, kBlockN, Windowed, false> const mask{params, seq, head};  // (query, key) blocks
+  static_assert(!(AtomicDq && General), "the atomic dQ's kernel has the common variant only");
+  using ScoreMask = Mask<kBlockM, kBlockN, Windowed, General>;
+  ScoreMask const mask{params, seq, head};  // (query, key) blocks
   int const m_block_begin = mask.m_block_begin(n_block), m_block_end = mask.m_block_end(n_block);
   bool const has_queries = m_block_end > m_block_begin;  // else dK = dV = 0 (causal keys past the last query)
 
@@ -204,21 +209,31 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // frees the previous stage before dPᵀ's.
       if constexpr (kAfterS) { issue_dk(read_prev.index()); }
       gemm_issue<true>(mma_st, operand_kv(tdPrV, shared.v.data()), tdPrdO(_, _, _, stage), acc_dp);
+      // The keep bits of this Sᵀ tile (rows keys, columns queries; one register: 64 x kBlockM per warpgroup),
+      // kept for Pᵀ and dPᵀ, made while both products run (made before them, at D = 128 it spilled more).
+      [[maybe_unused]] KeepMask<decltype(tScS)> keep{};  // used by the general variant only
+      if constexpr (General) {
+        if (params.has_dropout()) {
+          keep = Dropout{params, batch, head}.template keep_mask<true, true>(tScS, n_block * kBlockN,
+                                                                             m_block * kBlockM);
+        }
+      }
       // Each column is a query: its LSE (log2 units) and, later, D, read from global memory (L2) while a
       // matmul runs; D only once Pᵀ is made, so that the two arrays are not live at once (together with
       // LSE, the D = 128 kernel spilled). Past seqlen_q, LSE +inf makes P = 0 (Q and dO are zeros there).
       // With Traits::kPrefetchRows, both came with the previous step and the next step's are read now.
       auto query_of = [&](int c) { return m_block * kBlockM + get<1>(tScS_rc(0, c)); };
+      auto load_lse = [&](float(&lse)[kCols]) __attribute__((always_inline)) {
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) { lse[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY; }
+      };
       float lse_log2[kCols], dpsum[kCols];
       if constexpr (Traits::kPrefetchRows) {
         CUTE_UNROLL
         for (int c = 0; c < kCols; ++c) { lse_log2[c] = lse_next[c], dpsum[c] = dpsum_next[c]; }
         load_rows(m_block + 1, lse_next, dpsum_next);
       } else {
-        CUTE_UNROLL
-        for (int c = 0; c < kCols; ++c) {
-          lse_log2[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY;
-        }
+        load_lse(lse_log2);
       }
       warpgroup_wait<kAfterS ? 2 : 1>();  // Sᵀ is in (in order: so is a dK product issued before it)
       if constexpr (kBeforeS) { release_prev(); }
@@ -235,6 +250,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         release_prev();
       }
       Tensor rP = convert_type<Element>(acc_s);
+      if constexpr (General) {  // the Pᵀ that dV takes: dropped entries 0 (exact in 16 bits); 1 / (1 - p) at the end
+        if (params.has_dropout()) { zero_dropped(keep, rP); }
+      }
       gemm_issue<false>(mma_dkv, make_tensor(rP.data(), acc_as_operand_a(rP.layout())), tdVrdO(_, _, _, stage),
                         acc_dv);
       if constexpr (!Traits::kPrefetchRows) {
@@ -243,11 +261,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       warpgroup_wait<1>();  // dPᵀ is in; dV += Pᵀ·dO still runs
       warpgroup_fence_operand(acc_dp);
+      if constexpr (General) {
+        if (params.has_dropout()) { apply_keep_mask(keep, acc_dp, params.dropout_scale); }
+      }
       Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dSᵀ = Pᵀ∘(dPᵀ - D), in place
       CUTE_UNROLL
       for (int r = 0; r < size<0>(ds); ++r) {
         CUTE_UNROLL
         for (int c = 0; c < kCols; ++c) { ds(r, c) = p(r, c) * (ds(r, c) - dpsum[c]); }
+      }
+      if constexpr (General) {
+        // Softcap's derivative takes LSE again (mask.h chain_rule): read anew (L2) rather than kept live from
+        // Pᵀ across dV's product and dSᵀ, beside which the D = 128 kernel spilled.
+        if (params.softcap_premul != 0.f) {
+          load_lse(lse_log2);
+          mask.template chain_rule<true>(acc_dp, acc_s, lse_log2, tScS, m_block, n_block);
+        }
       }
       if constexpr (Traits::kOverlap != 0) {
         // dK's product goes out in the next step (or after the loop), and this stage is released once it has
@@ -272,11 +301,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     };
 
     // Query blocks from the first that sees these keys up: those the causal diagonal crosses (all of them
-    // for a ragged last key block) masked, the rest not (mask.h).
+    // for a ragged last key block) masked first, those the left edge crosses (General) masked last, the rest
+    // not (mask.h).
     int const m_block_end_masked = min(m_block_end, mask.m_block_end_masked(n_block));
+    int const m_block_unmasked_end = min(m_block_end, mask.m_block_first_masked(n_block));  // INT_MAX: no left edge
     int m_block = m_block_begin;
     if constexpr (Traits::kOverlap != 0) {  // the first step has no previous dK product to issue
-      if (m_block < m_block_end_masked) {
+      bool masked = m_block < m_block_end_masked;
+      if constexpr (ScoreMask::kLeftEdge) { masked = masked || m_block >= m_block_unmasked_end; }
+      if (masked) {
         step(m_block, cute::true_type{}, cute::false_type{});
       } else {
         step(m_block, cute::false_type{}, cute::false_type{});
@@ -285,7 +318,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     constexpr auto has_prev = cute::bool_constant<Traits::kOverlap != 0>{};
     for (; m_block < m_block_end_masked; ++m_block) { step(m_block, cute::true_type{}, has_prev); }
-    for (; m_block < m_block_end; ++m_block) { step(m_block, cute::false_type{}, has_prev); }
+    for (; m_block < m_block_unmasked_end; ++m_block) { step(m_block, cute::false_type{}, has_prev); }
+    if constexpr (ScoreMask::kLeftEdge) {
+      for (; m_block < m_block_end; ++m_block) { step(m_block, cute::true_type{}, has_prev); }
+    }
     if constexpr (Traits::kOverlap != 0) {  // the last step's dK product
       issue_dk(read_prev.index());
       warpgroup_wait<0>();
@@ -302,6 +338,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // own 64 rows, which only its own matmuls read, and those have finished.
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }
+  if constexpr (General) {
+    if (params.has_dropout()) {  // dV took the dropped Pᵀ unscaled
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dv); ++i) { acc_dv(i) *= params.dropout_scale; }
+    }
+  }
   auto smem_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_dkv);
   auto thr_copy = smem_copy.get_thread_slice(thread_idx);
   Tensor rdK = convert_type<Element>(acc_dk);

@@ -9,9 +9,9 @@
 // with S and dP issued together and P made while dP's product runs (with Traits::kOverlap, dQ's product of
 // a step is issued in the next, around its S: tile_config.h's BwdTile). The queries are the M mode of every
 // product, so that LSE and D are per accumulator row, as in the mma.sync kernel (sm80/bwd_dq_kernel.h),
-// which this one matches in what it writes, D's rewrite included. The common variant only (no softcap, ALiBi,
-// left window edge, dropout: mask.h's General), plain or causal, fixed-length or varlen: the binding sends the
-// rest to that kernel.
+// which this one matches in what it writes, D's rewrite included. Plain or causal, fixed-length or varlen; with
+// General also softcap, ALiBi, a window's left edge and dropout (mask.h, dropout.h), as that kernel has them:
+// dS = P∘(dP∘Z / (1 - p) - D) for the keep mask Z, the undropped P, and D's rewrite from that dS.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -20,6 +20,7 @@
 
 #include "common/block_info.h"
 #include "common/d_rewrite.h"
+#include "common/dropout.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/utils.h"
@@ -36,7 +37,8 @@ using namespace cute;
 // Varlen: cu_seqlens may be given: each sequence's rows from its offset in the one-batch TMA views
 // (kernel_traits.h), its lengths from BlockInfo; blocks past the sequence's end leave at once, and a dQ tile
 // that crosses it is stored by rows (BwdRowStore), as the next sequence's rows are another block's.
-template <class Traits, bool Windowed, bool Varlen>
+// General: mask.h's (in translation units of their own, bwd_launch.h run_bwd_dq_general).
+template <class Traits, bool Windowed, bool Varlen, bool General = false>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     bwd_dq_kernel(__grid_constant__ const typename Traits::KernelParams kp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma and setmaxnreg exist in sm_90a code only
@@ -53,7 +55,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if constexpr (Varlen) {
     if (m_block * kBlockM >= seq.seqlen_q) { return; }  // the grid covers the longest sequence: the whole block leaves
   }
-  Mask<kBlockM, kBlockN, Windowed, false> const mask{params, seq, head};  // (query, key) blocks
+  using ScoreMask = Mask<kBlockM, kBlockN, Windowed, General>;
+  ScoreMask const mask{params, seq, head};  // (query, key) blocks
   int const n_block_begin = mask.n_block_begin(m_block), n_block_end = mask.n_block_end(m_block);
   bool const has_keys = n_block_end > n_block_begin;  // else dQ = 0 (causal rows before the first key)
 
@@ -182,6 +185,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // After S, so that the exponentials wait for S only, and they run beside it and dP.
       if constexpr (kAfterS) { issue_dq(read_prev.index()); }
       gemm_issue<true>(mma_s, tdPrdO, tdPrV(_, _, _, stage), acc_dp);
+      // The keep bits (one register: a 64 x kBlockN tile per warpgroup), made while both products run.
+      [[maybe_unused]] KeepMask<decltype(tScS)> keep{};  // used by the general variant only
+      if constexpr (General) {
+        if (params.has_dropout()) {
+          keep = Dropout{params, batch, head}.template keep_mask<false, true>(tScS, m_block * kBlockM,
+                                                                              n_block * kBlockN);
+        }
+      }
       warpgroup_wait<kAfterS ? 2 : 1>();  // S is in; dP still runs (in order: a dQ product issued before S is done)
       if constexpr (kBeforeS) { release_prev(); }
       warpgroup_fence_operand(acc_s);
@@ -195,6 +206,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       warpgroup_wait<0>();  // dP is in (and the previous dQ product, which has read its stage's K)
       warpgroup_fence_operand(acc_dp);
       if constexpr (kAfterS) { release_prev(); }
+      if constexpr (General) {
+        if (params.has_dropout()) { apply_keep_mask(keep, acc_dp, params.dropout_scale); }
+      }
       Tensor ds = make_tensor(acc_dp.data(), rows_cols(acc_dp.layout()));  // dS = P∘(dP - D), in place
       CUTE_UNROLL
       for (int r = 0; r < size<0>(ds); ++r) {
@@ -204,6 +218,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           d_rewrite.add(r, p(r, c), ds(r, c));
         }
       }
+      mask.chain_rule(acc_dp, acc_s, lse_log2, tScS, m_block, n_block);
       if constexpr (Traits::kOverlap != 0) {  // dQ's product goes out with the next step's S (or after the loop)
         copy(convert_type<Element>(acc_dp), rdS_prev);
         read_prev = read;
@@ -219,11 +234,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     };
 
     // Key blocks from the last down: the ragged last one and those the causal diagonal (or right window
-    // edge) crosses masked, the rest not (mask.h).
+    // edge) crosses masked first, those the left edge crosses (General) masked last, the rest not (mask.h).
     int const n_block_first_masked = mask.n_block_first_masked(m_block);
+    int const n_block_unmasked_begin = mask.n_block_unmasked_begin(m_block);  // 0 without the left edge
     int n_block = n_block_end - 1;
     if constexpr (Traits::kOverlap != 0) {  // the first step has no previous dQ product to issue
-      if (n_block >= n_block_first_masked) {
+      bool masked = n_block >= n_block_first_masked;
+      if constexpr (ScoreMask::kLeftEdge) { masked = masked || n_block < n_block_unmasked_begin; }
+      if (masked) {
         step(n_block, cute::true_type{}, cute::false_type{});
       } else {
         step(n_block, cute::false_type{}, cute::false_type{});
@@ -232,7 +250,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     constexpr auto has_prev = cute::bool_constant<Traits::kOverlap != 0>{};
     for (; n_block >= n_block_begin && n_block >= n_block_first_masked; --n_block) { step(n_block, cute::true_type{}, has_prev); }
-    for (; n_block >= n_block_begin; --n_block) { step(n_block, cute::false_type{}, has_prev); }
+    for (; n_block >= n_block_begin && n_block >= n_block_unmasked_begin; --n_block) {
+      step(n_block, cute::false_type{}, has_prev);
+    }
+    if constexpr (ScoreMask::kLeftEdge) {
+      for (; n_block >= n_block_begin; --n_block) { step(n_block, cute::true_type{}, has_prev); }
+    }
     if constexpr (Traits::kOverlap != 0) {  // the last step's dQ product
       issue_dq(read_prev.index());
       warpgroup_wait<0>();

@@ -26,11 +26,12 @@ auto bwd_tma(TmaOp op, HeadTensor const &t, GmemShape const &shape, SmemLayout c
 template <bool MaybeVarlen>
 bool bwd_launchable(BwdParams const &p) { return MaybeVarlen || p.cu_seqlens_q == nullptr; }
 
-// The common variant only (the binding checks the rest of needs_general()): plain, causal, GQA, and with
-// MaybeVarlen varlen too, its kernels chosen per call. Traits: a BwdDkdvTraits, the tile_config.h one from
-// run_bwd_dkdv, any from benchmarks/tile_sweep_sm90_bwd.cu (fixed-length: MaybeVarlen defaulted, so that it
-// builds no varlen kernels). AtomicDq: Traits is a BwdDkdvAtomicDqTraits, and params.dq_accum is zeroed fp32.
-template <class Traits, bool MaybeVarlen = false, bool AtomicDq = false>
+// Plain, causal, GQA, and with MaybeVarlen varlen too, its kernels chosen per call; with General the score
+// mods too (mask.h; the binding checks needs_score_mod() against which one it calls). Traits: a BwdDkdvTraits,
+// the tile_config.h one from run_bwd_dkdv, any from benchmarks/tile_sweep_sm90_bwd.cu (fixed-length:
+// MaybeVarlen defaulted, so that it builds no varlen kernels). AtomicDq: Traits is a BwdDkdvAtomicDqTraits, and
+// params.dq_accum is zeroed fp32 (common variant only).
+template <class Traits, bool MaybeVarlen = false, bool AtomicDq = false, bool General = false>
 cudaError_t launch_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
   using Element = typename Traits::Element;
   auto const &p = params;
@@ -56,15 +57,15 @@ cudaError_t launch_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
     constexpr bool kWindowed = decltype(windowed)::value;
     auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
     if constexpr (MaybeVarlen) {
-      if (p.cu_seqlens_q != nullptr) { return launch(&bwd_dkdv_kernel<Traits, kWindowed, true, AtomicDq>); }
+      if (p.cu_seqlens_q != nullptr) { return launch(&bwd_dkdv_kernel<Traits, kWindowed, true, AtomicDq, General>); }
     }
-    return launch(&bwd_dkdv_kernel<Traits, kWindowed, false, AtomicDq>);
+    return launch(&bwd_dkdv_kernel<Traits, kWindowed, false, AtomicDq, General>);
   });
 }
 
-// The common variant only, as launch_bwd_dkdv (one predicate in the binding for both); dQ, then D
-// rewritten, before the dK/dV kernel runs. Traits: a BwdDqTraits.
-template <class Traits, bool MaybeVarlen = false>
+// As launch_bwd_dkdv (one predicate in the binding for both, General included); dQ, then D rewritten, before
+// the dK/dV kernel runs. Traits: a BwdDqTraits.
+template <class Traits, bool MaybeVarlen = false, bool General = false>
 cudaError_t launch_bwd_dq(BwdParams const &params, cudaStream_t stream) {
   using Element = typename Traits::Element;
   auto const &p = params;
@@ -87,9 +88,9 @@ cudaError_t launch_bwd_dq(BwdParams const &params, cudaStream_t stream) {
     constexpr bool kWindowed = decltype(windowed)::value;
     auto launch = [&](auto kernel) { return launch_kernel(kernel, grid, Traits::kThreads, Traits::kSmemSize, kp, stream); };
     if constexpr (MaybeVarlen) {
-      if (p.cu_seqlens_q != nullptr) { return launch(&bwd_dq_kernel<Traits, kWindowed, true>); }
+      if (p.cu_seqlens_q != nullptr) { return launch(&bwd_dq_kernel<Traits, kWindowed, true, General>); }
     }
-    return launch(&bwd_dq_kernel<Traits, kWindowed, false>);
+    return launch(&bwd_dq_kernel<Traits, kWindowed, false, General>);
   });
 }
 
@@ -101,6 +102,17 @@ cudaError_t run_bwd_dkdv(BwdParams const &params, cudaStream_t stream) {
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
   return launch_bwd_dq<BwdDqTraits<kHeadDim, Element>, true>(params, stream);
+}
+// The general variant's (softcap, ALiBi, a window's left edge, dropout; mask.h) on the same tiles: in
+// translation units of their own (FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1), so that the common kernels and their
+// build do not change.
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dkdv_general(BwdParams const &params, cudaStream_t stream) {
+  return launch_bwd_dkdv<BwdDkdvTraits<kHeadDim, Element>, true, false, true>(params, stream);
+}
+template <int kHeadDim, typename Element>
+cudaError_t run_bwd_dq_general(BwdParams const &params, cudaStream_t stream) {
+  return launch_bwd_dq<BwdDqTraits<kHeadDim, Element>, true, true>(params, stream);
 }
 // dK, dV and (atomically, into params.dq_accum) dQ, on run_bwd_dkdv's tiles: in translation units of their own
 // (FLASH_ATTN2_BUILD_ATOMIC_BWD=1), so that the split backward's kernels and their build do not change.
