@@ -146,21 +146,26 @@ def bwd_path(request, monkeypatch):
 SM90_BWD_GENERAL = ("off", "on")
 
 
+def sm90_bwd_general_missing():
+    """Why the Hopper backward's general variant cannot run here, or None where it can."""
+    if not hopper_bwd_available():
+        return "the Hopper backward kernels need an sm_90 GPU and a build with them and with sm_90a"
+    from flash_attn2._extension import C
+    if not getattr(C, "has_sm90_bwd_general", lambda: False)():
+        return "the Hopper backward's general variant is not in this build (FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1)"
+    return None
+
+
 @pytest.fixture
 def sm90_bwd_general(request, monkeypatch):
     """Runs the test with FLASH_ATTN2_SM90_BWD_GENERAL off, and on where the build has the general variant and
     the GPU is sm_90; a module opts in with `pytest.mark.usefixtures("sm90_bwd_general")`. The atomic mode
     keeps the mma.sync kernels for score-mod calls either way."""
-    if request.param == "on":
-        if not hopper_bwd_available():
-            pytest.skip("the Hopper backward kernels need an sm_90 GPU and a build with them and with sm_90a")
-        from flash_attn2._extension import C
-        if not getattr(C, "has_sm90_bwd_general", lambda: False)():
-            pytest.skip("the Hopper backward's general variant is not in this build "
-                        "(FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1 builds it)")
-        monkeypatch.setenv("FLASH_ATTN2_SM90_BWD_GENERAL", "1")
-    else:
-        monkeypatch.setenv("FLASH_ATTN2_SM90_BWD_GENERAL", "0")
+    on = request.param == "on"
+    missing = sm90_bwd_general_missing() if on else None
+    if missing:
+        pytest.skip(missing)
+    monkeypatch.setenv("FLASH_ATTN2_SM90_BWD_GENERAL", "1" if on else "0")
     return request.param
 
 

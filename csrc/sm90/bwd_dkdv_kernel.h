@@ -304,7 +304,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // for a ragged last key block) masked first, those the left edge crosses (General) masked last, the rest
     // not (mask.h).
     int const m_block_end_masked = min(m_block_end, mask.m_block_end_masked(n_block));
-    int const m_block_unmasked_end = min(m_block_end, mask.m_block_first_masked(n_block));  // INT_MAX: no left edge
+    // Without the left edge, m_block_end itself: min(m_block_end, INT_MAX) changed the common kernels' SASS.
+    int m_block_unmasked_end = m_block_end;
+    if constexpr (ScoreMask::kLeftEdge) { m_block_unmasked_end = min(m_block_end, mask.m_block_first_masked(n_block)); }
     int m_block = m_block_begin;
     if constexpr (Traits::kOverlap != 0) {  // the first step has no previous dK product to issue
       bool masked = m_block < m_block_end_masked;
