@@ -142,8 +142,9 @@ cudaError_t run_split_dkdv(flash::BwdParams const &p, bool hopper, cudaStream_t 
   return flash::run_bwd_dkdv<kHeadDim, Element>(p, stream);
 }
 // The atomic backward's dK/dV with dQ: on the Hopper kernel where hopper (hopper_bwd with deterministic false:
-// the common variant's coverage) and it is built (FLASH_ATTN2_BUILD_ATOMIC_BWD=1 with the Hopper backward), else on the mma.sync one. The Hopper
-// kernel is not yet verified on a GPU; FLASH_ATTN2_SM90_BWD=0 sends it to mma.sync too.
+// the common variant's coverage) and it is built (FLASH_ATTN2_BUILD_ATOMIC_BWD=1 with the Hopper backward),
+// else on the mma.sync one. The Hopper kernel is not yet verified on a GPU; FLASH_ATTN2_SM90_BWD=0 sends it to
+// mma.sync too.
 template <int kHeadDim, typename Element>
 cudaError_t run_atomic_dkdv(flash::BwdParams const &p, bool hopper, cudaStream_t stream) {
   if constexpr (FLASH_ATTN2_ATOMIC_BWD && FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {

@@ -225,7 +225,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       auto query_of = [&](int c) { return m_block * kBlockM + get<1>(tScS_rc(0, c)); };
       auto load_lse = [&](float(&lse)[kCols]) __attribute__((always_inline)) {
         CUTE_UNROLL
-        for (int c = 0; c < kCols; ++c) { lse[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY; }
+        for (int c = 0; c < kCols; ++c) {
+          lse[c] = query_of(c) < seq.seqlen_q ? mLSE(query_of(c)) * float(M_LOG2E) : INFINITY;
+        }
       };
       float lse_log2[kCols], dpsum[kCols];
       if constexpr (Traits::kPrefetchRows) {
