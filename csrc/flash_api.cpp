@@ -83,7 +83,7 @@ bool hopper_fwd(flash::FwdParams const &) {
 // plain, causal, GQA, varlen (fixed or packed lengths) and sinks (which the backward kernels never read: the
 // LSE includes the sink, and its gradient comes from D in _ops.py); not windows with a right side > 0; the
 // score mods (softcap, ALiBi, a window's left edge, dropout: needs_score_mod) only with general, which their
-// general variant's opt-in gives (FLASH_ATTN2_SM90_BWD_GENERAL=1 below; split backward only: the atomic mode's
+// general variant gives where it is built (sm90_bwd_general below; split backward only: the atomic mode's
 // Hopper kernel has the common variant only).
 // FLASH_ATTN2_SM90_BWD=0 (read at each call) sends them to the mma.sync kernels, for A/B runs and bug
 // reports. One predicate for both, so that the dQ kernel's D rewrite always feeds the dK/dV kernel of the
@@ -95,16 +95,20 @@ bool hopper_bwd_covers(flash::BwdParams const &p, bool general) {
   bool const covered = variant && (!p.is_windowed || p.window_right == 0);
   return covered && is_sm90(c10::cuda::current_device());
 }
-// FLASH_ATTN2_SM90_BWD_GENERAL=1 (read at each call; off by default, not yet run on a GPU; an error in a build
-// without it, FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1): the split backward's score-mod calls go to the Hopper
-// kernels' general variant too (csrc/sm90/bwd_launch.h run_bwd_dq_general, run_bwd_dkdv_general).
+// The split backward's score-mod calls go to the Hopper kernels' general variant (csrc/sm90/bwd_launch.h
+// run_bwd_dq_general, run_bwd_dkdv_general) where it is built (by default with the Hopper backward; on the H200
+// 1.08-1.44x FlexAttention forward + backward where mma.sync gave 0.70-1.17x). FLASH_ATTN2_SM90_BWD_GENERAL=0
+// (read at each call) keeps them on mma.sync; =1 in a build without it (FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=0):
+// an error.
 bool sm90_bwd_general() {
   char const *asked = std::getenv("FLASH_ATTN2_SM90_BWD_GENERAL");
-  if (asked == nullptr || std::string(asked) != "1") { return false; }
-  TORCH_CHECK(FLASH_ATTN2_SM90_BWD_GENERAL, "FLASH_ATTN2_SM90_BWD_GENERAL=1 asks for the Hopper backward's general "
-              "variant, which this build does not have: rebuild with FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1 (and "
-              "FLASH_ATTN2_CUDA_ARCHS including 90a), or unset FLASH_ATTN2_SM90_BWD_GENERAL");
-  return true;
+  std::string const switch_ = asked == nullptr ? "" : asked;
+  if (switch_ == "0") { return false; }
+  TORCH_CHECK(FLASH_ATTN2_SM90_BWD_GENERAL || switch_ != "1", "FLASH_ATTN2_SM90_BWD_GENERAL=1 asks for the Hopper "
+              "backward's general variant, which this build does not have: rebuild without "
+              "FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=0 (and with FLASH_ATTN2_CUDA_ARCHS including 90a), or unset "
+              "FLASH_ATTN2_SM90_BWD_GENERAL");
+  return FLASH_ATTN2_SM90_BWD_GENERAL;
 }
 // deterministic: the split backward, whose score-mod calls the general variant may take; else the atomic one.
 bool hopper_bwd(flash::BwdParams const &p, bool deterministic) {
@@ -119,8 +123,8 @@ bool hopper_bwd(flash::BwdParams const &p, bool deterministic) {
 }
 
 // The split backward's dQ and dK/dV steps: on the Hopper kernels where hopper (hopper_bwd) and they have this
-// head dim, score-mod calls on their general variant (hopper_bwd takes those only where it is built and asked
-// for), else on the mma.sync ones.
+// head dim, score-mod calls on their general variant (hopper_bwd takes those only where it is built and not
+// switched off), else on the mma.sync ones.
 template <int kHeadDim, typename Element>
 cudaError_t run_split_dq(flash::BwdParams const &p, bool hopper, cudaStream_t stream) {
   if constexpr (FLASH_ATTN2_SM90_BWD && has_sm90_bwd(kHeadDim)) {
@@ -1083,7 +1087,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_atomic_bwd", [] { return bool(FLASH_ATTN2_ATOMIC_BWD); },
         "Whether this build has the atomic-dQ backward (FLASH_ATTN2_BUILD_ATOMIC_BWD=1)");
   m.def("has_sm90_bwd_general", [] { return bool(FLASH_ATTN2_SM90_BWD_GENERAL); },
-        "Whether this build has the Hopper backward's general variant (FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1)");
+        "Whether this build has the Hopper backward's general variant (built by default with the Hopper "
+        "backward; FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=0 leaves it out)");
   m.def("has_sm90_bwd", [] { return bool(FLASH_ATTN2_SM90_BWD); },
         "Whether this build has the Hopper backward kernels (dQ, dK/dV): sm_90a built, FLASH_ATTN2_BUILD_SM90_BWD not 0");
 }

@@ -52,8 +52,8 @@ KERNELS = {
     # Its dQ kernel, run before it (and rewriting D for it) under the same switch and coverage.
     "bwd_dq_sm90": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dq", "BwdParams", SM90_BWD_HEAD_DIMS, arch="90a"),
     # The Hopper backward's general variant (softcap, ALiBi, a window's left edge, dropout: mask.h's General),
-    # apart from the common units: built only with FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1 (opt-in, unverified on
-    # a GPU), taken only with FLASH_ATTN2_SM90_BWD_GENERAL=1 at run time.
+    # apart from the common units, so that the plain calls' kernels keep their registers; built and taken by
+    # default with the Hopper backward (FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=0 leaves them out).
     "bwd_dq_sm90_general": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dq_general", "BwdParams",
                                   SM90_BWD_HEAD_DIMS, arch="90a"),
     "bwd_dkdv_sm90_general": Kernel("sm90", "bwd_launch.h", "sm90::run_bwd_dkdv_general", "BwdParams",

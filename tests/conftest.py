@@ -140,9 +140,9 @@ def bwd_path(request, monkeypatch):
     return request.param
 
 
-# The score-mod calls' backward (softcap, ALiBi, a window's left edge, dropout): on the mma.sync kernels, and
-# on the Hopper kernels' general variant (opt-in: built with FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1, taken with
-# FLASH_ATTN2_SM90_BWD_GENERAL=1 at run time, flash_api.cpp hopper_bwd).
+# The score-mod calls' backward (softcap, ALiBi, a window's left edge, dropout): on the mma.sync kernels
+# (FLASH_ATTN2_SM90_BWD_GENERAL=0), and on the Hopper kernels' general variant (built and taken by default with
+# the Hopper backward, flash_api.cpp hopper_bwd).
 SM90_BWD_GENERAL = ("off", "on")
 
 
@@ -152,7 +152,7 @@ def sm90_bwd_general_missing():
         return "the Hopper backward kernels need an sm_90 GPU and a build with them and with sm_90a"
     from flash_attn2._extension import C
     if not getattr(C, "has_sm90_bwd_general", lambda: False)():
-        return "the Hopper backward's general variant is not in this build (FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1)"
+        return "the Hopper backward's general variant is not in this build (FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=0)"
     return None
 
 

@@ -148,10 +148,10 @@ def test_kernel_sources():
         f"{kernel}_sm90_general_hdim{d}_{dtype}.cu" for kernel in ("bwd_dq", "bwd_dkdv")
         for d in gen.SM90_BWD_HEAD_DIMS for dtype in gen.DTYPES)
     no_hopper = {"FLASH_ATTN2_BUILD_SM90_BWD": "0"}
-    with_general = {"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "1"}
-    for env, left_out in [({}, atomic | general), ({"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, general),
-                          (with_general, atomic), (no_hopper, atomic | hopper_bwd | general),
-                          ({**no_hopper, **with_general}, atomic | hopper_bwd | general),
+    no_general = {"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "0"}
+    for env, left_out in [({}, atomic), ({"FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, set()),
+                          (no_general, atomic | general), (no_hopper, atomic | hopper_bwd | general),
+                          ({**no_hopper, "FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "1"}, atomic | hopper_bwd | general),
                           ({**no_hopper, "FLASH_ATTN2_BUILD_ATOMIC_BWD": "1"}, hopper_bwd | hopper_atomic | general)]:
         for dims in [(64, 128), (32, 96), gen.HEAD_DIMS]:
             wanted = {path for path in generated if head_dim_of(path) in (None, *dims)} - left_out
@@ -160,8 +160,8 @@ def test_kernel_sources():
 
 
 def test_hopper_bwd_needs_sm90a():
-    # The Hopper dQ and dK/dV kernels' units are built only where sm_90a is: 8 at head dims 64 and 128, which
-    # FLASH_ATTN2_BUILD_SM90_BWD=0 leaves out.
+    # The Hopper dQ and dK/dV kernels' units are built only where sm_90a is: 8 at head dims 64 and 128 and their
+    # general variant's 8, which FLASH_ATTN2_BUILD_SM90_BWD=0 leaves out.
     env = {}
     for archs in (["80"], ["80", "90"]):
         # The Hopper atomic dK/dV and the general variant too.
@@ -171,20 +171,20 @@ def test_hopper_bwd_needs_sm90a():
     added = set(build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], env)) - set(
         build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], {"FLASH_ATTN2_BUILD_SM90_BWD": "0"}))
     assert sorted(path.name for path in added) == sorted(
-        f"{kernel}_sm90_hdim{d}_{dtype}.cu" for kernel in ("bwd_dq", "bwd_dkdv") for d in gen.SM90_BWD_HEAD_DIMS
-        for dtype in gen.DTYPES)
+        f"{kernel}_sm90{general}_hdim{d}_{dtype}.cu" for kernel in ("bwd_dq", "bwd_dkdv")
+        for general in ("", "_general") for d in gen.SM90_BWD_HEAD_DIMS for dtype in gen.DTYPES)
     assert build_config.builds_sm90_bwd(env) and not build_config.builds_sm90_bwd({"FLASH_ATTN2_BUILD_SM90_BWD": "0"})
 
 
 def test_sm90_bwd_general_switch():
-    # Off by default; FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1 adds the general variant's 8 units (dQ and dK/dV at
-    # head dims 64 and 128), and only with the Hopper backward, whose coverage they extend.
-    on = {"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "1"}
-    assert not build_config.builds_sm90_bwd_general({}) and build_config.builds_sm90_bwd_general(on)
-    assert not build_config.builds_sm90_bwd_general({**on, "FLASH_ATTN2_BUILD_SM90_BWD": "0"})
-    assert not build_config.builds_sm90_bwd_general({"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "0"})
-    added = set(build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], on)) - set(
-        build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], {}))
+    # On by default with the Hopper backward, whose coverage it extends; FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=0
+    # leaves out the general variant's 8 units (dQ and dK/dV at head dims 64 and 128).
+    off = {"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "0"}
+    assert build_config.builds_sm90_bwd_general({}) and not build_config.builds_sm90_bwd_general(off)
+    assert build_config.builds_sm90_bwd_general({"FLASH_ATTN2_BUILD_SM90_BWD_GENERAL": "1"})
+    assert not build_config.builds_sm90_bwd_general({"FLASH_ATTN2_BUILD_SM90_BWD": "0"})
+    added = set(build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], {})) - set(
+        build_config.kernel_sources(gen.HEAD_DIMS, ["80", "90a"], off))
     assert sorted(path.name for path in added) == sorted(
         f"{kernel}_sm90_general_hdim{d}_{dtype}.cu" for kernel in ("bwd_dq", "bwd_dkdv")
         for d in gen.SM90_BWD_HEAD_DIMS for dtype in gen.DTYPES)

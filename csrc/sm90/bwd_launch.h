@@ -104,8 +104,8 @@ cudaError_t run_bwd_dq(BwdParams const &params, cudaStream_t stream) {
   return launch_bwd_dq<BwdDqTraits<kHeadDim, Element>, true>(params, stream);
 }
 // The general variant's (softcap, ALiBi, a window's left edge, dropout; mask.h) on the same tiles: in
-// translation units of their own (FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=1), so that the common kernels and their
-// build do not change.
+// translation units of their own (built by default; FLASH_ATTN2_BUILD_SM90_BWD_GENERAL=0 leaves them out), so
+// that the common kernels and their build do not change.
 template <int kHeadDim, typename Element>
 cudaError_t run_bwd_dkdv_general(BwdParams const &params, cudaStream_t stream) {
   return launch_bwd_dkdv<BwdDkdvTraits<kHeadDim, Element>, true, false, true>(params, stream);
