@@ -57,28 +57,29 @@ cudaError_t launch_fwd(FwdParams const &params, cudaStream_t stream) {
   });
 }
 
+// The common key loop's two kernels (no score mod): windowed calls on the tile that skips key blocks, the rest
+// (every row sees every key) on the full-rows tile (tile_config.h; the same traits where it does not differ).
+template <int kHeadDim, typename Element, bool Varlen>
+cudaError_t launch_fwd_common(FwdParams const &params, cudaStream_t stream) {
+  return params.is_windowed
+             ? launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, false>, true, Varlen, false>(params, stream)
+             : launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, true>, false, Varlen, false>(params, stream);
+}
+
 // The common variant (plain, causal, right window edges, GQA, sinks) and the general one (AttnParams::
 // needs_general: varlen, softcap, ALiBi, left window edges, dropout), in translation units of their own; the
 // general one's unit holds both its kernels, plain-or-causal varlen (Varlen) and the rest (Varlen, ScoreMod).
-// Calls of the common variant in which every row sees every key (not Windowed) take the full-rows tile
-// (tile_config.h; the same traits where it does not differ).
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd(FwdParams const &params, cudaStream_t stream) {
-  return params.is_windowed ? launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, false>, true, false>(params, stream)
-                            : launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, true>, false, false>(params, stream);
+  return launch_fwd_common<kHeadDim, Element, false>(params, stream);
 }
 // The general unit: of its calls, the varlen ones that need no score mod run the common key loop
-// (FwdTile::varlen_common_loop), those without a window on the full-rows tile as run_fwd's; the rest run the
-// general kernel (ScoreMod).
+// (FwdTile::varlen_common_loop) as run_fwd's do; the rest run the general kernel (ScoreMod).
 template <int kHeadDim, typename Element>
 cudaError_t run_fwd_general(FwdParams const &params, cudaStream_t stream) {
   using Traits = FwdTraitsOf<kHeadDim, Element, false>;
   if constexpr (Traits::kVarlenCommonLoop) {
-    if (!params.needs_score_mod()) {
-      return params.is_windowed
-                 ? launch_fwd_kernel<Traits, true, true, false>(params, stream)
-                 : launch_fwd_kernel<FwdTraitsOf<kHeadDim, Element, true>, false, true, false>(params, stream);
-    }
+    if (!params.needs_score_mod()) { return launch_fwd_common<kHeadDim, Element, true>(params, stream); }
   }
   return launch_fwd<Traits, true>(params, stream);
 }
